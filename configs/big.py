@@ -1,0 +1,18 @@
+"""The paper's big model (Table 3): N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3.
+
+About 214.3M parameters; the paper trains it for 300k steps and averages the last 20 checkpoints.
+"""
+
+from t2t_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model.vocab_size = 37_000
+    config.model.d_model = 1024
+    config.model.d_ff = 4096
+    config.model.num_heads = 16
+    config.model.dropout_rate = 0.3
+    config.train.num_steps = 300_000
+    config.train.keep_checkpoints = 20
+    return config

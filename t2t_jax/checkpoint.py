@@ -1,0 +1,90 @@
+"""Orbax checkpoints under WORKDIR/checkpoints: the train state and the resolved config.
+
+A checkpoint stores global arrays, so it restores onto any mesh: the restore target carries the
+shardings of the run that reads it, not of the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILENAME = "config.json"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, train_config: Any) -> ocp.CheckpointManager:
+    """Keeps the last `train.keep_checkpoints`, saving asynchronously if `async_checkpoints`."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=train_config.keep_checkpoints,
+        enable_async_checkpointing=train_config.async_checkpoints,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=("state", "config")
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict
+) -> None:
+    """Starts saving `state` and `config` as checkpoint `step` (returns before it is written
+    when saves are asynchronous; `manager.wait_until_finished()` waits)."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        ),
+        force=True,
+    )
+
+
+def restore_target(abstract_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the shardings to restore onto."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+    """The state saved at `step`, laid out as `target` says; a clear error if it cannot be."""
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    except Exception as error:  # Orbax raises many types for unreadable or mismatched files.
+        path = os.path.join(str(manager.directory), str(step))
+        raise ValueError(
+            f"checkpoint {path} could not be restored ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); it is corrupt or from another "
+            "model config: delete it, or train in a fresh workdir"
+        ) from error
+    logging.info("restored checkpoint at step %d", step)
+    return restored.state
+
+
+def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config as WORKDIR/config.json (what decode and info rebuild from)."""
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    return path
+
+
+def load_config_json(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {CONFIG_FILENAME} in {workdir}; is it a t2t-jax workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,117 @@
+"""`t2t-jax`: one command line, thin subcommands over the library.
+
+  t2t-jax train --config configs/reverse.py --workdir DIR [--config.model.num_heads=4 ...]
+  t2t-jax info  --config configs/base.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up chatter; TF serves only the input pipeline here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py); override fields with --config.a.b=value."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+
+USAGE = """usage: t2t-jax COMMAND --config FILE [--config.key=value ...] [--workdir DIR]
+
+commands:
+  train   train (or resume) in --workdir on --config
+  info    parameters per module, mesh, batch and memory estimate of --config
+"""
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+
+
+def _require(value, flag: str):
+    if value is None:
+        raise app.UsageError(f"--{flag} is required")
+    return value
+
+
+def train_command() -> None:
+    from t2t_jax.train import train_and_evaluate
+
+    config = _require(_CONFIG.value, "config")
+    workdir = _require(_WORKDIR.value, "workdir")
+    result = train_and_evaluate(config, workdir)
+    print(f"workdir: {os.path.abspath(workdir)}")
+    for key in ("loss", "accuracy", "eval_loss", "eval_accuracy", "test_loss", "test_accuracy"):
+        if key in result:
+            print(f"{key:>15s}: {result[key]:.4f}")
+    for source, target, output in result.get("samples", []):
+        mark = "ok " if output == target else "BAD"
+        print(f"[{mark}] {source}\n      -> {output}\n      (target {target})")
+
+
+def info_command() -> None:
+    from t2t_jax.info import describe
+
+    print("\n".join(describe(_require(_CONFIG.value, "config"))))
+
+
+COMMANDS = {"train": train_command, "info": info_command}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        extra = " ".join(argv[1:]) or "nothing"
+        raise app.UsageError(f"expected one command, got {extra!r}\n{USAGE}")
+    _hide_gpus_from_tensorflow()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        COMMANDS[argv[1]]()
+    except (ValueError, FileNotFoundError) as error:
+        # Configuration and input mistakes: one line naming the fix, no stack trace.
+        print(f"t2t-jax {argv[1]}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config errors (unknown key, bad value) as one line."""
+    try:
+        remaining = FLAGS(argv)
+        if _CONFIG.value is not None:
+            dict(_CONFIG.value)  # a config file that failed to load raises only when read
+        return remaining
+    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        message = " ".join(lines[-2:]) if isinstance(error, OSError) else lines[-1]
+        if isinstance(error, (AttributeError, KeyError)):
+            message = _unknown_key_message(argv, message)
+        print(f"t2t-jax: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown_key_message(argv: list[str], message: str) -> str:
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=")[0]
+            if f"'{key.split('.')[-1]}'" in message:
+                return (
+                    f"unknown config key {key!r} in {arg}; check the spelling against the "
+                    "fields of t2t_jax/config.py"
+                )
+    return message
+
+
+def run() -> None:
+    """Console entry point."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

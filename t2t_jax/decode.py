@@ -1,0 +1,90 @@
+"""Greedy decoding, batched and jitted as one `lax.fori_loop`.
+
+This first version recomputes the decoder over the whole prefix at each step (no key/value
+cache); it serves the end-of-training samples. Cached beam search is a later addition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from t2t_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+Array = jax.Array
+
+
+def greedy_search(logits_fn: Callable[[Array], Array], tokens: Array, start: Array) -> Array:
+    """Fills tokens[b, i] for every i >= start[b] with the argmax of logits_fn(tokens)[b, i].
+
+    tokens: [batch, length] with the given prefix in place (right of it anything non-zero);
+    start: [batch] prefix lengths. logits_fn maps tokens to next-token logits [b, length, vocab]
+    where position i sees tokens[:, :i] only (causal, shifted right).
+    """
+    batch, length = tokens.shape
+    # Positions not yet decoded hold a non-zero id: the decoder's padding mask must not hide
+    # position i from itself; the causal mask keeps later positions from mattering.
+    tokens = jnp.where(jnp.arange(length)[None] >= start[:, None], EOS_ID, tokens)
+
+    def step(i, tokens):
+        logits = logits_fn(tokens)[:, i]
+        logits = logits.at[:, PAD_ID].set(-jnp.inf)  # never emit padding mid-sequence
+        choice = jnp.argmax(logits, axis=-1).astype(tokens.dtype)
+        return tokens.at[:, i].set(jnp.where(i >= start, choice, tokens[:, i]))
+
+    return jax.lax.fori_loop(jnp.min(start), length, step, tokens)
+
+
+@partial(jax.jit, static_argnames=("model", "max_length"))
+def greedy_translate(model: nn.Module, params: Any, inputs: Array, max_length: int) -> Array:
+    """Encoder-decoder: source ids [batch, src_len] -> output ids [batch, max_length]."""
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+
+    def logits_fn(tokens):
+        return model.apply({"params": params}, encoded, inputs, tokens, method=model.decode)
+
+    start = jnp.zeros((inputs.shape[0],), jnp.int32)
+    return greedy_search(logits_fn, jnp.zeros((inputs.shape[0], max_length), jnp.int32), start)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def greedy_continue(model: nn.Module, params: Any, tokens: Array, start: Array) -> Array:
+    """Decoder-only: prompts tokens[b, :start[b]] continued to the full length of `tokens`."""
+    return greedy_search(lambda t: model.apply({"params": params}, t), tokens, start)
+
+
+def _strip(ids: np.ndarray) -> list[int]:
+    ids = list(ids)
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def decode_texts(
+    model: nn.Module,
+    params: Any,
+    tokenizer: Tokenizer,
+    sources: Sequence[str],
+    model_type: str,
+    max_source_length: int,
+    max_target_length: int,
+) -> list[str]:
+    """Greedy outputs for source texts (one padded batch)."""
+    encoded = [tokenizer.encode(s)[: max_source_length - 1] + [EOS_ID] for s in sources]
+    if model_type == "decoder_only":
+        total = max_source_length + max_target_length
+        tokens = np.zeros((len(sources), total), np.int32)
+        for row, ids in enumerate(encoded):
+            tokens[row, : len(ids)] = ids
+        starts = np.array([len(ids) for ids in encoded], np.int32)
+        out = np.asarray(greedy_continue(model, params, tokens, starts))
+        return [tokenizer.decode(_strip(out[r, s:])) for r, s in enumerate(starts)]
+    inputs = np.zeros((len(sources), max_source_length), np.int32)
+    for row, ids in enumerate(encoded):
+        inputs[row, : len(ids)] = ids
+    out = np.asarray(greedy_translate(model, params, inputs, max_target_length))
+    return [tokenizer.decode(_strip(row)) for row in out]

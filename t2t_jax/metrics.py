@@ -1,0 +1,91 @@
+"""Metric writers: TensorBoard and logging through clu, plus WORKDIR/metrics.jsonl.
+
+`metrics.jsonl` holds one JSON object per logged step: `{"step": 100, "loss": ..., ...}`;
+evaluation rows carry `eval_loss`, `eval_accuracy` (and `test_*` for the longer test split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends scalars to a JSON-lines file; other summary kinds are ignored."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._file = open(path, "a")  # noqa: SIM115 - closed by close()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
+        self._file.write(json.dumps(row) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def make_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWriter:
+    """TensorBoard + log + metrics.jsonl on process 0; logging only elsewhere."""
+    if not is_main_process:
+        return metric_writers.create_default_writer(just_logging=True)
+    os.makedirs(workdir, exist_ok=True)
+    return metric_writers.MultiWriter(
+        [
+            metric_writers.create_default_writer(workdir, asynchronous=False),
+            JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+        ]
+    )
+
+
+def summarize_train(sums: Mapping[str, Any], seconds: float) -> dict[str, float]:
+    """Interval sums of the train step's metrics -> the logged scalars (`tokens_per_s` counts
+    the target tokens that enter the loss)."""
+    steps = max(float(sums["steps"]), 1.0)
+    weight = max(float(sums["weight"]), 1.0)
+    return {
+        "loss": float(sums["loss"]) / weight,
+        "accuracy": float(sums["correct"]) / weight,
+        "z_loss": float(sums["z_loss"]) / weight,
+        "learning_rate": float(sums["learning_rate"]) / steps,
+        "grad_norm": float(sums["grad_norm"]) / steps,
+        "tokens_per_s": float(sums["weight"]) / max(seconds, 1e-9),
+        "steps_per_s": steps / max(seconds, 1e-9),
+    }
+
+
+def summarize_eval(sums: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    weight = max(float(sums["weight"]), 1.0)
+    return {
+        f"{prefix}_loss": float(sums["loss"]) / weight,
+        f"{prefix}_accuracy": float(sums["correct"]) / weight,
+    }

@@ -1,0 +1,11 @@
+"""The paper's model: attention, embeddings and positions, encoder, decoder, the Transformer."""
+
+from t2t_jax.model.transformer import (
+    DecoderOnlyLM,
+    ModelConfig,
+    Transformer,
+    build_model,
+    shift_right,
+)
+
+__all__ = ["DecoderOnlyLM", "ModelConfig", "Transformer", "build_model", "shift_right"]

@@ -1,0 +1,153 @@
+"""Scaled dot-product and multi-head attention (paper section 3.2), with their masks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product_attention")
+
+
+def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
+    """Boolean mask [batch, 1, q_len, k_len]: True where both query and key are real tokens."""
+    return (query_tokens[:, None, :, None] > 0) & (key_tokens[:, None, None, :] > 0)
+
+
+def causal_mask(length: int) -> Array:
+    """Boolean mask [1, 1, length, length]: position i may attend to positions j <= i."""
+    idx = jnp.arange(length)
+    return (idx[:, None] >= idx[None, :])[None, None]
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+    """Boolean mask [batch, 1, q_len, k_len]: True where query and key lie in the same packed
+    example (segment ids are 1, 2, ... for the examples of a row and 0 for padding)."""
+    return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of the masks that are not None (None when all are)."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    return out
+
+
+def attention_weights(query: Array, key: Array, mask: Array | None) -> Array:
+    """softmax(Q K^T / sqrt(d_k)) in float32: [batch, heads, q_len, k_len].
+
+    query: [batch, q_len, heads, d_k]; key: [batch, k_len, heads, d_k]; mask: boolean,
+    broadcastable to [batch, heads, q_len, k_len], False where attention is blocked.
+    """
+    depth = query.shape[-1]
+    query = query / jnp.sqrt(depth).astype(query.dtype)
+    # The softmax runs in float32 even under bf16 compute: exp of bf16 logits loses too much.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def xla_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+    """Attention(Q, K, V) as einsums for XLA: [batch, q_len, heads, d_k] in query's dtype."""
+    weights = attention_weights(query, key, mask).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def fused_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+    """`jax.nn.dot_product_attention`; JAX picks the cuDNN flash kernel on GPU where it applies."""
+    if mask is not None:
+        mask = jnp.broadcast_to(
+            mask, (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])
+        )
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+
+
+def attention_fn(name: str) -> Callable[[Array, Array, Array, Array | None], Array]:
+    """The attention kernel called `name` (one of ATTENTION_IMPLEMENTATIONS)."""
+    if name == "xla":
+        return xla_attention
+    if name == "dot_product_attention":
+        return fused_attention
+    raise ValueError(
+        f"unknown model.attention {name!r}; set --config.model.attention to one of "
+        f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O with head_i = Attention(Q W_i^Q, ...).
+
+    Projections carry logical axes ('embed', 'heads', 'kv') so that a rules table can shard
+    them (heads over the tensor axis, embed over fsdp) with no change here.
+    """
+
+    num_heads: int
+    d_model: int
+    attention: str = "xla"
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    def _projection(self, name: str) -> nn.Einsum:
+        """[batch, length, d_model] -> [batch, length, heads, d_k]."""
+        return nn.Einsum(
+            shape=(self.d_model, self.num_heads, self.d_model // self.num_heads),
+            einsum_str="bld,dhk->blhk",
+            dtype=self.dtype,
+            # Glorot over the full d_model x d_model matrix, as for an unsplit Dense layer.
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(
+                    1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2)
+                ),
+                ("embed", "heads", "kv"),
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self, inputs_q: Array, inputs_kv: Array, mask: Array | None, deterministic: bool
+    ) -> Array:
+        """inputs_q: [batch, q_len, d_model]; inputs_kv: [batch, k_len, d_model] -> [b, q, d]."""
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                f"{self.num_heads}; pick num_heads that divides d_model"
+            )
+        query = self._projection("query")(inputs_q)
+        key = self._projection("key")(inputs_kv)
+        value = self._projection("value")(inputs_kv)
+        query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
+        key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_heads", None))
+        value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_heads", None))
+        if self.dropout_rate > 0.0 and not deterministic:
+            # Dropout on the attention weights needs the weights, so it takes the einsum path.
+            weights = nn.Dropout(self.dropout_rate)(
+                attention_weights(query, key, mask), deterministic=False
+            )
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+        else:
+            out = attention_fn(self.attention)(query, key, value, mask)
+        out = nn.Einsum(
+            shape=(self.num_heads, self.d_model // self.num_heads, self.d_model),
+            einsum_str="blhk,hkd->bld",
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(
+                    1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2
+                ),
+                ("heads", "kv", "embed"),
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+        return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))

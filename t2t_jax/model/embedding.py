@@ -1,0 +1,55 @@
+"""Token embeddings scaled by sqrt(d_model) and sinusoidal positional encoding (section 3.4, 3.5)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+
+
+def sinusoidal_encoding(positions: Array, d_model: int, max_timescale: float = 10_000.0) -> Array:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
+
+    Args:
+      positions: integer positions, any shape (e.g. [batch, length]; restart at 0 in each
+        packed example).
+      d_model: model width; must be even.
+    Returns:
+      float32 array of shape positions.shape + (d_model,), sin and cos interleaved as in the paper.
+    """
+    if d_model % 2:
+        raise ValueError(f"sinusoidal encoding needs an even model.d_model, got {d_model}")
+    inv_freq = 1.0 / max_timescale ** (np.arange(0, d_model, 2, dtype=np.float32) / d_model)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+        *positions.shape, d_model
+    )
+
+
+def embedding_init(d_model: int) -> nn.initializers.Initializer:
+    """N(0, d_model^-0.5): with the sqrt(d_model) scale, embedded tokens have unit variance."""
+    return nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=d_model**-0.5), ("vocab", "embed")
+    )
+
+
+class Embedder(nn.Module):
+    """Embedding lookup times sqrt(d_model), plus positional encoding, then residual dropout."""
+
+    embedding: nn.Module
+    d_model: int
+    dropout_rate: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None, deterministic: bool) -> Array:
+        """tokens: [batch, length] ids -> [batch, length, d_model]."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embedding(tokens) * jnp.sqrt(self.d_model).astype(self.dtype)
+        x = x + sinusoidal_encoding(positions, self.d_model).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)

@@ -1,0 +1,400 @@
+"""The Transformer (paper Figure 1) read bottom to top: sub-layers, encoder, decoder, the model.
+
+Also the decoder-only language model built from the same decoder blocks without
+cross-attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from t2t_jax.model import attention as attn
+from t2t_jax.model.embedding import Embedder, embedding_init
+
+Array = jax.Array
+
+MODEL_TYPES = ("encoder_decoder", "decoder_only")
+NORM_POSITIONS = ("post", "pre")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of one Transformer; the fields of `config.model` plus the vocab size."""
+
+    vocab_size: int
+    type: str = "encoder_decoder"
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    d_model: int = 512
+    d_ff: int = 2048
+    num_heads: int = 8
+    dropout_rate: float = 0.1  # P_drop: sub-layer outputs and embedding sums
+    attention_dropout_rate: float = 0.0  # not in the paper; T2T's attention_dropout
+    relu_dropout_rate: float = 0.0  # not in the paper; T2T's relu_dropout
+    share_embeddings: bool = True  # source, target and pre-softmax weights tied
+    norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + f(LN(x))
+    layer_norm_epsilon: float = 1e-6
+    attention: str = "xla"  # one of attention.ATTENTION_IMPLEMENTATIONS
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self):
+        checks = [
+            (self.type in MODEL_TYPES, f"model.type must be one of {MODEL_TYPES}"),
+            (self.norm in NORM_POSITIONS, f"model.norm must be one of {NORM_POSITIONS}"),
+            (self.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}"),
+            (
+                self.attention in attn.ATTENTION_IMPLEMENTATIONS,
+                f"model.attention must be one of {attn.ATTENTION_IMPLEMENTATIONS}",
+            ),
+            (
+                self.d_model % self.num_heads == 0,
+                f"model.d_model={self.d_model} must be divisible by model.num_heads="
+                f"{self.num_heads}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_config(cls, model_config: Any, vocab_size: int) -> ModelConfig:
+        """Builds from an ml_collections `config.model` (vocab_size None means the tokenizer's)."""
+        fields = dict(model_config)
+        configured = fields.pop("vocab_size", None)
+        if configured is not None and configured < vocab_size:
+            raise ValueError(
+                f"model.vocab_size={configured} is smaller than the tokenizer's {vocab_size}; "
+                "raise it or set it to None"
+            )
+        return cls(vocab_size=configured or vocab_size, **fields)
+
+
+def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.compute_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        init = nn.initializers.xavier_uniform()
+        h = nn.Dense(
+            cfg.d_ff,
+            dtype=cfg.compute_dtype,
+            kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            name="wi",
+        )(x)
+        h = nn.with_logical_constraint(nn.relu(h), ("act_batch", "act_length", "act_mlp"))
+        h = nn.Dropout(cfg.relu_dropout_rate)(h, deterministic=deterministic)
+        return nn.Dense(
+            cfg.d_model,
+            dtype=cfg.compute_dtype,
+            kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="wo",
+        )(h)
+
+
+class Residual(nn.Module):
+    """One sub-layer with its residual connection, dropout and layer norm.
+
+    post-LN (paper): LayerNorm(x + Dropout(Sublayer(x))); pre-LN: x + Dropout(Sublayer(LN(x))).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, sublayer, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        if cfg.norm == "pre":
+            return x + dropout(sublayer(layer_norm(cfg, "norm")(x)), deterministic=deterministic)
+        return layer_norm(cfg, "norm")(x + dropout(sublayer(x), deterministic=deterministic))
+
+
+def _attention(config: ModelConfig, name: str) -> attn.MultiHeadAttention:
+    return attn.MultiHeadAttention(
+        num_heads=config.num_heads,
+        d_model=config.d_model,
+        attention=config.attention,
+        dropout_rate=config.attention_dropout_rate,
+        dtype=config.compute_dtype,
+        name=name,
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each wrapped in `Residual`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, deterministic: bool) -> Array:
+        self_attention = _attention(self.config, "self_attention")
+        x = Residual(self.config, name="attention_block")(
+            lambda y: self_attention(y, y, mask, deterministic), x, deterministic
+        )
+        ffn = FeedForward(self.config, name="ffn")
+        return Residual(self.config, name="ffn_block")(
+            lambda y: ffn(y, deterministic), x, deterministic
+        )
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, encoder-decoder attention (skipped when `encoded` is None), FFN."""
+
+    config: ModelConfig
+    cross_attention: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        encoded: Array | None,
+        self_mask: Array | None,
+        cross_mask: Array | None,
+        deterministic: bool,
+    ) -> Array:
+        cfg = self.config
+        self_attention = _attention(cfg, "self_attention")
+        x = Residual(cfg, name="self_attention_block")(
+            lambda y: self_attention(y, y, self_mask, deterministic), x, deterministic
+        )
+        if self.cross_attention:
+            cross_attention = _attention(cfg, "cross_attention")
+            x = Residual(cfg, name="cross_attention_block")(
+                lambda y: cross_attention(y, encoded, cross_mask, deterministic), x, deterministic
+            )
+        ffn = FeedForward(cfg, name="ffn")
+        return Residual(cfg, name="ffn_block")(lambda y: ffn(y, deterministic), x, deterministic)
+
+
+class Encoder(nn.Module):
+    """Embedding + positions, N encoder layers (and a final LayerNorm under pre-LN)."""
+
+    config: ModelConfig
+    embedding: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: Array,
+        positions: Array | None,
+        segmentation: Array | None,
+        deterministic: bool,
+    ) -> Array:
+        """inputs: [batch, src_len] ids (0 = padding) -> [batch, src_len, d_model]."""
+        cfg = self.config
+        mask = attn.combine_masks(
+            attn.padding_mask(inputs, inputs),
+            None if segmentation is None else attn.segment_mask(segmentation, segmentation),
+        )
+        x = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
+                     name="embedder")(inputs, positions, deterministic)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic)
+        if cfg.norm == "pre":
+            x = layer_norm(cfg, "final_norm")(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """Embedding + positions, N decoder layers, then the pre-softmax projection to logits."""
+
+    config: ModelConfig
+    embedding: nn.Module
+    cross_attention: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        decoder_inputs: Array,
+        targets: Array,
+        encoded: Array | None,
+        cross_mask: Array | None,
+        positions: Array | None,
+        segmentation: Array | None,
+        deterministic: bool,
+    ) -> Array:
+        """decoder_inputs: [batch, tgt_len] (targets shifted right); targets: [batch, tgt_len]
+        (0 = padding) -> logits [batch, tgt_len, vocab] in float32."""
+        cfg = self.config
+        self_mask = attn.combine_masks(
+            attn.causal_mask(targets.shape[1]),
+            attn.padding_mask(targets, targets),
+            None if segmentation is None else attn.segment_mask(segmentation, segmentation),
+        )
+        y = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
+                     name="embedder")(decoder_inputs, positions, deterministic)
+        for i in range(cfg.num_decoder_layers):
+            y = DecoderLayer(cfg, self.cross_attention, name=f"layer_{i}")(
+                y, encoded, self_mask, cross_mask, deterministic
+            )
+        if cfg.norm == "pre":
+            y = layer_norm(cfg, "final_norm")(y)
+        if cfg.share_embeddings:
+            logits = self.embedding.attend(y)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                dtype=cfg.compute_dtype,
+                use_bias=False,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
+                ),
+                name="logits",
+            )(y)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+
+def shift_right(targets: Array, segmentation: Array | None = None) -> Array:
+    """Decoder inputs: targets moved one step right with 0 (the start symbol) in front.
+
+    In packed rows each example starts again with 0 rather than the previous example's last token.
+    """
+    shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    if segmentation is not None:
+        shifted = shifted * (segmentation == jnp.pad(segmentation, ((0, 0), (1, 0)))[:, :-1])
+    return shifted
+
+
+def _embedding(config: ModelConfig, name: str) -> nn.Embed:
+    return nn.Embed(
+        num_embeddings=config.vocab_size,
+        features=config.d_model,
+        dtype=config.compute_dtype,
+        embedding_init=embedding_init(config.d_model),
+        name=name,
+    )
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder model; `encode` and `decode` are exposed for decoding."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.share_embeddings:
+            source = target = _embedding(cfg, "shared_embedding")
+        else:
+            source = _embedding(cfg, "source_embedding")
+            target = _embedding(cfg, "target_embedding")
+        self.encoder = Encoder(cfg, source)
+        self.decoder = Decoder(cfg, target)
+
+    def encode(
+        self,
+        inputs: Array,
+        inputs_positions: Array | None = None,
+        inputs_segmentation: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """[batch, src_len] ids -> encoder output [batch, src_len, d_model]."""
+        return self.encoder(inputs, inputs_positions, inputs_segmentation, deterministic)
+
+    def decode(
+        self,
+        encoded: Array,
+        inputs: Array,
+        targets: Array,
+        targets_positions: Array | None = None,
+        inputs_segmentation: Array | None = None,
+        targets_segmentation: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Teacher-forced decoder: logits [batch, tgt_len, vocab] for predicting `targets`."""
+        cross_mask = attn.combine_masks(
+            attn.padding_mask(targets, inputs),
+            None
+            if targets_segmentation is None
+            else attn.segment_mask(targets_segmentation, inputs_segmentation),
+        )
+        return self.decoder(
+            shift_right(targets, targets_segmentation),
+            targets,
+            encoded,
+            cross_mask,
+            targets_positions,
+            targets_segmentation,
+            deterministic,
+        )
+
+    def __call__(
+        self,
+        inputs: Array,
+        targets: Array,
+        inputs_positions: Array | None = None,
+        targets_positions: Array | None = None,
+        inputs_segmentation: Array | None = None,
+        targets_segmentation: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """inputs: [batch, src_len], targets: [batch, tgt_len] -> logits [b, tgt_len, vocab]."""
+        encoded = self.encode(inputs, inputs_positions, inputs_segmentation, deterministic)
+        return self.decode(
+            encoded,
+            inputs,
+            targets,
+            targets_positions,
+            inputs_segmentation,
+            targets_segmentation,
+            deterministic,
+        )
+
+
+class DecoderOnlyLM(nn.Module):
+    """A language model of the decoder's blocks without cross-attention (tied in/out weights)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        targets: Array,
+        targets_positions: Array | None = None,
+        targets_segmentation: Array | None = None,
+        deterministic: bool = True,
+        **unused_encoder_features: Any,
+    ) -> Array:
+        """targets: [batch, length] ids (0 = padding) -> next-token logits [b, length, vocab]."""
+        embedding = _embedding(self.config, "shared_embedding")
+        decoder = Decoder(self.config, embedding, cross_attention=False, name="decoder")
+        return decoder(
+            shift_right(targets, targets_segmentation),
+            targets,
+            None,
+            None,
+            targets_positions,
+            targets_segmentation,
+            deterministic,
+        )
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The module that `config.type` names."""
+    if config.type == "decoder_only":
+        return DecoderOnlyLM(config)
+    return Transformer(config)

@@ -1,0 +1,195 @@
+"""The training loop: config -> data -> model -> sharded steps -> metrics, eval, checkpoints.
+
+The loop itself does no per-step host work beyond feeding batches: metrics stay on device and are
+summed there, and the host reads them every `train.log_every` steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tqdm
+from flax import linen as nn
+
+from t2t_jax import checkpoint, decode, metrics, sharding
+from t2t_jax.data import pipeline
+from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.optimizer import make_optimizer, paper_schedule
+from t2t_jax.train_step import StepFns, Stepper, TrainState
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config before training starts."""
+
+    config: ml_collections.ConfigDict
+    builder: Any
+    tokenizer: Any
+    model_config: ModelConfig
+    model: nn.Module
+    stepper: Stepper
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """JAX's persistent compilation cache, so a restart does not recompile."""
+    cache_dir = config.train.compilation_cache_dir
+    if cache_dir == "":
+        return
+    cache_dir = cache_dir or os.path.join(workdir, "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def train_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
+    lengths = pipeline.Lengths(config.data.max_source_length, config.data.max_target_length)
+    return lengths.feature_lengths(config.model.type)
+
+
+def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
+    """Prepares the data and builds the model, optimizer, mesh and compiled steps."""
+    builder = pipeline.builder_from_config(config.data)
+    tokenizer = pipeline.tokenizer_from_config(config.data)
+    model_config = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+    model = build_model(model_config)
+    fns = StepFns(
+        model=model,
+        tx=make_optimizer(config.train, model_config.d_model),
+        schedule=paper_schedule(
+            model_config.d_model, config.train.warmup_steps, config.train.learning_rate
+        ),
+        label_smoothing=config.train.label_smoothing,
+        z_loss=config.train.z_loss,
+        grad_accum_steps=config.train.grad_accum_steps,
+    )
+    mesh = sharding.make_mesh(config.mesh, devices)
+    stepper = Stepper(fns, mesh, config.train.mode, train_lengths(config))
+    return Experiment(config, builder, tokenizer, model_config, model, stepper)
+
+
+def prefetch(batches: Iterable, put, size: int = 2) -> Iterator:
+    """Keeps `size` batches in flight to the devices ahead of the step that consumes them."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    yield from queue
+
+
+def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dict[str, float]:
+    """Loss and token accuracy over a split (or its first data.eval_steps batches)."""
+    totals = None
+    for local in pipeline.eval_batches(
+        exp.config, exp.builder, exp.tokenizer, split, jax.process_index(), jax.process_count()
+    ):
+        sums = exp.stepper.evaluate(state, exp.stepper.put_batch(local))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError(f"the {split} split has no example within the configured max lengths")
+    return metrics.summarize_eval(jax.device_get(totals), prefix)
+
+
+def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, str]]:
+    """(source, target, greedy output) for the first `train.num_decode_examples` of validation."""
+    count = exp.config.train.num_decode_examples
+    if count <= 0:
+        return []
+    examples = list(exp.builder.as_dataset(split="validation").take(count).as_numpy_iterator())
+    sources = [ex["inputs"].decode() for ex in examples]
+    targets = [ex["targets"].decode() for ex in examples]
+    params = jax.device_get(exp.stepper.params(state))
+    outputs = decode.decode_texts(
+        exp.model,
+        params,
+        exp.tokenizer,
+        sources,
+        exp.config.model.type,
+        exp.config.data.max_source_length,
+        exp.config.data.max_target_length,
+    )
+    return list(zip(sources, targets, outputs, strict=True))
+
+
+def restore_or_init(exp: Experiment, manager, rng: jax.Array) -> TrainState:
+    """The latest checkpoint's state if there is one, else a fresh one."""
+    step = manager.latest_step()
+    if step is None:
+        return exp.stepper.init_state(rng)
+    target = checkpoint.restore_target(exp.stepper.abstract_state, exp.stepper.state_shardings)
+    return exp.stepper.to_devices(checkpoint.restore(manager, step, target))
+
+
+def _run_evals(exp: Experiment, state: TrainState) -> dict[str, float]:
+    return evaluate(exp, state, "validation", "eval") | evaluate(exp, state, "test", "test")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
+) -> dict[str, Any]:
+    """Trains to `train.num_steps` (resuming from WORKDIR/checkpoints) on `devices` (default: all)
+    and returns the last metrics, eval and test included, and decoded `samples`."""
+    workdir = os.path.abspath(workdir)
+    enable_compilation_cache(config, workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        checkpoint.save_config_json(config, workdir)
+    exp = build_experiment(config, devices)
+    if is_main:
+        exp.tokenizer.save(workdir)
+    manager = checkpoint.make_manager(workdir, config.train)
+    writer = metrics.make_writer(workdir, is_main)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    with jax.set_mesh(exp.stepper.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = restore_or_init(exp, manager, init_rng)
+        start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
+        logging.info("training from step %d to %d", start, config.train.num_steps)
+        last = _train_loop(exp, state, start, step_rng, manager, writer)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return last
+
+
+def _train_loop(exp, state, start, step_rng, manager, writer) -> dict[str, float]:
+    config, stepper = exp.config, exp.stepper
+    num_steps = config.train.num_steps
+    batches = pipeline.train_dataset(
+        config, exp.builder, exp.tokenizer, jax.process_index(), jax.process_count(), start
+    ).as_numpy_iterator()
+    device_batches = prefetch(batches, stepper.put_batch)
+    sums, tick, last = None, time.perf_counter(), {}
+    progress = tqdm.tqdm(
+        initial=start, total=num_steps, disable=jax.process_index() != 0, unit="step"
+    )
+    for step in range(start + 1, num_steps + 1):
+        state, step_metrics = stepper.train(state, next(device_batches), step_rng)
+        sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+        progress.update()
+        if step % config.train.log_every == 0 or step == num_steps:
+            last = metrics.summarize_train(jax.device_get(sums), time.perf_counter() - tick)
+            writer.write_scalars(step, last)
+            progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+            sums, tick = None, time.perf_counter()
+        if step % config.train.eval_every == 0 or step == num_steps:
+            evals = _run_evals(exp, state)
+            writer.write_scalars(step, evals)
+            last = last | evals
+            tick = time.perf_counter()
+        if step % config.train.checkpoint_every == 0 or step == num_steps:
+            checkpoint.save(manager, step, stepper.to_checkpoint(state), config)
+    progress.close()
+    writer.flush()
+    if start >= num_steps:  # nothing left to train: report the restored state
+        last = _run_evals(exp, state)
+    last["samples"] = decode_samples(exp, state)
+    return last

@@ -1,0 +1,267 @@
+"""Train state, loss, and the train and eval steps: pure functions of (state, batch, rng).
+
+`Stepper` compiles them either with `jax.jit` over a sharded mesh (the default) or with `pmap`
+(data parallel); both run the same `_grads_and_sums` and so give the same updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from t2t_jax import sharding
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds of training: the step (batches seen), params, Adam moments."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+
+
+def model_kwargs(batch: Batch) -> dict[str, Array]:
+    """Batch features -> keyword arguments of the model's __call__."""
+    names = {
+        "inputs": "inputs",
+        "targets": "targets",
+        "inputs_position": "inputs_positions",
+        "targets_position": "targets_positions",
+        "inputs_segmentation": "inputs_segmentation",
+        "targets_segmentation": "targets_segmentation",
+    }
+    return {arg: batch[key] for key, arg in names.items() if key in batch}
+
+
+def loss_weights(batch: Batch) -> Array:
+    """1.0 on the target tokens that count in the loss: not padding, inside `loss_mask` if any."""
+    weights = (batch["targets"] > 0).astype(jnp.float32)
+    if "loss_mask" in batch:
+        weights = weights * batch["loss_mask"].astype(jnp.float32)
+    return weights
+
+
+def cross_entropy_sums(
+    logits: Array, batch: Batch, label_smoothing: float, z_loss: float
+) -> dict[str, Array]:
+    """Summed label-smoothed cross-entropy and accuracy over the weighted target tokens.
+
+    logits: [batch, length, vocab] float32. The smoothed loss has the entropy of the smoothed
+    distribution subtracted, so a perfect model scores 0 whatever eps_ls is.
+    Returns sums: `loss` (with the z-loss term), `z_loss`, `correct`, `weight`.
+    """
+    targets = batch["targets"]
+    weights = loss_weights(batch)
+    vocab = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    token_loss = -jnp.sum(soft_targets * log_probs, axis=-1) - entropy
+    token_z_loss = z_loss * jnp.square(log_z)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "loss": jnp.sum((token_loss + token_z_loss) * weights),
+        "z_loss": jnp.sum(token_z_loss * weights),
+        "correct": jnp.sum(correct * weights),
+        "weight": jnp.sum(weights),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The pieces a step needs besides (state, batch, rng)."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    label_smoothing: float
+    z_loss: float
+    grad_accum_steps: int
+
+
+def _grads_and_sums(
+    fns: StepFns, params: Any, batch: Batch, rng: Array, normalizer: Callable[[Array], Array]
+) -> tuple[Any, dict[str, Array]]:
+    """Gradient of (summed loss / normalizer(summed weight)) and the sums of this batch."""
+
+    def loss_fn(p):
+        logits = fns.model.apply(
+            {"params": p}, **model_kwargs(batch), deterministic=False, rngs={"dropout": rng}
+        )
+        sums = cross_entropy_sums(logits, batch, fns.label_smoothing, fns.z_loss)
+        return sums["loss"] / normalizer(sums["weight"]), sums
+
+    return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def _apply(fns: StepFns, state: TrainState, grads: Any, sums: dict) -> tuple[TrainState, dict]:
+    updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(
+        sums,
+        grad_norm=optax.global_norm(grads),
+        learning_rate=fns.schedule(state.step // fns.grad_accum_steps),
+        steps=jnp.ones((), jnp.float32),
+    )
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def train_step(fns: StepFns, state: TrainState, batch: Batch, rng: Array):
+    """One update on a global batch; the dropout rng is `rng` folded with the step."""
+    rng = jax.random.fold_in(rng, state.step)
+    grads, sums = _grads_and_sums(
+        fns, state.params, batch, rng, lambda w: jnp.maximum(w, 1.0)
+    )
+    return _apply(fns, state, grads, sums)
+
+
+def pmap_train_step(fns: StepFns, state: TrainState, batch: Batch, rng: Array):
+    """`train_step` for one device of a pmap over axis 'batch': gradients are summed across
+    devices and normalised by the global token count, exactly as the jit step does."""
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
+    grads, sums = _grads_and_sums(
+        fns,
+        state.params,
+        batch,
+        rng,
+        lambda w: jnp.maximum(jax.lax.psum(w, "batch"), 1.0),
+    )
+    grads = jax.lax.psum(grads, "batch")
+    sums = jax.lax.psum(sums, "batch")
+    return _apply(fns, state, grads, sums)
+
+
+def eval_step(fns: StepFns, params: Any, batch: Batch) -> dict[str, Array]:
+    """Loss and accuracy sums of a batch, without dropout."""
+    logits = fns.model.apply({"params": params}, **model_kwargs(batch), deterministic=True)
+    return cross_entropy_sums(logits, batch, fns.label_smoothing, fns.z_loss)
+
+
+def init_boxed_params(model: nn.Module, rng: Array, lengths: dict[str, int]) -> Any:
+    """Initial params with their logical-axis boxes (`nn.LogicallyPartitioned`)."""
+    dummy = {k: jnp.ones((1, v), jnp.int32) for k, v in lengths.items() if k != "loss_mask"}
+    return model.init({"params": rng}, **dummy, deterministic=True)["params"]
+
+
+class Stepper:
+    """Creates the train state on the devices and runs the compiled steps on it.
+
+    mode "jit": the state is sharded over `mesh` as the logical axis rules ask, batches are
+    global arrays split over (data, fsdp). mode "pmap": the state is replicated on the local
+    devices and batches are split over them.
+    """
+
+    def __init__(self, fns: StepFns, mesh: Mesh, mode: str, lengths: dict[str, int]):
+        if mode not in ("jit", "pmap"):
+            raise ValueError(f"train.mode must be 'jit' or 'pmap', got {mode!r}")
+        self.fns, self.mesh, self.mode, self.lengths = fns, mesh, mode, lengths
+        self.abstract_state, self.state_shardings = self._abstract_state()
+        if mode == "jit":
+            batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+            self._train = jax.jit(
+                lambda s, b, r: train_step(fns, s, b, r),
+                in_shardings=(self.state_shardings, batch_sh, repl),
+                out_shardings=(self.state_shardings, repl),
+                donate_argnums=(0,),
+            )
+            self._eval = jax.jit(
+                lambda p, b: eval_step(fns, p, b),
+                in_shardings=(self.state_shardings.params, batch_sh),
+                out_shardings=repl,
+            )
+        else:
+            self._train = jax.pmap(
+                lambda s, b, r: pmap_train_step(fns, s, b, r),
+                axis_name="batch",
+                in_axes=(0, 0, None),
+                donate_argnums=(0,),
+            )
+            self._eval = jax.pmap(
+                lambda p, b: jax.lax.psum(eval_step(fns, p, b), "batch"), axis_name="batch"
+            )
+
+    def _abstract_state(self) -> tuple[TrainState, TrainState]:
+        """Shapes of the state, and the shardings its params' logical axes ask for."""
+        boxed = jax.eval_shape(
+            lambda: init_boxed_params(self.fns.model, jax.random.key(0), self.lengths)
+        )
+        param_shardings = sharding.logical_to_sharding(boxed, self.mesh)
+        abstract = jax.eval_shape(lambda: self._state_from_params(nn.meta.unbox(boxed)))
+        repl = sharding.replicated(self.mesh)
+        opt_shardings = optax.tree_map_params(
+            self.fns.tx,
+            lambda _, s: s,
+            abstract.opt_state,
+            param_shardings,
+            transform_non_params=lambda _: repl,
+            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+        )
+        shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
+        return abstract, shardings
+
+    def _state_from_params(self, params: Any) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.fns.tx.init(params)
+        )
+
+    def init_state(self, rng: Array) -> TrainState:
+        """Fresh state, created directly in its sharded (jit) or replicated (pmap) layout."""
+        def init(r):
+            return self._state_from_params(
+                nn.meta.unbox(init_boxed_params(self.fns.model, r, self.lengths))
+            )
+
+        state = jax.jit(init, out_shardings=self.state_shardings)(rng)
+        return self.to_devices(state)
+
+    def to_devices(self, state: TrainState) -> TrainState:
+        """A state in the checkpoint layout (global, sharded) -> this stepper's layout."""
+        if self.mode == "jit":
+            return state
+        return flax.jax_utils.replicate(jax.device_get(state))
+
+    def to_checkpoint(self, state: TrainState) -> TrainState:
+        """This stepper's layout -> the checkpoint layout (one global value per leaf)."""
+        if self.mode == "jit":
+            return state
+        return jax.device_put(
+            jax.tree.map(lambda x: x[0], state), self.state_shardings
+        )
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        """Host rows -> device arrays laid out for the step (started asynchronously)."""
+        if self.mode == "jit":
+            return sharding.global_batch(local_batch, self.mesh)
+        n = jax.local_device_count()
+        return {k: v.reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
+
+    def train(self, state: TrainState, batch: Batch, rng: Array) -> tuple[TrainState, dict]:
+        """One step; metrics come back as device arrays (summed over the global batch)."""
+        state, metrics = self._train(state, batch, rng)
+        if self.mode == "pmap":
+            metrics = jax.tree.map(lambda x: x[0], metrics)
+        return state, metrics
+
+    def evaluate(self, state: TrainState, batch: Batch) -> dict[str, Array]:
+        sums = self._eval(state.params, batch)
+        return jax.tree.map(lambda x: x[0], sums) if self.mode == "pmap" else sums
+
+    def params(self, state: TrainState) -> Any:
+        """Params usable by a plain `jax.jit` function (e.g. decoding)."""
+        return state.params if self.mode == "jit" else jax.tree.map(lambda x: x[0], state.params)

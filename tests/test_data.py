@@ -1,0 +1,144 @@
+"""Built-in tasks, the TFDS builder, the tokenizer, and padded and packed batches."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from t2t_jax.data import algorithmic, pipeline
+from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
+
+
+def pairs(task, **kw):
+    args = dict(vocab_size=10, min_length=1, max_length=8, count=50, seed=3) | kw
+    return list(algorithmic.generate_examples(task, **args))
+
+
+def test_tasks_compute_their_function():
+    for source, target in pairs("reverse"):
+        assert target.split() == source.split()[::-1]
+    for source, target in pairs("copy"):
+        assert target == source
+    for source, target in pairs("sort"):
+        assert [int(t) for t in target.split()] == sorted(int(s) for s in source.split())
+    for source, target in pairs("addition"):
+        first, second = source.replace(" ", "").split("+")
+        assert int(target.replace(" ", "")) == int(first) + int(second)
+
+
+def test_addition_works_in_other_bases():
+    for source, target in pairs("addition", vocab_size=16):
+        first, second = source.split(" + ")
+        value = int("".join(f"{int(d):x}" for d in first.split()), 16) + int(
+            "".join(f"{int(d):x}" for d in second.split()), 16
+        )
+        assert int("".join(f"{int(d):x}" for d in target.split()), 16) == value
+
+
+def test_generation_is_deterministic_and_seeded():
+    assert pairs("reverse") == pairs("reverse")
+    assert pairs("reverse") != pairs("reverse", seed=4)
+
+
+def test_lengths_stay_in_range():
+    lengths = {len(s.split()) for s, _ in pairs("sort", min_length=3, max_length=5, count=200)}
+    assert lengths == {3, 4, 5}
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown data.task 'rev'"):
+        pairs("rev")
+
+
+def test_builder_prepares_three_splits_with_a_longer_test(data_dir):
+    builder = algorithmic.algorithmic_builder(
+        data_dir, task="reverse", max_length=5, test_max_length=9, num_train=40,
+        num_validation=10, num_test=10,
+    )
+    builder.download_and_prepare()
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 40, "validation": 10, "test": 10
+    }
+    train = list(builder.as_dataset(split="train").as_numpy_iterator())
+    test = list(builder.as_dataset(split="test").as_numpy_iterator())
+    assert max(len(ex["inputs"].split()) for ex in train) <= 5
+    assert min(len(ex["inputs"].split()) for ex in test) >= 6
+    for ex in train:
+        assert ex["targets"].split() == ex["inputs"].split()[::-1]
+
+
+def test_registered_config_names_are_accepted(data_dir):
+    builder = algorithmic.algorithmic_builder(data_dir, task="copy")
+    assert builder.builder_config.task == "copy"
+
+
+def test_tokenizer_round_trips_and_matches_tf(tmp_path):
+    tokenizer = SymbolTokenizer(algorithmic.task_symbols("addition", 10))
+    text = "3 1 4 + 1 5"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids + [EOS_ID, 5]) == text
+    assert ids == tokenizer.tf_encode(tf.constant(text)).numpy().tolist()
+    tokenizer.save(str(tmp_path))
+    assert SymbolTokenizer.load(str(tmp_path)).encode(text) == ids
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        SymbolTokenizer.load(str(tmp_path / "missing"))
+
+
+def test_pack_examples_fills_rows_with_segments_and_positions():
+    examples = [
+        {"inputs": np.array([5, 6, 1]), "targets": np.array([7, 1])},
+        {"inputs": np.array([8, 1]), "targets": np.array([9, 9, 1])},
+        {"inputs": np.array([4, 4, 4, 1]), "targets": np.array([3, 1])},
+    ]
+    rows = list(pipeline.pack_examples(iter(examples), {"inputs": 6, "targets": 6}))
+    assert len(rows) == 2
+    np.testing.assert_array_equal(rows[0]["inputs"], [5, 6, 1, 8, 1, 0])
+    np.testing.assert_array_equal(rows[0]["inputs_segmentation"], [1, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(rows[0]["inputs_position"], [0, 1, 2, 0, 1, 0])
+    np.testing.assert_array_equal(rows[0]["targets"], [7, 1, 9, 9, 1, 0])
+    np.testing.assert_array_equal(rows[0]["targets_position"], [0, 1, 0, 1, 2, 0])
+    np.testing.assert_array_equal(rows[1]["inputs"], [4, 4, 4, 1, 0, 0])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_train_batches_have_fixed_shapes_and_end_with_eos(tiny_config, packing):
+    tiny_config.data.packing = packing
+    builder = pipeline.builder_from_config(tiny_config.data)
+    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    ds = pipeline.train_dataset(tiny_config, builder, tokenizer)
+    batches = list(ds.take(3).as_numpy_iterator())
+    for batch in batches:
+        assert batch["inputs"].shape == (16, 8) and batch["targets"].shape == (16, 8)
+        # Every example (or packed segment) of the target ends with EOS.
+        assert (batch["targets"] == EOS_ID).sum() >= 16
+    if packing:
+        assert batches[0]["targets_segmentation"].max() > 1
+
+
+def test_resumed_pipeline_continues_where_it_stopped(tiny_config):
+    builder = pipeline.builder_from_config(tiny_config.data)
+    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    whole = list(pipeline.train_dataset(tiny_config, builder, tokenizer).take(5))
+    resumed = list(pipeline.train_dataset(tiny_config, builder, tokenizer, skip_batches=3).take(2))
+    for a, b in zip(whole[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_processes_read_disjoint_halves(tiny_config):
+    builder = pipeline.builder_from_config(tiny_config.data)
+    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    seen = []
+    for index in range(2):
+        batches = pipeline.eval_batches(tiny_config, builder, tokenizer, "validation", index, 2)
+        seen.append({tuple(row) for b in batches for row in b["inputs"] if row.any()})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_decoder_only_batches_mask_the_source(tiny_config):
+    tiny_config.model.type = "decoder_only"
+    builder = pipeline.builder_from_config(tiny_config.data)
+    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    batch = next(iter(pipeline.eval_batches(tiny_config, builder, tokenizer, "validation")))
+    assert batch["targets"].shape == (16, 16)
+    row, mask = batch["targets"][0], batch["loss_mask"][0]
+    first_eos = list(row).index(EOS_ID)
+    assert not mask[: first_eos + 1].any() and mask[first_eos + 1] == 1

@@ -1,0 +1,201 @@
+"""The model: sizes of the paper's configs, positional encoding, masks, attention kernels."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from t2t_jax.model import ModelConfig, build_model, shift_right
+from t2t_jax.model.attention import xla_attention
+from t2t_jax.model.embedding import sinusoidal_encoding
+
+TINY = dict(
+    vocab_size=20, num_encoder_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+    num_heads=4, dropout_rate=0.0,
+)
+
+
+def count_params(config: ModelConfig) -> int:
+    model = build_model(config)
+    x = jnp.ones((1, 4), jnp.int32)
+    kwargs = {"targets": x} if config.type == "decoder_only" else {"inputs": x, "targets": x}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **kwargs))
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nn.meta.unbox(shapes)))
+
+
+def init(config: ModelConfig, src_len=7, tgt_len=6, seed=0):
+    model = build_model(config)
+    params = model.init(
+        jax.random.key(seed),
+        jnp.ones((2, src_len), jnp.int32),
+        jnp.ones((2, tgt_len), jnp.int32),
+    )["params"]
+    return model, nn.meta.unbox(params)
+
+
+def random_tokens(seed, shape, vocab=20):
+    return jax.random.randint(jax.random.key(seed), shape, 3, vocab)
+
+
+@pytest.mark.parametrize(
+    "overrides, paper, expected",
+    [
+        ({}, 65e6, 63_082_496),
+        (dict(d_model=1024, d_ff=4096, num_heads=16, dropout_rate=0.3), 213e6, 214_245_376),
+    ],
+)
+def test_paper_configs_match_table_3(overrides, paper, expected):
+    count = count_params(ModelConfig(vocab_size=37_000, **overrides))
+    assert count == expected
+    assert abs(count - paper) / paper < 0.05
+
+
+def test_config_files_build_the_paper_sizes():
+    import importlib.util
+
+    for path, expected in [("configs/base.py", 63_082_496), ("configs/big.py", 214_245_376)]:
+        spec = importlib.util.spec_from_file_location("cfg", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        assert count_params(ModelConfig.from_config(config.model, 100)) == expected
+
+
+def test_untied_embeddings_add_two_vocab_matrices():
+    tied = count_params(ModelConfig(**TINY))
+    untied = count_params(ModelConfig(**TINY, share_embeddings=False))
+    assert untied - tied == 2 * 20 * 32
+
+
+def test_pre_ln_adds_a_final_norm_per_stack():
+    post = count_params(ModelConfig(**TINY))
+    pre = count_params(ModelConfig(**TINY, norm="pre"))
+    assert pre - post == 2 * 2 * 32
+
+
+def test_sinusoidal_encoding_is_the_papers_formula():
+    d_model = 16
+    pe = np.asarray(sinusoidal_encoding(jnp.arange(50)[None], d_model))[0]
+    for pos in (0, 1, 7, 49):
+        for i in range(d_model // 2):
+            angle = pos / 10000 ** (2 * i / d_model)
+            assert pe[pos, 2 * i] == pytest.approx(np.sin(angle), abs=1e-5)
+            assert pe[pos, 2 * i + 1] == pytest.approx(np.cos(angle), abs=1e-5)
+
+
+def test_shift_right_restarts_each_packed_example():
+    targets = jnp.array([[5, 6, 7, 8, 9, 0]])
+    segments = jnp.array([[1, 1, 2, 2, 2, 0]])
+    np.testing.assert_array_equal(shift_right(targets), [[0, 5, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(shift_right(targets, segments), [[0, 5, 0, 7, 8, 0]])
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_padding_does_not_change_outputs(norm):
+    model, params = init(ModelConfig(**TINY, norm=norm))
+    inputs, targets = random_tokens(1, (2, 5)), random_tokens(2, (2, 4))
+    logits = model.apply({"params": params}, inputs, targets)
+    padded = model.apply(
+        {"params": params}, jnp.pad(inputs, ((0, 0), (0, 3))), jnp.pad(targets, ((0, 0), (0, 2)))
+    )
+    np.testing.assert_allclose(padded[:, :4], logits, atol=1e-5)
+
+
+def test_decoder_cannot_see_later_positions():
+    model, params = init(ModelConfig(**TINY))
+    inputs, targets = random_tokens(1, (2, 5)), random_tokens(2, (2, 6))
+    changed = targets.at[:, 3:].set(random_tokens(3, (2, 3)))
+    a = model.apply({"params": params}, inputs, targets)
+    b = model.apply({"params": params}, inputs, changed)
+    # Logits at position i depend on targets < i only (inputs are shifted right).
+    np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-6)
+    assert not np.allclose(a[:, 4:], b[:, 4:])
+
+
+@pytest.mark.parametrize("model_type", ["encoder_decoder", "decoder_only"])
+def test_packed_rows_give_the_same_logits_as_separate_rows(model_type):
+    config = ModelConfig(**TINY, type=model_type)
+    model = build_model(config)
+    src = [random_tokens(1, (3,)), random_tokens(2, (4,))]
+    tgt = [random_tokens(3, (2,)), random_tokens(4, (3,))]
+
+    def run(**kw):
+        if model_type == "decoder_only":
+            kw = {k: v for k, v in kw.items() if k.startswith("targets")}
+        return model.apply({"params": params}, **kw)
+
+    dummy = jnp.ones((1, 7), jnp.int32)
+    params = nn.meta.unbox(
+        model.init(jax.random.key(0), **({"targets": dummy} if model_type == "decoder_only"
+                                         else {"inputs": dummy, "targets": dummy}))["params"]
+    )
+    packed = run(
+        inputs=jnp.concatenate(src)[None],
+        targets=jnp.concatenate(tgt)[None],
+        inputs_segmentation=jnp.array([[1, 1, 1, 2, 2, 2, 2]]),
+        targets_segmentation=jnp.array([[1, 1, 2, 2, 2]]),
+        inputs_positions=jnp.array([[0, 1, 2, 0, 1, 2, 3]]),
+        targets_positions=jnp.array([[0, 1, 0, 1, 2]]),
+    )
+    first = run(inputs=src[0][None], targets=tgt[0][None])
+    second = run(inputs=src[1][None], targets=tgt[1][None])
+    np.testing.assert_allclose(packed[0, :2], first[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 2:], second[0], atol=1e-5)
+
+
+def test_attention_implementations_agree():
+    config = ModelConfig(**TINY)
+    model, params = init(config)
+    fused = build_model(ModelConfig(**TINY, attention="dot_product_attention"))
+    inputs, targets = random_tokens(1, (2, 7)), random_tokens(2, (2, 6))
+    inputs = inputs.at[1, 5:].set(0)
+    a = model.apply({"params": params}, inputs, targets)
+    b = fused.apply({"params": params}, inputs, targets)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_xla_attention_is_softmax_of_scaled_scores():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 3, 1, 4)) for i in range(3))
+    scores = np.einsum("qd,kd->qk", q[0, :, 0], k[0, :, 0]) / 2.0  # sqrt(d_k) = 2
+    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+    expected = weights @ np.asarray(v[0, :, 0])
+    np.testing.assert_allclose(xla_attention(q, k, v, None)[0, :, 0], expected, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits():
+    model, params = init(ModelConfig(**TINY))
+    bf16 = build_model(ModelConfig(**TINY, dtype="bfloat16"))
+    bf16_params = nn.meta.unbox(
+        bf16.init(jax.random.key(0), jnp.ones((2, 7), jnp.int32), jnp.ones((2, 6), jnp.int32))
+    )["params"]
+    assert {p.dtype for p in jax.tree.leaves(bf16_params)} == {jnp.dtype("float32")}
+    inputs, targets = random_tokens(1, (2, 7)), random_tokens(2, (2, 6))
+    a = model.apply({"params": params}, inputs, targets)
+    b = bf16.apply({"params": params}, inputs, targets)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, atol=0.1)
+
+
+def test_dropout_is_active_only_in_training():
+    model, params = init(ModelConfig(**{**TINY, "dropout_rate": 0.5}))
+    inputs, targets = random_tokens(1, (2, 7)), random_tokens(2, (2, 6))
+    det = [model.apply({"params": params}, inputs, targets) for _ in range(2)]
+    np.testing.assert_array_equal(det[0], det[1])
+    train = [
+        model.apply({"params": params}, inputs, targets, deterministic=False,
+                    rngs={"dropout": jax.random.key(i)})
+        for i in range(2)
+    ]
+    assert not np.allclose(train[0], train[1])
+
+
+def test_bad_model_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="divisible by model.num_heads"):
+        ModelConfig(**{**TINY, "num_heads": 5})
+    with pytest.raises(ValueError, match="model.attention"):
+        ModelConfig(**TINY, attention="flash")
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        ModelConfig.from_config({**TINY, "vocab_size": 5}, 20)
