@@ -16,7 +16,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.type = "encoder_decoder"  # or "decoder_only" (a language model, same blocks)
-    config.model.vocab_size = ml_collections.config_dict.placeholder(int)  # None: the tokenizer's size; the paper shares 37000
+    # None: the tokenizer's size. The paper shares a 37000-token vocabulary.
+    config.model.vocab_size = ml_collections.config_dict.placeholder(int)
     config.model.num_encoder_layers = 6  # N
     config.model.num_decoder_layers = 6
     config.model.d_model = 512
@@ -33,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.task = "reverse"  # a built-in task: reverse, copy, sort, addition
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: TFDS's default (~/tensorflow_datasets)
+    # TFDS data dir; None: TFDS's default (~/tensorflow_datasets).
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)
     config.data.algorithmic = ml_collections.ConfigDict()
     config.data.algorithmic.vocab_size = 10  # distinct symbols (the base, for addition)
     config.data.algorithmic.min_length = 1
@@ -72,11 +74,31 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 5  # the paper averages the last 5 (base) or 20 (big)
     config.train.async_checkpoints = True
     config.train.num_decode_examples = 5  # validation examples decoded greedily at the end
-    config.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)  # None: WORKDIR/jax_cache; "" turns it off
+    # JAX persistent compilation cache; None: WORKDIR/jax_cache, "" turns it off.
+    config.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
 
     config.mesh = ml_collections.ConfigDict()
     # Device mesh axes; -1 takes the devices the other axes leave. data*fsdp*tensor = devices.
     config.mesh.data = -1
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
+    return config
+
+
+def small_task_config(task: str) -> ml_collections.ConfigDict:
+    """A small model for a built-in task that trains in minutes on two CPU cores."""
+    config = default_config()
+    config.data.task = task
+    config.model.num_encoder_layers = 2
+    config.model.num_decoder_layers = 2
+    config.model.d_model = 128
+    config.model.d_ff = 512
+    config.model.num_heads = 4
+    config.model.dropout_rate = 0.0  # generated data never repeats enough to overfit
+    config.data.batch_size = 64
+    config.train.num_steps = 2000
+    config.train.warmup_steps = 500
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
     return config

@@ -1,4 +1,4 @@
-"""The paper's optimizer (section 5.3): Adam(0.9, 0.98, 1e-9) with warmup then 1/sqrt(step) decay."""
+"""The paper's optimizer (section 5.3): Adam(0.9, 0.98, 1e-9), warmup then 1/sqrt(step) decay."""
 
 from __future__ import annotations
 

@@ -7,8 +7,10 @@ rules below decide which mesh axis each is split over. Parallelism is therefore 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -119,3 +121,11 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     return {
         k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
     }
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[Mesh]:
+    """Makes `mesh` and the logical axis rules current, for the activation constraints that
+    the model declares while a step is traced."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield mesh

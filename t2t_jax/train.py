@@ -149,7 +149,7 @@ def train_and_evaluate(
     writer = metrics.make_writer(workdir, is_main)
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    with jax.set_mesh(exp.stepper.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with exp.stepper.activate():
         state = restore_or_init(exp, manager, init_rng)
         start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
         logging.info("training from step %d to %d", start, config.train.num_steps)

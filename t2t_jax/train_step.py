@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -195,6 +196,11 @@ class Stepper:
             self._eval = jax.pmap(
                 lambda p, b: jax.lax.psum(eval_step(fns, p, b), "batch"), axis_name="batch"
             )
+
+    def activate(self) -> contextlib.AbstractContextManager:
+        """The context the steps run in: the mesh and axis rules under jit; none under pmap,
+        which makes its own device axis."""
+        return sharding.activate(self.mesh) if self.mode == "jit" else contextlib.nullcontext()
 
     def _abstract_state(self) -> tuple[TrainState, TrainState]:
         """Shapes of the state, and the shardings its params' logical axes ask for."""

@@ -35,7 +35,7 @@ class Tokenizer(Protocol):
 
 
 class SymbolTokenizer:
-    """One id per whitespace-separated symbol; no end-of-sequence id is added (the pipeline does)."""
+    """One id per whitespace-separated symbol; the pipeline, not this, appends EOS."""
 
     FILENAME = "vocab.txt"
 

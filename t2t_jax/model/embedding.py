@@ -1,4 +1,4 @@
-"""Token embeddings scaled by sqrt(d_model) and sinusoidal positional encoding (section 3.4, 3.5)."""
+"""Token embeddings times sqrt(d_model) plus sinusoidal positional encoding (3.4, 3.5)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,106 @@
+"""Meshes and shardings on 8 fake CPU devices: every layout trains like one device."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from t2t_jax import sharding
+from t2t_jax.data import pipeline
+from t2t_jax.train import build_experiment
+
+
+def mesh_config(data=1, fsdp=1, tensor=1):
+    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def test_mesh_shape_fills_in_the_rest():
+    assert sharding.mesh_shape(mesh_config(data=-1, tensor=2), 8) == (4, 1, 2)
+    assert sharding.mesh_shape(mesh_config(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (mesh_config(data=3), "needs 3 devices but 8"),
+        (mesh_config(data=-1, tensor=3), "does not divide the 8 devices"),
+        (mesh_config(data=-1, fsdp=-1), "at most one -1"),
+    ],
+)
+def test_a_mesh_that_does_not_fit_is_a_clear_error(mesh, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.mesh_shape(mesh, 8)
+
+
+def run_steps(config, devices, mode="jit", steps=2):
+    """Params and last metrics after `steps` train steps on the first `steps` batches."""
+    config.train.mode = mode
+    exp = build_experiment(config, devices)
+    batches = pipeline.train_dataset(config, exp.builder, exp.tokenizer).take(steps)
+    with exp.stepper.activate():
+        state = exp.stepper.init_state(jax.random.key(0))
+        for batch in batches.as_numpy_iterator():
+            device_batch = exp.stepper.put_batch(batch)
+            state, metrics = exp.stepper.train(state, device_batch, jax.random.key(1))
+        final = exp.stepper.to_checkpoint(state)
+    return exp, final, jax.device_get(metrics)
+
+
+@pytest.fixture
+def reference(tiny_config):
+    tiny_config.model.num_heads = 8  # so that heads can split 8 ways
+    _, state, metrics = run_steps(tiny_config, jax.devices()[:1])
+    return jax.device_get(state.params), metrics
+
+
+def assert_same_training(result, reference):
+    _, state, metrics = result
+    params, ref_metrics = reference
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    for (path, value), expected in zip(flat, jax.tree.leaves(params), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "['key']['bias']" in name:
+            # softmax is invariant to a bias on the keys: its gradient is rounding noise, which
+            # Adam scales up to full-size steps, so it differs between layouts by design.
+            continue
+        np.testing.assert_allclose(value, expected, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(data=8, fsdp=1, tensor=1),
+        dict(data=1, fsdp=8, tensor=1),
+        dict(data=1, fsdp=1, tensor=8),
+        dict(data=2, fsdp=2, tensor=2),
+    ],
+    ids=["data", "fsdp", "tensor", "data_fsdp_tensor"],
+)
+def test_every_mesh_trains_like_one_device(tiny_config, reference, layout):
+    tiny_config.mesh.update(layout)
+    assert_same_training(run_steps(tiny_config, jax.devices()), reference)
+
+
+def test_pmap_trains_like_jit(tiny_config, reference):
+    assert_same_training(run_steps(tiny_config, jax.devices(), mode="pmap"), reference)
+
+
+def test_params_are_sharded_as_their_logical_axes_ask(tiny_config):
+    tiny_config.mesh.update(dict(data=1, fsdp=4, tensor=2))
+    exp, state, _ = run_steps(tiny_config, jax.devices(), steps=1)
+    params = state.params
+    layer = params["encoder"]["layer_0"]
+    assert layer["ffn"]["wi"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert layer["ffn"]["wo"]["kernel"].sharding.spec == P("tensor", "fsdp")
+    assert layer["self_attention"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+    assert layer["self_attention"]["out"]["kernel"].sharding.spec == P("tensor", None, "fsdp")
+    # 13 symbols do not split 2 ways: the vocab dimension falls back to replication.
+    assert params["shared_embedding"]["embedding"].shape[0] == 13
+    assert params["shared_embedding"]["embedding"].sharding.spec == P(None, "fsdp")
+    # Adam's moments are laid out like the params they belong to.
+    mu = exp.stepper.state_shardings.opt_state[0][0].mu  # chain(adam) = ((adam, lr),)
+    assert mu["encoder"]["layer_0"]["ffn"]["wi"]["kernel"].spec == P("fsdp", "tensor")
+    shard = layer["ffn"]["wi"]["kernel"].addressable_shards[0].data
+    assert shard.shape == (32 // 4, 64 // 2)

@@ -1,0 +1,147 @@
+"""Loss, schedule, accumulation, the training loop, resuming, and metrics files."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t2t_jax import checkpoint
+from t2t_jax.optimizer import make_optimizer, paper_schedule
+from t2t_jax.train import build_experiment, restore_or_init, train_and_evaluate
+from t2t_jax.train_step import cross_entropy_sums
+
+
+def test_schedule_is_the_papers_formula():
+    schedule = paper_schedule(d_model=512, warmup_steps=4000)
+    for step in (1, 100, 4000, 4001, 100_000):
+        expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
+        assert float(schedule(step - 1)) == pytest.approx(expected, rel=1e-5)
+    assert float(paper_schedule(512, 4000, scale=2.0)(9)) == pytest.approx(
+        2 * float(schedule(9)), rel=1e-6
+    )
+
+
+def test_optimizer_is_adam_with_the_papers_betas(tiny_config):
+    tx = make_optimizer(tiny_config.train, d_model=32)
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    reference = optax.adam(paper_schedule(32, 10), b1=0.9, b2=0.98, eps=1e-9)
+    expected, _ = reference.update(grads, reference.init(params), params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
+def test_label_smoothed_loss_matches_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    targets = np.array([[1, 4, 0], [2, 2, 3]])
+    eps = 0.1
+    sums = cross_entropy_sums(jnp.asarray(logits), {"targets": jnp.asarray(targets)}, eps, 0.0)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    q = np.full((2, 3, 5), eps / 4)
+    np.put_along_axis(q, targets[..., None], 1 - eps, axis=-1)
+    kl = (q * (np.log(q) - log_p)).sum(-1)  # cross-entropy minus the entropy of q
+    weights = targets > 0
+    assert float(sums["loss"]) == pytest.approx((kl * weights).sum(), rel=1e-5)
+    assert float(sums["weight"]) == 5
+    assert float(sums["correct"]) == ((logits.argmax(-1) == targets) * weights).sum()
+
+
+def test_z_loss_adds_log_z_squared():
+    logits = jnp.array([[[2.0, 0.0, 1.0]]])
+    batch = {"targets": jnp.array([[1]])}
+    plain = cross_entropy_sums(logits, batch, 0.0, 0.0)
+    with_z = cross_entropy_sums(logits, batch, 0.0, 1e-2)
+    log_z = float(jax.nn.logsumexp(logits))
+    assert float(with_z["loss"] - plain["loss"]) == pytest.approx(1e-2 * log_z**2, rel=1e-5)
+
+
+def run_two_steps(config, batch):
+    exp = build_experiment(config, jax.devices()[:1])
+    with exp.stepper.activate():
+        state = exp.stepper.init_state(jax.random.key(0))
+        for _ in range(config.train.grad_accum_steps):
+            state, _ = exp.stepper.train(state, exp.stepper.put_batch(batch), jax.random.key(1))
+    return state
+
+
+def test_accumulating_one_batch_twice_equals_one_step_on_it(tiny_config):
+    from t2t_jax.data import pipeline
+
+    builder = pipeline.builder_from_config(tiny_config.data)
+    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    batch = next(pipeline.train_dataset(tiny_config, builder, tokenizer).as_numpy_iterator())
+    single = run_two_steps(tiny_config, batch)
+    tiny_config.train.grad_accum_steps = 2
+    accumulated = run_two_steps(tiny_config, batch)
+    assert int(accumulated.step) == 2
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), accumulated.params, single.params
+    )
+
+
+def final_params(config, workdir):
+    exp = build_experiment(config, jax.devices()[:2])
+    manager = checkpoint.make_manager(workdir, config.train)
+    with exp.stepper.activate():
+        state = restore_or_init(exp, manager, jax.random.key(0))
+    manager.close()
+    return jax.device_get(state)
+
+
+def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path):
+    tiny_config.model.dropout_rate = 0.1  # the dropout rng must resume too
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_and_evaluate(tiny_config, straight, jax.devices()[:2])
+    tiny_config.train.num_steps = 2
+    train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
+    tiny_config.train.num_steps = 4
+    train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
+    a, b = final_params(tiny_config, straight), final_params(tiny_config, resumed)
+    assert int(a.step) == int(b.step) == 4
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a.params, b.params)
+
+
+def test_training_learns_and_writes_metrics_config_and_checkpoints(tiny_config, tmp_path):
+    tiny_config.train.num_steps = 60
+    tiny_config.train.log_every = 20
+    tiny_config.train.eval_every = 60
+    tiny_config.train.checkpoint_every = 20
+    tiny_config.train.keep_checkpoints = 2
+    tiny_config.train.warmup_steps = 20
+    tiny_config.train.learning_rate = 0.3
+    workdir = str(tmp_path)
+    result = train_and_evaluate(tiny_config, workdir, jax.devices()[:1])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [20, 40, 60]
+    assert {"accuracy", "learning_rate", "grad_norm", "tokens_per_s"} <= set(train_rows[0])
+    assert train_rows[-1]["loss"] < 0.8 * train_rows[0]["loss"]
+    eval_row = next(r for r in rows if "eval_loss" in r)
+    assert eval_row["step"] == 60 and 0 < eval_row["eval_accuracy"] <= 1
+    assert "test_accuracy" in eval_row
+    assert result["eval_accuracy"] == pytest.approx(eval_row["eval_accuracy"])
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ["40", "60"]
+    saved = checkpoint.load_config_json(workdir)
+    assert saved.model.d_model == 32 and saved.train.num_steps == 60
+    assert os.path.exists(os.path.join(workdir, "vocab.txt"))
+    assert len(result["samples"]) == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_config, tmp_path):
+    workdir = str(tmp_path)
+    tiny_config.train.num_steps = 2
+    train_and_evaluate(tiny_config, workdir, jax.devices()[:1])
+    state_dir = os.path.join(checkpoint.checkpoint_dir(workdir), "2", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    tiny_config.train.num_steps = 4
+    with pytest.raises(ValueError, match="could not be restored.*fresh workdir"):
+        train_and_evaluate(tiny_config, workdir, jax.devices()[:1])
