@@ -168,8 +168,12 @@ def _train_loop(exp, state, start, step_rng, manager, writer) -> dict[str, float
     ).as_numpy_iterator()
     device_batches = prefetch(batches, stepper.put_batch)
     sums, tick, last = None, time.perf_counter(), {}
+    # disable=None: a bar on a terminal, none in a log file; only process 0 shows one.
     progress = tqdm.tqdm(
-        initial=start, total=num_steps, disable=jax.process_index() != 0, unit="step"
+        initial=start,
+        total=num_steps,
+        disable=True if jax.process_index() != 0 else None,
+        unit="step",
     )
     for step in range(start + 1, num_steps + 1):
         state, step_metrics = stepper.train(state, next(device_batches), step_rng)

@@ -1,0 +1,67 @@
+"""The `t2t-jax` command: config errors are one line, info reports the paper's sizes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def t2t_jax(*args, env=None):
+    environment = dict(os.environ, **(env or {}))
+    environment["XLA_FLAGS"] = ""  # one device, as a user's CPU machine has
+    return subprocess.run(
+        [sys.executable, "-m", "t2t_jax.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, env=environment, timeout=300,
+    )
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if "error" in line]
+
+
+def test_info_reports_the_base_model_size():
+    result = t2t_jax("info", "--config", "configs/base.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "total parameters: 63082496"
+    assert any(line.split()[0] == "shared_embedding" and "18,944,000" in line for line in lines)
+    assert any(line.startswith("mesh: data=1, fsdp=1, tensor=1") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.model.bogus=3"], "unknown config key 'model.bogus'"),
+        (["--config.model.d_model=abc"], "--config.model.d_model=abc"),
+        (["--config.mesh.data=3"], "needs 3 devices but 1 are present"),
+        (["--config.model.num_heads=7"], "must be divisible by model.num_heads=7"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_problem(args, message):
+    result = t2t_jax("info", "--config", "configs/base.py", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(error_lines(result)) == 1 and message in error_lines(result)[0]
+
+
+def test_missing_config_file_is_one_line():
+    result = t2t_jax("info", "--config", "configs/missing.py")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "No such file" in error_lines(result)[0]
+
+
+def test_train_prints_metrics_and_samples(tmp_path, data_dir):
+    result = t2t_jax(
+        "train", "--config", "configs/reverse.py", "--workdir", str(tmp_path / "run"),
+        f"--config.data.data_dir={data_dir}", "--config.data.algorithmic.num_train=64",
+        "--config.data.algorithmic.num_validation=16", "--config.data.algorithmic.num_test=16",
+        "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.num_steps=2",
+        "--config.train.log_every=1", "--config.train.num_decode_examples=2",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "eval_accuracy:" in result.stdout
+    assert result.stdout.count("(target ") == 2
+    assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
