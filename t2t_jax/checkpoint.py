@@ -15,6 +15,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
+
 CONFIG_FILENAME = "config.json"
 
 
@@ -30,23 +32,35 @@ def make_manager(workdir: str, train_config: Any) -> ocp.CheckpointManager:
         create=True,
     )
     return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=("state", "config")
+        checkpoint_dir(workdir), options=options, item_names=("state", "config", "tokenizer")
     )
 
 
 def save(
-    manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
 ) -> None:
-    """Starts saving `state` and `config` as checkpoint `step` (returns before it is written
-    when saves are asynchronous; `manager.wait_until_finished()` waits)."""
+    """Starts saving `state`, `config` and `tokenizer` as checkpoint `step`, so that a checkpoint
+    alone is enough to decode (returns before it is written when saves are asynchronous;
+    `manager.wait_until_finished()` waits)."""
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            tokenizer=ocp.args.JsonSave(tokenizer.to_json()),
         ),
         force=True,
     )
+
+
+def restore_tokenizer(manager: ocp.CheckpointManager, step: int) -> Tokenizer:
+    """The tokenizer stored with checkpoint `step`."""
+    restored = manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))
+    return tokenizer_from_json(restored.tokenizer)
 
 
 def restore_target(abstract_state: Any, shardings: Any) -> Any:

@@ -1,6 +1,7 @@
 """`t2t-jax`: one command line, thin subcommands over the library.
 
   t2t-jax train --config configs/reverse.py --workdir DIR [--config.model.num_heads=4 ...]
+  t2t-jax prepare --config configs/wmt14_ende_base.py --workdir DIR
   t2t-jax info  --config configs/base.py
 """
 
@@ -26,6 +27,7 @@ USAGE = """usage: t2t-jax COMMAND --config FILE [--config.key=value ...] [--work
 
 commands:
   train   train (or resume) in --workdir on --config
+  prepare download and prepare --config's datasets and train its tokenizer into --workdir
   info    parameters per module, mesh, batch and memory estimate of --config
 """
 
@@ -52,9 +54,26 @@ def train_command() -> None:
     for key in ("loss", "accuracy", "eval_loss", "eval_accuracy", "test_loss", "test_accuracy"):
         if key in result:
             print(f"{key:>15s}: {result[key]:.4f}")
+    if "bleu" in result:
+        print(f"{'bleu':>15s}: {result['bleu']:.2f} ({result['bleu_signature']})")
     for source, target, output in result.get("samples", []):
         mark = "ok " if output == target else "BAD"
         print(f"[{mark}] {source}\n      -> {output}\n      (target {target})")
+
+
+def prepare_command() -> None:
+    from t2t_jax.data import tasks
+
+    config = _require(_CONFIG.value, "config")
+    workdir = _require(_WORKDIR.value, "workdir")
+    builder = tasks.builder_from_config(config.data, prepare=True)
+    test_builder = tasks.builder_from_config(config.data, split="test", prepare=True)
+    tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
+    tokenizer.save(workdir)
+    for name, b in (("data", builder), ("test data", test_builder)):
+        splits = ", ".join(f"{k} {v.num_examples:,d}" for k, v in b.info.splits.items())
+        print(f"{name}: {b.data_dir} ({splits})")
+    print(f"tokenizer: {tokenizer.vocab_size} ids, saved in {os.path.abspath(workdir)}")
 
 
 def info_command() -> None:
@@ -63,7 +82,7 @@ def info_command() -> None:
     print("\n".join(describe(_require(_CONFIG.value, "config"))))
 
 
-COMMANDS = {"train": train_command, "info": info_command}
+COMMANDS = {"train": train_command, "prepare": prepare_command, "info": info_command}
 
 
 def main(argv: list[str]) -> None:

@@ -64,6 +64,29 @@ def _strip(ids: np.ndarray) -> list[int]:
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
+def _decode_batch(
+    model: nn.Module,
+    params: Any,
+    encoded: list[list[int]],
+    model_type: str,
+    max_source_length: int,
+    max_target_length: int,
+) -> list[list[int]]:
+    """Output ids (up to EOS) for one batch of encoded sources."""
+    if model_type == "decoder_only":
+        tokens = np.zeros((len(encoded), max_source_length + max_target_length), np.int32)
+        for row, ids in enumerate(encoded):
+            tokens[row, : len(ids)] = ids
+        starts = np.array([max(len(ids), 1) for ids in encoded], np.int32)
+        out = np.asarray(greedy_continue(model, params, tokens, starts))
+        return [_strip(out[r, s:]) for r, s in enumerate(starts)]
+    inputs = np.zeros((len(encoded), max_source_length), np.int32)
+    for row, ids in enumerate(encoded):
+        inputs[row, : len(ids)] = ids
+    out = np.asarray(greedy_translate(model, params, inputs, max_target_length))
+    return [_strip(row) for row in out]
+
+
 def decode_texts(
     model: nn.Module,
     params: Any,
@@ -72,19 +95,17 @@ def decode_texts(
     model_type: str,
     max_source_length: int,
     max_target_length: int,
+    batch_size: int = 64,
 ) -> list[str]:
-    """Greedy outputs for source texts (one padded batch)."""
+    """Greedy outputs for source texts, in their order; sources longer than the model's
+    max_source_length are cut. Batches are padded to `batch_size` rows (one compilation)."""
     encoded = [tokenizer.encode(s)[: max_source_length - 1] + [EOS_ID] for s in sources]
-    if model_type == "decoder_only":
-        total = max_source_length + max_target_length
-        tokens = np.zeros((len(sources), total), np.int32)
-        for row, ids in enumerate(encoded):
-            tokens[row, : len(ids)] = ids
-        starts = np.array([len(ids) for ids in encoded], np.int32)
-        out = np.asarray(greedy_continue(model, params, tokens, starts))
-        return [tokenizer.decode(_strip(out[r, s:])) for r, s in enumerate(starts)]
-    inputs = np.zeros((len(sources), max_source_length), np.int32)
-    for row, ids in enumerate(encoded):
-        inputs[row, : len(ids)] = ids
-    out = np.asarray(greedy_translate(model, params, inputs, max_target_length))
-    return [tokenizer.decode(_strip(row)) for row in out]
+    outputs = []
+    for begin in range(0, len(encoded), batch_size):
+        chunk = encoded[begin : begin + batch_size]
+        padded = chunk + [[EOS_ID]] * (batch_size - len(chunk))
+        ids = _decode_batch(
+            model, params, padded, model_type, max_source_length, max_target_length
+        )
+        outputs += [tokenizer.decode(row) for row in ids[: len(chunk)]]
+    return outputs

@@ -19,7 +19,7 @@ import ml_collections
 from flax import linen as nn
 
 from t2t_jax import sharding
-from t2t_jax.data import pipeline
+from t2t_jax.data import pipeline, tasks
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.optimizer import make_optimizer
 from t2t_jax.train_step import init_boxed_params
@@ -59,8 +59,11 @@ def activation_bytes(config: ModelConfig, batch_per_device: int, lengths: dict[s
 
 def describe(config: ml_collections.ConfigDict) -> list[str]:
     """Lines of the `t2t-jax info` report; the last is `total parameters: N`."""
-    tokenizer = pipeline.tokenizer_from_config(config.data)
-    model_config = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+    if tasks.is_builtin(config.data):
+        vocab_size = tasks.tokenizer_from_config(config.data).vocab_size
+    else:  # the SentencePiece model may not be trained yet; it aims at this size
+        vocab_size = config.data.spm_vocab_size
+    model_config = ModelConfig.from_config(config.model, vocab_size)
     model = build_model(model_config)
     lengths = pipeline.Lengths(
         config.data.max_source_length, config.data.max_target_length

@@ -20,8 +20,9 @@ import ml_collections
 import tqdm
 from flax import linen as nn
 
-from t2t_jax import checkpoint, decode, metrics, sharding
-from t2t_jax.data import pipeline
+from t2t_jax import bleu, checkpoint, decode, metrics, sharding
+from t2t_jax.data import pipeline, tasks
+from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.optimizer import make_optimizer, paper_schedule
 from t2t_jax.train_step import StepFns, Stepper, TrainState
@@ -32,7 +33,8 @@ class Experiment:
     """Everything built from a config before training starts."""
 
     config: ml_collections.ConfigDict
-    builder: Any
+    builder: Any  # train and validation splits
+    test_builder: Any  # the test split (another dataset for WMT17, newstest2014)
     tokenizer: Any
     model_config: ModelConfig
     model: nn.Module
@@ -54,10 +56,14 @@ def train_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
     return lengths.feature_lengths(config.model.type)
 
 
-def build_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
-    """Prepares the data and builds the model, optimizer, mesh and compiled steps."""
-    builder = pipeline.builder_from_config(config.data)
-    tokenizer = pipeline.tokenizer_from_config(config.data)
+def build_experiment(
+    config: ml_collections.ConfigDict, devices: list | None = None, workdir: str | None = None
+) -> Experiment:
+    """Prepares the data and tokenizer (kept in `workdir`) and builds the model, optimizer, mesh
+    and compiled steps."""
+    builder = tasks.builder_from_config(config.data)
+    test_builder = tasks.builder_from_config(config.data, split="test")
+    tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
     model_config = ModelConfig.from_config(config.model, tokenizer.vocab_size)
     model = build_model(model_config)
     fns = StepFns(
@@ -72,7 +78,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices: list | None = N
     )
     mesh = sharding.make_mesh(config.mesh, devices)
     stepper = Stepper(fns, mesh, config.train.mode, train_lengths(config))
-    return Experiment(config, builder, tokenizer, model_config, model, stepper)
+    return Experiment(config, builder, test_builder, tokenizer, model_config, model, stepper)
 
 
 def prefetch(batches: Iterable, put, size: int = 2) -> Iterator:
@@ -88,8 +94,9 @@ def prefetch(batches: Iterable, put, size: int = 2) -> Iterator:
 def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dict[str, float]:
     """Loss and token accuracy over a split (or its first data.eval_steps batches)."""
     totals = None
+    builder = exp.test_builder if split == "test" else exp.builder
     for local in pipeline.eval_batches(
-        exp.config, exp.builder, exp.tokenizer, split, jax.process_index(), jax.process_count()
+        exp.config, builder, exp.tokenizer, split, jax.process_index(), jax.process_count()
     ):
         sums = exp.stepper.evaluate(state, exp.stepper.put_batch(local))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -98,25 +105,42 @@ def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dic
     return metrics.summarize_eval(jax.device_get(totals), prefix)
 
 
-def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, str]]:
-    """(source, target, greedy output) for the first `train.num_decode_examples` of validation."""
-    count = exp.config.train.num_decode_examples
-    if count <= 0:
-        return []
-    examples = list(exp.builder.as_dataset(split="validation").take(count).as_numpy_iterator())
-    sources = [ex["inputs"].decode() for ex in examples]
-    targets = [ex["targets"].decode() for ex in examples]
-    params = jax.device_get(exp.stepper.params(state))
-    outputs = decode.decode_texts(
+def _decode(exp: Experiment, state: TrainState, sources: list[str]) -> list[str]:
+    return decode.decode_texts(
         exp.model,
-        params,
+        jax.device_get(exp.stepper.params(state)),
         exp.tokenizer,
         sources,
         exp.config.model.type,
         exp.config.data.max_source_length,
         exp.config.data.max_target_length,
+        batch_size=exp.config.data.eval_batch_size,
     )
-    return list(zip(sources, targets, outputs, strict=True))
+
+
+def _text_examples(exp: Experiment, split: str, count: int) -> tuple[list[str], list[str]]:
+    builder = exp.test_builder if split == "test" else exp.builder
+    ds = tasks.text_pairs(builder.as_dataset(split=split), exp.config.data)
+    examples = list(ds.take(count).as_numpy_iterator())
+    return [ex["inputs"].decode() for ex in examples], [ex["targets"].decode() for ex in examples]
+
+
+def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, str]]:
+    """(source, target, greedy output) for the first `train.num_decode_examples` of validation."""
+    count = exp.config.train.num_decode_examples
+    if count <= 0:
+        return []
+    sources, targets = _text_examples(exp, "validation", count)
+    return list(zip(sources, targets, _decode(exp, state, sources), strict=True))
+
+
+def bleu_on_test_split(exp: Experiment, state: TrainState) -> tuple[dict[str, float], str]:
+    """Greedy BLEU on the first `train.bleu_examples` of the test split (sacrebleu, 13a), and
+    sacrebleu's signature of how it was computed."""
+    sources, references = _text_examples(exp, "test", exp.config.train.bleu_examples)
+    score, signature = bleu.corpus_bleu(_decode(exp, state, sources), references)
+    logging.info("BLEU %.2f on %d test sentences (%s)", score, len(sources), signature)
+    return {"bleu": score}, signature
 
 
 def restore_or_init(exp: Experiment, manager, rng: jax.Array) -> TrainState:
@@ -142,8 +166,8 @@ def train_and_evaluate(
     is_main = jax.process_index() == 0
     if is_main:
         checkpoint.save_config_json(config, workdir)
-    exp = build_experiment(config, devices)
-    if is_main:
+    exp = build_experiment(config, devices, workdir)
+    if is_main and not has_tokenizer(workdir):
         exp.tokenizer.save(workdir)
     manager = checkpoint.make_manager(workdir, config.train)
     writer = metrics.make_writer(workdir, is_main)
@@ -189,8 +213,15 @@ def _train_loop(exp, state, start, step_rng, manager, writer) -> dict[str, float
             writer.write_scalars(step, evals)
             last = last | evals
             tick = time.perf_counter()
+        bleu_every = config.train.bleu_every
+        if bleu_every and (step % bleu_every == 0 or step == num_steps):
+            scores, signature = bleu_on_test_split(exp, state)
+            writer.write_scalars(step, scores)
+            writer.write_texts(step, {"bleu_signature": signature})
+            last = last | scores | {"bleu_signature": signature}
+            tick = time.perf_counter()
         if step % config.train.checkpoint_every == 0 or step == num_steps:
-            checkpoint.save(manager, step, stepper.to_checkpoint(state), config)
+            checkpoint.save(manager, step, stepper.to_checkpoint(state), config, exp.tokenizer)
     progress.close()
     writer.flush()
     if start >= num_steps:  # nothing left to train: report the restored state

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from t2t_jax.data import algorithmic, pipeline
+from t2t_jax.data import algorithmic, pipeline, tasks
 from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
 
 
@@ -102,8 +102,8 @@ def test_pack_examples_fills_rows_with_segments_and_positions():
 @pytest.mark.parametrize("packing", [False, True])
 def test_train_batches_have_fixed_shapes_and_end_with_eos(tiny_config, packing):
     tiny_config.data.packing = packing
-    builder = pipeline.builder_from_config(tiny_config.data)
-    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
     ds = pipeline.train_dataset(tiny_config, builder, tokenizer)
     batches = list(ds.take(3).as_numpy_iterator())
     for batch in batches:
@@ -115,8 +115,8 @@ def test_train_batches_have_fixed_shapes_and_end_with_eos(tiny_config, packing):
 
 
 def test_resumed_pipeline_continues_where_it_stopped(tiny_config):
-    builder = pipeline.builder_from_config(tiny_config.data)
-    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
     whole = list(pipeline.train_dataset(tiny_config, builder, tokenizer).take(5))
     resumed = list(pipeline.train_dataset(tiny_config, builder, tokenizer, skip_batches=3).take(2))
     for a, b in zip(whole[3:], resumed, strict=True):
@@ -124,8 +124,8 @@ def test_resumed_pipeline_continues_where_it_stopped(tiny_config):
 
 
 def test_processes_read_disjoint_halves(tiny_config):
-    builder = pipeline.builder_from_config(tiny_config.data)
-    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
     seen = []
     for index in range(2):
         batches = pipeline.eval_batches(tiny_config, builder, tokenizer, "validation", index, 2)
@@ -135,8 +135,8 @@ def test_processes_read_disjoint_halves(tiny_config):
 
 def test_decoder_only_batches_mask_the_source(tiny_config):
     tiny_config.model.type = "decoder_only"
-    builder = pipeline.builder_from_config(tiny_config.data)
-    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
     batch = next(iter(pipeline.eval_batches(tiny_config, builder, tokenizer, "validation")))
     assert batch["targets"].shape == (16, 16)
     row, mask = batch["targets"][0], batch["loss_mask"][0]

@@ -70,10 +70,10 @@ def run_two_steps(config, batch):
 
 
 def test_accumulating_one_batch_twice_equals_one_step_on_it(tiny_config):
-    from t2t_jax.data import pipeline
+    from t2t_jax.data import pipeline, tasks
 
-    builder = pipeline.builder_from_config(tiny_config.data)
-    tokenizer = pipeline.tokenizer_from_config(tiny_config.data)
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
     batch = next(pipeline.train_dataset(tiny_config, builder, tokenizer).as_numpy_iterator())
     single = run_two_steps(tiny_config, batch)
     tiny_config.train.grad_accum_steps = 2

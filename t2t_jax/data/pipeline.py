@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from t2t_jax.data import algorithmic
-from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer, Tokenizer
+from t2t_jax.data.tasks import text_pairs
+from t2t_jax.data.tokenizer import EOS_ID, Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -35,27 +35,6 @@ class Lengths:
         if model_type == "decoder_only":
             return {"targets": self.source + self.target, "loss_mask": self.source + self.target}
         return {"inputs": self.source, "targets": self.target}
-
-
-def builder_from_config(data_config: Any) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder of `config.data` (generated on first use, then reused)."""
-    if data_config.task not in algorithmic.TASKS:
-        raise ValueError(
-            f"unknown data.task {data_config.task!r}; built-in tasks: "
-            f"{', '.join(algorithmic.TASKS)}"
-        )
-    builder = algorithmic.algorithmic_builder(
-        data_config.data_dir, task=data_config.task, **dict(data_config.algorithmic)
-    )
-    builder.download_and_prepare()
-    return builder
-
-
-def tokenizer_from_config(data_config: Any) -> Tokenizer:
-    """The tokenizer of `config.data`'s task."""
-    return SymbolTokenizer(
-        algorithmic.task_symbols(data_config.task, data_config.algorithmic.vocab_size)
-    )
 
 
 def encode(ds: tf.data.Dataset, tokenizer: Tokenizer, model_type: str) -> tf.data.Dataset:
@@ -183,7 +162,9 @@ def train_dataset(
         shuffle_files=True,
         read_config=tfds.ReadConfig(shuffle_seed=config.seed),
     )
-    ds = ds.shuffle(data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    ds = text_pairs(ds, data).shuffle(
+        data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True
+    )
     ds = ds.repeat()
     lengths = Lengths(data.max_source_length, data.max_target_length)
     feature_lengths = lengths.feature_lengths(config.model.type)
@@ -211,7 +192,7 @@ def eval_batches(
     per_process = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count
     )
-    ds = builder.as_dataset(split=per_process, shuffle_files=False)
+    ds = text_pairs(builder.as_dataset(split=per_process, shuffle_files=False), data)
     ds = limit_length(encode(ds, tokenizer, config.model.type), feature_lengths, "drop")
     size = local_batch_size(data.eval_batch_size, process_count)
     ds = ds.padded_batch(size, padded_shapes={k: [v] for k, v in feature_lengths.items()})

@@ -1,16 +1,20 @@
 """Tokenizers: text <-> ids, in Python for decoding and in TensorFlow for the input pipeline.
 
-`SymbolTokenizer` maps space-separated symbols (the built-in tasks) one to one onto ids.
+`SymbolTokenizer` maps space-separated symbols (the built-in tasks) one to one onto ids;
+`SentencePieceTokenizer` splits real text into subwords (one vocabulary for both languages).
 Ids 0, 1 and 2 are reserved for padding (also the decoder's start symbol), end of sequence and
 unknown symbols, the same in every tokenizer of the project.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
 import tensorflow as tf
 
 PAD_ID = 0
@@ -32,6 +36,8 @@ class Tokenizer(Protocol):
     def tf_encode(self, text: tf.Tensor) -> tf.Tensor: ...
 
     def save(self, directory: str) -> None: ...
+
+    def to_json(self) -> dict: ...
 
 
 class SymbolTokenizer:
@@ -84,6 +90,9 @@ class SymbolTokenizer:
         with tf.io.gfile.GFile(os.path.join(directory, self.FILENAME), "w") as f:
             f.write("\n".join(self.symbols) + "\n")
 
+    def to_json(self) -> dict:
+        return {"type": "symbols", "symbols": self.symbols[len(RESERVED) :]}
+
     @classmethod
     def load(cls, directory: str) -> SymbolTokenizer:
         path = os.path.join(directory, cls.FILENAME)
@@ -91,3 +100,127 @@ class SymbolTokenizer:
             raise FileNotFoundError(f"no tokenizer at {path}; train in this workdir first")
         with tf.io.gfile.GFile(path) as f:
             return cls([line.rstrip("\n") for line in f if line.strip()])
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (unigram by default) with the project's reserved ids 0, 1, 2."""
+
+    FILENAME = "spm.model"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece
+
+        self.model_proto = model_proto
+        self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        reserved = (self._processor.pad_id(), self._processor.eos_id(), self._processor.unk_id())
+        if reserved != (PAD_ID, EOS_ID, UNK_ID):
+            raise ValueError(
+                f"SentencePiece model has pad/eos/unk ids {reserved}, t2t_jax needs "
+                f"{(PAD_ID, EOS_ID, UNK_ID)}; train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1"
+            )
+
+    @classmethod
+    def train(
+        cls,
+        sentences: Iterator[str],
+        vocab_size: int,
+        max_sentences: int = 10_000_000,
+        model_type: str = "unigram",
+        character_coverage: float = 1.0,
+        byte_fallback: bool = True,
+    ) -> SentencePieceTokenizer:
+        """Trains on `sentences` (at most `max_sentences` of them, the character budget).
+
+        With `byte_fallback` characters outside the vocabulary become byte pieces, so any text
+        round-trips exactly (it takes 256 of the vocabulary's ids).
+        """
+        import sentencepiece
+
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            byte_fallback=byte_fallback,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._processor.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Stops at the first end-of-sequence id and drops padding."""
+        ids = [int(i) for i in ids]
+        if EOS_ID in ids:
+            ids = ids[: ids.index(EOS_ID)]
+        return self._processor.decode([i for i in ids if i != PAD_ID])
+
+    def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
+        """Scalar string tensor -> int32 ids [length] (runs SentencePiece in Python)."""
+
+        def encode(value) -> np.ndarray:
+            text = np.asarray(value).item().decode("utf-8")
+            return np.asarray(self._processor.encode(text), np.int32)
+
+        ids = tf.numpy_function(encode, [text], tf.int32, stateful=False)
+        ids.set_shape([None])
+        return ids
+
+    def save(self, directory: str) -> None:
+        tf.io.gfile.makedirs(directory)
+        with tf.io.gfile.GFile(os.path.join(directory, self.FILENAME), "wb") as f:
+            f.write(self.model_proto)
+
+    def to_json(self) -> dict:
+        return {"type": "sentencepiece", "model": base64.b64encode(self.model_proto).decode()}
+
+    @classmethod
+    def load(cls, path: str) -> SentencePieceTokenizer:
+        """From a model file, or from the spm.model in a directory."""
+        if tf.io.gfile.isdir(path):
+            path = os.path.join(path, cls.FILENAME)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"no SentencePiece model at {path}")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return cls(f.read())
+
+
+def has_tokenizer(workdir: str) -> bool:
+    """Whether a training run saved its tokenizer in `workdir`."""
+    names = (SentencePieceTokenizer.FILENAME, SymbolTokenizer.FILENAME)
+    return any(tf.io.gfile.exists(os.path.join(workdir, name)) for name in names)
+
+
+def load_tokenizer(workdir: str) -> Tokenizer:
+    """The tokenizer a training run saved in `workdir` (spm.model or vocab.txt)."""
+    if tf.io.gfile.exists(os.path.join(workdir, SentencePieceTokenizer.FILENAME)):
+        return SentencePieceTokenizer.load(workdir)
+    if tf.io.gfile.exists(os.path.join(workdir, SymbolTokenizer.FILENAME)):
+        return SymbolTokenizer.load(workdir)
+    raise FileNotFoundError(
+        f"no tokenizer ({SentencePieceTokenizer.FILENAME} or {SymbolTokenizer.FILENAME}) in "
+        f"{workdir}; is it the workdir of a training run?"
+    )
+
+
+def tokenizer_from_json(value: dict) -> Tokenizer:
+    """The inverse of `to_json`: how a checkpoint carries its tokenizer."""
+    if value.get("type") == "symbols":
+        return SymbolTokenizer(value["symbols"])
+    if value.get("type") == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(value["model"]))
+    raise ValueError(f"unknown tokenizer type {value.get('type')!r} in checkpoint")

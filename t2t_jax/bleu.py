@@ -1,0 +1,16 @@
+"""BLEU as the WMT papers report it: sacrebleu on detokenized, cased text, `13a` tokenization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sacrebleu
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """(BLEU score in 0..100, sacrebleu's signature string naming exactly how it was computed)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    metric = sacrebleu.metrics.BLEU(tokenize="13a")
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return score.score, str(metric.get_signature())

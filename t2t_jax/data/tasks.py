@@ -1,0 +1,117 @@
+"""Which dataset and tokenizer a config names: built-in tasks, your own files, or WMT via TFDS.
+
+`data.task` is one of the built-in tasks (reverse, copy, sort, addition), `parallel_text`
+(files named by data.train_source etc.), or a TFDS translation dataset such as
+`wmt14_translate/de-en`. Built-in tasks use a symbol tokenizer; text uses SentencePiece, trained
+on the training split once and saved in the workdir.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from t2t_jax.data import algorithmic, parallel_text
+from t2t_jax.data.tokenizer import SentencePieceTokenizer, SymbolTokenizer, Tokenizer
+
+TRANSLATION_TASKS = ("wmt14_translate/de-en", "wmt17_translate/de-en")
+
+
+def is_builtin(data_config: Any) -> bool:
+    return data_config.task in algorithmic.TASKS
+
+
+def _tfds_builder(name: str, data_config: Any, prepare: bool) -> tfds.core.DatasetBuilder:
+    builder = tfds.builder(name, data_dir=data_config.data_dir)
+    if prepare:
+        builder.download_and_prepare()
+    elif not builder.is_prepared():
+        raise FileNotFoundError(
+            f"{name} is not prepared in {builder.data_dir}; run `t2t-jax prepare --config "
+            "CONFIG` once to download it (training never downloads)"
+        )
+    return builder
+
+
+def builder_from_config(
+    data_config: Any, split: str = "train", prepare: bool = False
+) -> tfds.core.DatasetBuilder:
+    """The TFDS builder that holds `split` of the config's data, ready to read.
+
+    Built-in tasks and local files are generated on first use. Downloaded datasets (WMT) must
+    have been prepared by `t2t-jax prepare`, or `prepare=True` downloads them now.
+    """
+    task = data_config.task
+    if task in algorithmic.TASKS:
+        builder = algorithmic.algorithmic_builder(
+            data_config.data_dir, task=task, **dict(data_config.algorithmic)
+        )
+        builder.download_and_prepare()
+        return builder
+    if task == "parallel_text":
+        builder = parallel_text.parallel_text_builder(data_config)
+        builder.download_and_prepare()
+        return builder
+    if task in TRANSLATION_TASKS:
+        name = (data_config.test_task or task) if split == "test" else task
+        return _tfds_builder(name, data_config, prepare)
+    raise ValueError(
+        f"unknown data.task {task!r}; choose a built-in task ({', '.join(algorithmic.TASKS)}), "
+        f"'parallel_text', or one of {', '.join(TRANSLATION_TASKS)}"
+    )
+
+
+def text_pairs(ds: tf.data.Dataset, data_config: Any) -> tf.data.Dataset:
+    """Examples as {'inputs', 'targets'} text; translation datasets are keyed by language."""
+    if data_config.task in TRANSLATION_TASKS:
+        source, target = data_config.source_language, data_config.target_language
+        return ds.map(lambda ex: {"inputs": ex[source], "targets": ex[target]})
+    return ds
+
+
+def _training_sentences(builder: tfds.core.DatasetBuilder, data_config: Any) -> Iterator[str]:
+    """Source and target sentences of the train split, alternating, within the budget."""
+    ds = text_pairs(builder.as_dataset(split="train"), data_config)
+    for example in ds.as_numpy_iterator():
+        yield example["inputs"].decode("utf-8")
+        yield example["targets"].decode("utf-8")
+
+
+def tokenizer_from_config(
+    data_config: Any,
+    workdir: str | None = None,
+    builder: tfds.core.DatasetBuilder | None = None,
+) -> Tokenizer:
+    """The config's tokenizer: symbols for built-in tasks; for text, `data.tokenizer_model`, the
+    workdir's spm.model, or a SentencePiece model trained now on the training split of `builder`
+    (default: the config's) by process 0, the others waiting for its file."""
+    if is_builtin(data_config):
+        return SymbolTokenizer(
+            algorithmic.task_symbols(data_config.task, data_config.algorithmic.vocab_size)
+        )
+    if data_config.tokenizer_model:
+        return SentencePieceTokenizer.load(data_config.tokenizer_model)
+    if workdir is None:
+        raise ValueError("a text task needs a workdir to keep its tokenizer in")
+    path = os.path.join(workdir, SentencePieceTokenizer.FILENAME)
+    if not tf.io.gfile.exists(path) and jax.process_index() == 0:
+        logging.info("training a %d-piece SentencePiece model", data_config.spm_vocab_size)
+        sentences = itertools.islice(
+            _training_sentences(builder or builder_from_config(data_config), data_config),
+            data_config.spm_max_sentences,
+        )
+        SentencePieceTokenizer.train(
+            sentences, data_config.spm_vocab_size, model_type=data_config.spm_model_type
+        ).save(workdir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("t2t_jax tokenizer")
+    return SentencePieceTokenizer.load(path)

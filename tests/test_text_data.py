@@ -1,0 +1,175 @@
+"""Real text: your own parallel files, SentencePiece, BLEU, WMT configs on mock data."""
+
+import gzip
+import importlib.util
+import json
+import os
+import random
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from t2t_jax import bleu, checkpoint
+from t2t_jax.data import parallel_text, pipeline, tasks
+from t2t_jax.data.tokenizer import (
+    EOS_ID,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    tokenizer_from_json,
+)
+from t2t_jax.train import train_and_evaluate
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "über", "Straße", "red"]
+
+
+def sentences(count, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(count)]
+
+
+def write(path, lines, gz=False):
+    data = "".join(line + "\n" for line in lines).encode()
+    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+        f.write(data)
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Source sentences and their reversal, as train (gzipped), eval and test file pairs."""
+    files = {}
+    for split, count, seed in (("train", 300, 0), ("eval", 20, 1), ("test", 20, 2)):
+        source = sentences(count, seed)
+        target = [" ".join(s.split()[::-1]) for s in source]
+        gz = split == "train"
+        suffix = ".gz" if gz else ""
+        files[f"{split}_source"] = write(tmp_path / f"{split}.src{suffix}", source, gz)
+        files[f"{split}_target"] = write(tmp_path / f"{split}.tgt{suffix}", target, gz)
+    return files
+
+
+def load_config(path):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def small_text_config(data_dir, files):
+    config = load_config("configs/parallel_text.py")
+    config.data.data_dir = data_dir
+    config.data.update(files)
+    config.data.spm_vocab_size = 300
+    config.data.max_source_length = config.data.max_target_length = 16
+    config.data.test_max_source_length = config.data.test_max_target_length = 16
+    config.data.batch_size = config.data.eval_batch_size = 8
+    config.data.shuffle_buffer = 64
+    config.model.update(num_encoder_layers=1, num_decoder_layers=1, d_model=32, d_ff=64,
+                        num_heads=4, dropout_rate=0.0, vocab_size=None)
+    config.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4,
+                        bleu_every=4, bleu_examples=8, num_decode_examples=1,
+                        compilation_cache_dir="", async_checkpoints=False, warmup_steps=10)
+    return config
+
+
+def test_misaligned_files_name_the_file_and_line(tmp_path):
+    source = write(tmp_path / "a.src", ["x y", "z"])
+    target = write(tmp_path / "a.tgt", ["y x", "z", "extra"])
+    with pytest.raises(ValueError, match=r"a\.tgt goes on at line 3.*aligned"):
+        parallel_text.check_pairs(source, target)
+
+
+def test_empty_line_names_the_file_and_line(tmp_path):
+    source = write(tmp_path / "b.src", ["x y", "  ", "z"])
+    target = write(tmp_path / "b.tgt", ["y x", "q", "z"])
+    with pytest.raises(ValueError, match=r"b\.src:2: empty line"):
+        parallel_text.check_pairs(source, target)
+
+
+def test_tsv_and_gzip_are_read(tmp_path):
+    tsv = write(tmp_path / "c.tsv.gz", ["a b\tb a", "c\tc"], gz=True)
+    assert list(parallel_text.read_pairs(tsv, None)) == [("a b", "b a"), ("c", "c")]
+    bad = write(tmp_path / "d.tsv", ["only one field"])
+    with pytest.raises(ValueError, match=r"d\.tsv:1: expected 'source<TAB>target'"):
+        parallel_text.check_pairs(bad, None)
+
+
+def test_missing_file_is_a_clear_error(tiny_config, tmp_path):
+    tiny_config.data.task = "parallel_text"
+    tiny_config.data.train_source = str(tmp_path / "nope.src")
+    tiny_config.data.train_target = str(tmp_path / "nope.tgt")
+    with pytest.raises(FileNotFoundError, match="nope.src: no such file"):
+        tasks.builder_from_config(tiny_config.data)
+
+
+def test_sentencepiece_round_trips_text_and_matches_tf(tmp_path):
+    tokenizer = SentencePieceTokenizer.train(iter(sentences(500, 3)), vocab_size=300)
+    for text in ["the cat sat", "Straße über a red dog", "unseen Wörter: 42!"]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids + [EOS_ID, 7]) == text
+        assert tokenizer.tf_encode(tf.constant(text)).numpy().tolist() == ids
+    tokenizer.save(str(tmp_path))
+    assert load_tokenizer(str(tmp_path)).encode("the cat") == tokenizer.encode("the cat")
+    restored = tokenizer_from_json(json.loads(json.dumps(tokenizer.to_json())))
+    assert restored.encode("red dog") == tokenizer.encode("red dog")
+
+
+def test_bleu_is_sacrebleu_13a_cased():
+    refs = ["The cat sat on the mat .", "A dog ran far ."]
+    score, signature = bleu.corpus_bleu(refs, refs)
+    assert score == pytest.approx(100.0)
+    assert "tok:13a" in signature and "case:mixed" in signature
+    lower, _ = bleu.corpus_bleu([r.lower() for r in refs], refs)
+    assert lower < 100.0
+
+
+def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpus, tmp_path):
+    config = small_text_config(data_dir, corpus)
+    workdir = str(tmp_path / "run")
+    result = train_and_evaluate(config, workdir, jax.devices()[:1])
+    assert 0.0 <= result["bleu"] <= 100.0 and "tok:13a" in result["bleu_signature"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert any(row["step"] == 4 and "bleu" in row for row in rows)
+    spm = load_tokenizer(workdir)
+    assert isinstance(spm, SentencePieceTokenizer)
+    manager = checkpoint.make_manager(workdir, config.train)
+    carried = checkpoint.restore_tokenizer(manager, 4)
+    manager.close()
+    assert carried.encode("the red cat") == spm.encode("the red cat")
+    # A second run reuses the saved tokenizer rather than training another.
+    mtime = os.path.getmtime(os.path.join(workdir, "spm.model"))
+    config.train.num_steps = 6
+    train_and_evaluate(config, workdir, jax.devices()[:1])
+    assert os.path.getmtime(os.path.join(workdir, "spm.model")) == mtime
+
+
+@pytest.mark.parametrize(
+    "path", ["configs/wmt14_ende_base.py", "configs/wmt14_ende_big.py", "configs/wmt17_ende_base.py"]
+)
+def test_wmt_configs_build_their_pipelines_on_mock_data(path, tmp_path):
+    config = load_config(path)
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.spm_vocab_size = 300
+    config.data.batch_size = 4
+    with tfds.testing.mock_data(num_examples=40):
+        builder = tasks.builder_from_config(config.data, prepare=True)
+        tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path), builder)
+        batch = next(pipeline.train_dataset(config, builder, tokenizer).as_numpy_iterator())
+        test_builder = tasks.builder_from_config(config.data, split="test", prepare=True)
+    assert test_builder.name == "wmt14_translate"
+    assert batch["inputs"].shape == (4, 256) and batch["targets"].shape == (4, 256)
+    assert batch["targets_segmentation"].max() >= 1
+    assert np.all(batch["targets"] < tokenizer.vocab_size)
+    if "big" in path:
+        assert (config.model.d_model, config.model.dropout_rate) == (1024, 0.3)
+
+
+def test_wmt_is_never_downloaded_by_training(tmp_path):
+    config = load_config("configs/wmt14_ende_base.py")
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="t2t-jax prepare"):
+        tasks.builder_from_config(config.data)
