@@ -96,6 +96,35 @@ def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
+def warn_on_changed_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """Logs a warning for each seed or data field that differs from the run this workdir holds:
+    a resumed run then no longer sees the batches the first run would have. Returns them."""
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILENAME)):
+        return []
+    old = _flatten(load_config_json(workdir).to_dict())
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changed = [
+        key for key in sorted(set(old) | set(new))
+        if key.split(".")[0] in ("seed", "data") and old.get(key) != new.get(key)
+    ]
+    for key in changed:
+        logging.warning(
+            "%s changed from %r to %r since this workdir's run; resumed input will differ",
+            key, old.get(key), new.get(key),
+        )
+    return changed
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILENAME)
     if not os.path.exists(path):

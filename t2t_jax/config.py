@@ -29,7 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.share_embeddings = True  # source, target and pre-softmax weights tied (3.4)
     config.model.norm = "post"  # "post" as in the paper, "pre" for pre-LN
     config.model.layer_norm_epsilon = 1e-6
-    config.model.attention = "xla"  # or "dot_product_attention" (cuDNN flash on GPU)
+    # "xla" (einsum) or "dot_product_attention" (jax.nn.dot_product_attention; JAX 0.10 still
+    # lowers it through XLA unless asked for its cuDNN kernel, which the benchmark work adds).
+    config.model.attention = "xla"
     config.model.dtype = "float32"  # compute dtype, "bfloat16" for speed; params stay f32
 
     config.data = ml_collections.ConfigDict()
@@ -66,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.overlong = "drop"  # or "truncate"
     config.data.packing = False  # pack several examples per row (segment masks keep them apart)
     config.data.batch_size = 64  # global rows per step, across all processes
+    # >0 (with packing off): batches of about this many tokens a side instead, in length
+    # buckets, as the paper's ~25,000-token batches; each bucket's row count varies.
+    config.data.token_budget = 0
     config.data.eval_batch_size = 128
     config.data.eval_steps = -1  # batches per eval; -1: the whole split
     config.data.shuffle_buffer = 10_000
@@ -80,7 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.label_smoothing = 0.1  # eps_ls
     config.train.z_loss = 0.0  # weight of log(Z)^2, keeps logits from drifting; 0 is the paper
     config.train.grad_clip_norm = 0.0  # 0: no clipping (the paper)
-    config.train.grad_accum_steps = 1  # >1: optax.MultiSteps, one update every k batches
+    # >1: optax.MultiSteps, one update every k batches, averaging the k batches' mean-token
+    # gradients (equal weight per batch, not per token). num_steps and the *_every intervals
+    # count batches; the warmup counts updates.
+    config.train.grad_accum_steps = 1
     config.train.mode = "jit"  # "jit" (sharded over the mesh) or "pmap" (data parallel)
     config.train.log_every = 100  # steps between metric fetches; nothing else syncs the host
     config.train.eval_every = 1000

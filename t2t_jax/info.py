@@ -4,7 +4,8 @@ Memory is an estimate per device. Parameters, gradients and Adam's two moments a
 counts of their shards. Activations saved for the backward pass follow Korthikanti et al. (2022),
 "Reducing Activation Recomputation in Large Transformer Models", eq. 1 without parallelism:
 a layer keeps s*b*h*(34 + 5*a*s/h) bytes at 16 bits (s length, b batch per device, h d_model,
-a heads), doubled for float32; a decoder layer adds its cross-attention, s*b*h*(11 + 5*a*s/h);
+a heads), doubled for float32; a decoder layer adds its cross-attention to m source positions,
+s*b*(11*h + 5*a*m);
 the logits and their softmax add 2*s*b*V values.
 """
 
@@ -44,14 +45,16 @@ def activation_bytes(config: ModelConfig, batch_per_device: int, lengths: dict[s
     per_value = 2 if config.dtype == "bfloat16" else 4
     b, h, a = batch_per_device, config.d_model, config.num_heads
 
-    def layer(s: int, extra_attention: bool) -> float:
+    def layer(s: int, memory: int | None) -> float:
+        """One layer over s positions; with cross-attention to `memory` positions if given."""
         base = s * b * h * (34 + 5 * a * s / h)
-        return base + (s * b * h * (11 + 5 * a * s / h) if extra_attention else 0)
+        return base + (s * b * (11 * h + 5 * a * memory) if memory else 0)
 
     target = lengths["targets"]
-    total = config.num_decoder_layers * layer(target, config.type == "encoder_decoder")
+    memory = lengths["inputs"] if config.type == "encoder_decoder" else None
+    total = config.num_decoder_layers * layer(target, memory)
     if config.type == "encoder_decoder":
-        total += config.num_encoder_layers * layer(lengths["inputs"], False)
+        total += config.num_encoder_layers * layer(lengths["inputs"], None)
     total = total * per_value / 2  # the formula counts bytes at 16 bits
     total += 2 * target * b * config.vocab_size * 4  # float32 logits and softmax
     return int(total)

@@ -105,16 +105,18 @@ def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dic
     return metrics.summarize_eval(jax.device_get(totals), prefix)
 
 
-def _decode(exp: Experiment, state: TrainState, sources: list[str]) -> list[str]:
+def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) -> list[str]:
+    data = exp.config.data
+    prefix = "test_" if split == "test" else ""
     return decode.decode_texts(
         exp.model,
         jax.device_get(exp.stepper.params(state)),
         exp.tokenizer,
         sources,
         exp.config.model.type,
-        exp.config.data.max_source_length,
-        exp.config.data.max_target_length,
-        batch_size=exp.config.data.eval_batch_size,
+        data[f"{prefix}max_source_length"],
+        data[f"{prefix}max_target_length"],
+        batch_size=data.eval_batch_size,
     )
 
 
@@ -131,14 +133,14 @@ def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, s
     if count <= 0:
         return []
     sources, targets = _text_examples(exp, "validation", count)
-    return list(zip(sources, targets, _decode(exp, state, sources), strict=True))
+    return list(zip(sources, targets, _decode(exp, state, sources, "validation"), strict=True))
 
 
 def bleu_on_test_split(exp: Experiment, state: TrainState) -> tuple[dict[str, float], str]:
     """Greedy BLEU on the first `train.bleu_examples` of the test split (sacrebleu, 13a), and
     sacrebleu's signature of how it was computed."""
     sources, references = _text_examples(exp, "test", exp.config.train.bleu_examples)
-    score, signature = bleu.corpus_bleu(_decode(exp, state, sources), references)
+    score, signature = bleu.corpus_bleu(_decode(exp, state, sources, "test"), references)
     logging.info("BLEU %.2f on %d test sentences (%s)", score, len(sources), signature)
     return {"bleu": score}, signature
 
@@ -165,6 +167,7 @@ def train_and_evaluate(
     enable_compilation_cache(config, workdir)
     is_main = jax.process_index() == 0
     if is_main:
+        checkpoint.warn_on_changed_data(config, workdir)
         checkpoint.save_config_json(config, workdir)
     exp = build_experiment(config, devices, workdir)
     if is_main and not has_tokenizer(workdir):
@@ -173,6 +176,8 @@ def train_and_evaluate(
     writer = metrics.make_writer(workdir, is_main)
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
+    # Committed once, so the step does not copy it to the devices on every call.
+    step_rng = jax.device_put(step_rng, sharding.replicated(exp.stepper.mesh))
     with exp.stepper.activate():
         state = restore_or_init(exp, manager, init_rng)
         start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
@@ -188,7 +193,13 @@ def _train_loop(exp, state, start, step_rng, manager, writer) -> dict[str, float
     config, stepper = exp.config, exp.stepper
     num_steps = config.train.num_steps
     batches = pipeline.train_dataset(
-        config, exp.builder, exp.tokenizer, jax.process_index(), jax.process_count(), start
+        config,
+        exp.builder,
+        exp.tokenizer,
+        jax.process_index(),
+        jax.process_count(),
+        skip_batches=start,
+        batch_multiple=jax.local_device_count(),
     ).as_numpy_iterator()
     device_batches = prefetch(batches, stepper.put_batch)
     sums, tick, last = None, time.perf_counter(), {}

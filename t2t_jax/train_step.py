@@ -134,7 +134,8 @@ def train_step(fns: StepFns, state: TrainState, batch: Batch, rng: Array):
 
 def pmap_train_step(fns: StepFns, state: TrainState, batch: Batch, rng: Array):
     """`train_step` for one device of a pmap over axis 'batch': gradients are summed across
-    devices and normalised by the global token count, exactly as the jit step does."""
+    devices and normalised by the global token count, as the jit step does. Dropout masks are
+    drawn per device, so the two steps agree exactly only without dropout."""
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
     grads, sums = _grads_and_sums(
         fns,

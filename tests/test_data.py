@@ -142,3 +142,22 @@ def test_decoder_only_batches_mask_the_source(tiny_config):
     row, mask = batch["targets"][0], batch["loss_mask"][0]
     first_eos = list(row).index(EOS_ID)
     assert not mask[: first_eos + 1].any() and mask[first_eos + 1] == 1
+
+
+def test_token_budget_batches_stay_within_budget_in_few_shapes(tiny_config):
+    tiny_config.data.token_budget = 64
+    tiny_config.data.algorithmic.max_length = 20
+    tiny_config.data.algorithmic.test_max_length = 22
+    tiny_config.data.max_source_length = tiny_config.data.max_target_length = 21
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
+    ds = pipeline.train_dataset(tiny_config, builder, tokenizer, batch_multiple=2)
+    shapes = set()
+    for batch in ds.take(20).as_numpy_iterator():
+        rows, length = batch["inputs"].shape
+        assert batch["targets"].shape == (rows, length)
+        assert rows % 2 == 0 and rows * length <= 64
+        # No example was cut: each row of targets still ends with its EOS.
+        assert ((batch["targets"] == EOS_ID).sum(axis=1) == 1).all()
+        shapes.add((rows, length))
+    assert 1 < len(shapes) <= 3  # buckets of 8, 16 and 21 tokens

@@ -148,7 +148,8 @@ def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpu
 
 
 @pytest.mark.parametrize(
-    "path", ["configs/wmt14_ende_base.py", "configs/wmt14_ende_big.py", "configs/wmt17_ende_base.py"]
+    "path",
+    ["configs/wmt14_ende_base.py", "configs/wmt14_ende_big.py", "configs/wmt17_ende_base.py"],
 )
 def test_wmt_configs_build_their_pipelines_on_mock_data(path, tmp_path):
     config = load_config(path)

@@ -145,3 +145,45 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_config, tmp_path):
     tiny_config.train.num_steps = 4
     with pytest.raises(ValueError, match="could not be restored.*fresh workdir"):
         train_and_evaluate(tiny_config, workdir, jax.devices()[:1])
+
+
+def test_packed_and_padded_batches_give_the_same_per_example_loss():
+    from flax import linen as nn
+
+    from t2t_jax.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(vocab_size=20, num_encoder_layers=1, num_decoder_layers=1,
+                                    d_model=32, d_ff=64, num_heads=4, dropout_rate=0.0))
+    src = [np.array([5, 6, 7, 1]), np.array([8, 9, 1])]
+    tgt = [np.array([7, 6, 1]), np.array([9, 8, 5, 1])]
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, 7), jnp.int32),
+                                      jnp.ones((1, 7), jnp.int32))["params"])
+
+    def loss(batch):
+        logits = model.apply({"params": params}, **{
+            k.replace("_position", "_positions"): v for k, v in batch.items()
+        })
+        return cross_entropy_sums(logits, batch, 0.1, 0.0)
+
+    padded = [loss({"inputs": jnp.asarray(s)[None], "targets": jnp.asarray(t)[None]})
+              for s, t in zip(src, tgt, strict=True)]
+    from t2t_jax.data.pipeline import pack_examples
+
+    row = next(pack_examples(
+        iter([{"inputs": s, "targets": t} for s, t in zip(src, tgt, strict=True)]),
+        {"inputs": 8, "targets": 8},
+    ))
+    packed = loss({k: jnp.asarray(v)[None] for k, v in row.items()})
+    assert float(packed["weight"]) == 7
+    assert float(packed["loss"]) == pytest.approx(
+        float(padded[0]["loss"] + padded[1]["loss"]), rel=1e-5
+    )
+
+
+def test_resuming_with_changed_data_settings_is_reported(tiny_config, tmp_path):
+    workdir = str(tmp_path)
+    checkpoint.save_config_json(tiny_config, workdir)
+    assert checkpoint.warn_on_changed_data(tiny_config, workdir) == []
+    tiny_config.data.batch_size = 32
+    tiny_config.train.num_steps = 99  # not a data field: resuming longer is the point
+    assert checkpoint.warn_on_changed_data(tiny_config, workdir) == ["data.batch_size"]

@@ -132,6 +132,28 @@ def batch(
     )
 
 
+def token_budget_batches(
+    ds: tf.data.Dataset, budget: int, lengths: dict[str, int], multiple: int
+) -> tf.data.Dataset:
+    """Batches of about `budget` tokens a side: examples are bucketed by their longest feature
+    and each bucket of length L is batched `budget // L` rows at a time (a multiple of
+    `multiple`, the number of devices the rows are split over), padded to L.
+
+    Few distinct shapes (one per bucket), so the step compiles a few times, not every step.
+    """
+    longest = max(lengths.values())
+    bucket_lengths = [b for b in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if b < longest]
+    bucket_lengths.append(longest)
+    sizes = [max(multiple, budget // length // multiple * multiple) for length in bucket_lengths]
+    return ds.bucket_by_sequence_length(
+        element_length_func=lambda ex: tf.reduce_max([tf.size(v) for v in ex.values()]),
+        bucket_boundaries=[length + 1 for length in bucket_lengths],
+        bucket_batch_sizes=sizes + [multiple],  # the last bucket is never used: all fit
+        pad_to_bucket_boundary=True,
+        drop_remainder=True,
+    )
+
+
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(
@@ -148,8 +170,12 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     skip_batches: int = 0,
+    batch_multiple: int = 1,
 ) -> tf.data.Dataset:
     """This process's endless, shuffled train batches, starting after `skip_batches` batches.
+
+    Rows per batch: `data.batch_size` (padded or packed), or with `data.token_budget` a number
+    that depends on the length bucket and is a multiple of `batch_multiple`.
 
     The order depends only on `config.seed`, so a resumed run sees the batches it would have.
     """
@@ -169,7 +195,15 @@ def train_dataset(
     lengths = Lengths(data.max_source_length, data.max_target_length)
     feature_lengths = lengths.feature_lengths(config.model.type)
     ds = limit_length(encode(ds, tokenizer, config.model.type), feature_lengths, data.overlong)
-    ds = batch(ds, local_batch_size(data.batch_size, process_count), feature_lengths, data.packing)
+    if data.token_budget and not data.packing:
+        ds = token_budget_batches(
+            ds, local_batch_size(data.token_budget, process_count), feature_lengths,
+            batch_multiple,
+        )
+    else:
+        ds = batch(
+            ds, local_batch_size(data.batch_size, process_count), feature_lengths, data.packing
+        )
     return ds.skip(skip_batches).prefetch(AUTOTUNE)
 
 

@@ -63,7 +63,7 @@ def xla_attention(query: Array, key: Array, value: Array, mask: Array | None) ->
 
 
 def fused_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
-    """`jax.nn.dot_product_attention`; JAX picks the cuDNN flash kernel on GPU where it applies."""
+    """`jax.nn.dot_product_attention` with JAX's default implementation (XLA in JAX 0.10)."""
     if mask is not None:
         mask = jnp.broadcast_to(
             mask, (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])

@@ -254,7 +254,11 @@ class Decoder(nn.Module):
         if cfg.norm == "pre":
             y = layer_norm(cfg, "final_norm")(y)
         if cfg.share_embeddings:
-            logits = self.embedding.attend(y)
+            # In float32 even under bf16 compute: bf16 rounds logits over a 37k vocabulary.
+            table = nn.meta.unbox(self.embedding.variables["params"]["embedding"])
+            logits = jnp.einsum(
+                "bld,vd->blv", y.astype(jnp.float32), table.astype(jnp.float32)
+            )
         else:
             logits = nn.Dense(
                 cfg.vocab_size,
