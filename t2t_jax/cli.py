@@ -29,6 +29,8 @@ commands:
   train   train (or resume) in --workdir on --config
   prepare download and prepare --config's datasets and train its tokenizer into --workdir
   info    parameters per module, mesh, batch and memory estimate of --config
+  bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
+               (on a generated WMT-like corpus when --config is parallel_text without files)
 """
 
 
@@ -76,13 +78,37 @@ def prepare_command() -> None:
     print(f"tokenizer: {tokenizer.vocab_size} ids, saved in {os.path.abspath(workdir)}")
 
 
+_PAIRS = flags.DEFINE_integer("pairs", 100_000, "bench-input: generated sentence pairs.")
+_BATCHES = flags.DEFINE_integer("batches", 50, "bench-input: pipeline batches to time.")
+_STEPS = flags.DEFINE_integer("steps", 3, "bench-input: train steps to time.")
+
+
+def bench_input_command() -> None:
+    from t2t_jax import input_bench
+
+    config = _require(_CONFIG.value, "config")
+    workdir = _require(_WORKDIR.value, "workdir")
+    if config.data.task == "parallel_text" and not config.data.train_source:
+        print(f"generating {_PAIRS.value:,d} WMT-like sentence pairs in {workdir}/corpus")
+        files = input_bench.synthetic_corpus(os.path.join(workdir, "corpus"), _PAIRS.value)
+        config.data.update(files)
+    for what, figures in input_bench.run(config, workdir, _BATCHES.value, _STEPS.value):
+        shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
+        print(f"{what:<28s} {shown}")
+
+
 def info_command() -> None:
     from t2t_jax.info import describe
 
     print("\n".join(describe(_require(_CONFIG.value, "config"))))
 
 
-COMMANDS = {"train": train_command, "prepare": prepare_command, "info": info_command}
+COMMANDS = {
+    "train": train_command,
+    "prepare": prepare_command,
+    "info": info_command,
+    "bench-input": bench_input_command,
+}
 
 
 def main(argv: list[str]) -> None:
