@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
 from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
 
@@ -85,6 +86,23 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
         ) from error
     logging.info("restored checkpoint at step %d", step)
     return restored.state
+
+
+def input_state_dir(workdir: str, step: int, process_index: int, process_count: int) -> str:
+    """Where one process keeps its input position for checkpoint `step`."""
+    return os.path.join(
+        os.path.abspath(workdir), "input_state", str(step),
+        f"process_{process_index}_of_{process_count}",
+    )
+
+
+def prune_input_states(workdir: str, keep_steps: set[int]) -> None:
+    """Removes the input positions of checkpoints that no longer exist."""
+    root = os.path.join(os.path.abspath(workdir), "input_state")
+    for name in tf.io.gfile.listdir(root) if tf.io.gfile.exists(root) else []:
+        name = name.rstrip("/")
+        if name.isdigit() and int(name) not in keep_steps:
+            tf.io.gfile.rmtree(os.path.join(root, name))
 
 
 def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:

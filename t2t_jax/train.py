@@ -11,12 +11,13 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import tensorflow as tf
 import tqdm
 from flax import linen as nn
 
@@ -81,14 +82,58 @@ def build_experiment(
     return Experiment(config, builder, test_builder, tokenizer, model_config, model, stepper)
 
 
-def prefetch(batches: Iterable, put, size: int = 2) -> Iterator:
-    """Keeps `size` batches in flight to the devices ahead of the step that consumes them."""
-    queue = collections.deque()
-    for batch in batches:
-        queue.append(put(batch))
-        if len(queue) > size:
-            yield queue.popleft()
-    yield from queue
+class DevicePrefetcher:
+    """Keeps `size` batches in flight to the devices ahead of the step that consumes them, and
+    their host copies, which a checkpoint saves as not yet trained on."""
+
+    def __init__(self, batches: Iterator, put: Callable, size: int = 2):
+        self._batches, self._put, self._size = batches, put, size
+        self._queue: collections.deque = collections.deque()
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self):
+        try:
+            while len(self._queue) <= self._size:
+                host = next(self._batches)
+                self._queue.append((host, self._put(host)))
+        except StopIteration:
+            if not self._queue:
+                raise
+        return self._queue.popleft()[1]
+
+    def pending(self) -> list:
+        """Host batches taken from the input but not yet returned, oldest first."""
+        return [host for host, _ in self._queue]
+
+
+def open_input(exp: Experiment, workdir: str, start: int) -> pipeline.InputIterator:
+    """The train input positioned after `start` steps: restored from the input state saved with
+    that checkpoint, or (none saved, or saved with another process count) replayed from the
+    start of the data order, which is exact only with the same process count."""
+    index, count = jax.process_index(), jax.process_count()
+    state_dir = checkpoint.input_state_dir(workdir, start, index, count)
+    restorable = start > 0 and tf.io.gfile.exists(state_dir)
+    if start > 0 and not restorable:
+        logging.warning(
+            "no input state for step %d with %d processes in %s; skipping %d batches from the "
+            "start of the data order instead (the same batches only if the process count is "
+            "unchanged)", start, count, workdir, start,
+        )
+    ds = pipeline.train_dataset(
+        exp.config,
+        exp.builder,
+        exp.tokenizer,
+        index,
+        count,
+        skip_batches=0 if restorable or start == 0 else start,
+        batch_multiple=jax.local_device_count(),
+    )
+    batches = pipeline.InputIterator(ds)
+    if restorable:
+        batches.restore(state_dir)
+    return batches
 
 
 def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dict[str, float]:
@@ -182,26 +227,28 @@ def train_and_evaluate(
         state = restore_or_init(exp, manager, init_rng)
         start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
         logging.info("training from step %d to %d", start, config.train.num_steps)
-        last = _train_loop(exp, state, start, step_rng, manager, writer)
+        last = _train_loop(exp, state, start, step_rng, manager, writer, workdir)
     manager.wait_until_finished()
     manager.close()
     writer.close()
     return last
 
 
-def _train_loop(exp, state, start, step_rng, manager, writer) -> dict[str, float]:
+def _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir) -> None:
+    """The train state with Orbax, and this process's input position beside it."""
+    checkpoint.save(manager, step, exp.stepper.to_checkpoint(state), exp.config, exp.tokenizer)
+    state_dir = checkpoint.input_state_dir(
+        workdir, step, jax.process_index(), jax.process_count()
+    )
+    batches.save(state_dir, device_batches.pending())
+    checkpoint.prune_input_states(workdir, set(manager.all_steps()) | {step})
+
+
+def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[str, float]:
     config, stepper = exp.config, exp.stepper
     num_steps = config.train.num_steps
-    batches = pipeline.train_dataset(
-        config,
-        exp.builder,
-        exp.tokenizer,
-        jax.process_index(),
-        jax.process_count(),
-        skip_batches=start,
-        batch_multiple=jax.local_device_count(),
-    ).as_numpy_iterator()
-    device_batches = prefetch(batches, stepper.put_batch)
+    batches = open_input(exp, workdir, start)
+    device_batches = DevicePrefetcher(batches, stepper.put_batch)
     sums, tick, last = None, time.perf_counter(), {}
     # disable=None: a bar on a terminal, none in a log file; only process 0 shows one.
     progress = tqdm.tqdm(
@@ -232,7 +279,7 @@ def _train_loop(exp, state, start, step_rng, manager, writer) -> dict[str, float
             last = last | scores | {"bleu_signature": signature}
             tick = time.perf_counter()
         if step % config.train.checkpoint_every == 0 or step == num_steps:
-            checkpoint.save(manager, step, stepper.to_checkpoint(state), config, exp.tokenizer)
+            _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir)
     progress.close()
     writer.flush()
     if start >= num_steps:  # nothing left to train: report the restored state

@@ -89,7 +89,8 @@ def test_pack_examples_fills_rows_with_segments_and_positions():
         {"inputs": np.array([8, 1]), "targets": np.array([9, 9, 1])},
         {"inputs": np.array([4, 4, 4, 1]), "targets": np.array([3, 1])},
     ]
-    rows = list(pipeline.pack_examples(iter(examples), {"inputs": 6, "targets": 6}))
+    examples = [{k: v.astype(np.int32) for k, v in ex.items()} for ex in examples]
+    rows = pipeline.pack_lists(examples, {"inputs": 6, "targets": 6})
     assert len(rows) == 2
     np.testing.assert_array_equal(rows[0]["inputs"], [5, 6, 1, 8, 1, 0])
     np.testing.assert_array_equal(rows[0]["inputs_segmentation"], [1, 1, 1, 2, 2, 0])
@@ -161,3 +162,37 @@ def test_token_budget_batches_stay_within_budget_in_few_shapes(tiny_config):
         assert ((batch["targets"] == EOS_ID).sum(axis=1) == 1).all()
         shapes.add((rows, length))
     assert 1 < len(shapes) <= 3  # buckets of 8, 16 and 21 tokens
+
+
+def test_decoder_only_rows_pack_with_their_loss_mask(tiny_config):
+    tiny_config.model.type = "decoder_only"
+    tiny_config.data.packing = True
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
+    batch = next(pipeline.train_dataset(tiny_config, builder, tokenizer).as_numpy_iterator())
+    assert batch["targets"].shape == batch["loss_mask"].shape == (16, 16)
+    assert batch["targets_segmentation"].max() > 1
+    # The loss mask covers target tokens only, never padding.
+    assert not (batch["loss_mask"] & (batch["targets"] == 0)).any()
+
+
+def test_saved_input_position_resumes_exactly_with_pending_batches(tiny_config, tmp_path):
+    tiny_config.data.packing = True
+    builder = tasks.builder_from_config(tiny_config.data)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
+
+    def fresh():
+        return pipeline.InputIterator(pipeline.train_dataset(tiny_config, builder, tokenizer))
+
+    uninterrupted = fresh()
+    whole = [next(uninterrupted) for _ in range(8)]
+    first = fresh()
+    taken = [next(first) for _ in range(5)]  # 3 trained on, 2 prefetched but not trained on
+    first.save(str(tmp_path), pending=taken[3:])
+    resumed = fresh()
+    resumed.restore(str(tmp_path))
+    for expected in whole[3:]:
+        got = next(resumed)
+        assert set(got) == set(expected)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])

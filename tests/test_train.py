@@ -95,10 +95,12 @@ def final_params(config, workdir):
 
 def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path):
     tiny_config.model.dropout_rate = 0.1  # the dropout rng must resume too
+    tiny_config.data.packing = True  # the packer's position must resume too
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(tiny_config, straight, jax.devices()[:2])
     tiny_config.train.num_steps = 2
     train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
+    assert os.path.isdir(checkpoint.input_state_dir(resumed, 2, 0, 1))
     tiny_config.train.num_steps = 4
     train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
     a, b = final_params(tiny_config, straight), final_params(tiny_config, resumed)
@@ -167,12 +169,13 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss():
 
     padded = [loss({"inputs": jnp.asarray(s)[None], "targets": jnp.asarray(t)[None]})
               for s, t in zip(src, tgt, strict=True)]
-    from t2t_jax.data.pipeline import pack_examples
+    from t2t_jax.data.pipeline import pack_lists
 
-    row = next(pack_examples(
-        iter([{"inputs": s, "targets": t} for s, t in zip(src, tgt, strict=True)]),
+    [row] = pack_lists(
+        [{"inputs": s.astype(np.int32), "targets": t.astype(np.int32)}
+         for s, t in zip(src, tgt, strict=True)],
         {"inputs": 8, "targets": 8},
-    ))
+    )
     packed = loss({k: jnp.asarray(v)[None] for k, v in row.items()})
     assert float(packed["weight"]) == 7
     assert float(packed["loss"]) == pytest.approx(

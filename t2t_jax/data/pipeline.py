@@ -11,6 +11,8 @@ The decoder-only model reads one sequence `targets` = source EOS target EOS.
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,7 +51,7 @@ def encode(ds: tf.data.Dataset, tokenizer: Tokenizer, model_type: str) -> tf.dat
         mask = tf.concat([tf.zeros_like(source), tf.ones_like(target)], 0)
         return {"targets": tf.concat([source, target], 0), "loss_mask": mask}
 
-    return ds.map(to_ids, num_parallel_calls=AUTOTUNE)
+    return ds.map(tf.autograph.experimental.do_not_convert(to_ids), num_parallel_calls=AUTOTUNE)
 
 
 def limit_length(ds: tf.data.Dataset, lengths: dict[str, int], overlong: str) -> tf.data.Dataset:
@@ -63,61 +65,77 @@ def limit_length(ds: tf.data.Dataset, lengths: dict[str, int], overlong: str) ->
     )
 
 
-def pack_examples(
-    examples: Iterator[dict[str, np.ndarray]], lengths: dict[str, int]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Greedily packs consecutive examples into rows of `lengths`, with segment ids and positions.
-
-    A row is emitted when the next example does not fit in any of its features.
-    """
-
-    def empty_row():
-        return {k: [] for k in lengths}, 0
-
-    def emit(row):
-        out = {}
-        for key, pieces in row.items():
-            ids = np.zeros(lengths[key], np.int32)
-            segments = np.zeros(lengths[key], np.int32)
-            positions = np.zeros(lengths[key], np.int32)
-            offset = 0
-            for segment, piece in enumerate(pieces, start=1):
-                ids[offset : offset + len(piece)] = piece
-                segments[offset : offset + len(piece)] = segment
-                positions[offset : offset + len(piece)] = np.arange(len(piece))
-                offset += len(piece)
-            out[key] = ids
-            if key != "loss_mask":
-                out[f"{key}_segmentation"] = segments
-                out[f"{key}_position"] = positions
-        return out
-
-    row, used = empty_row()
-    for example in examples:
-        fits = all(
-            sum(len(p) for p in row[k]) + len(example[k]) <= lengths[k] for k in lengths
-        )
-        if not fits and used:
-            yield emit(row)
-            row, used = empty_row()
-        for key in lengths:
-            row[key].append(example[key])
-        used += 1
-    if used:
-        yield emit(row)
-
-
-def packed_dataset(ds: tf.data.Dataset, lengths: dict[str, int]) -> tf.data.Dataset:
-    """`pack_examples` over a tf.data stream of examples."""
-    signature = {}
+def _empty_row(lengths: dict[str, int]) -> dict[str, tf.Tensor]:
+    row = {"count": tf.constant(0, tf.int32)}
     for key, length in lengths.items():
-        signature[key] = tf.TensorSpec([length], tf.int32)
+        row[f"{key}/fill"] = tf.constant(0, tf.int32)
+        for part in ("ids", "segmentation", "position"):
+            row[f"{key}/{part}"] = tf.zeros([length], tf.int32)
+    return row
+
+
+def _append(row: dict, example: dict, lengths: dict[str, int]) -> dict:
+    """`row` with `example` written after what it holds (the caller checked that it fits)."""
+    out = {"count": row["count"] + 1}
+    for key, length in lengths.items():
+        piece, fill = example[key], row[f"{key}/fill"]
+        size = tf.size(piece)
+        padding = [[fill, length - fill - size]]
+        out[f"{key}/fill"] = fill + size
+        out[f"{key}/ids"] = row[f"{key}/ids"] + tf.pad(piece, padding)
+        out[f"{key}/segmentation"] = row[f"{key}/segmentation"] + tf.pad(
+            tf.fill([size], row["count"] + 1), padding
+        )
+        out[f"{key}/position"] = row[f"{key}/position"] + tf.pad(tf.range(size), padding)
+    return out
+
+
+def _row_features(row: dict, lengths: dict[str, int]) -> dict[str, tf.Tensor]:
+    out = {}
+    for key in lengths:
+        out[key] = row[f"{key}/ids"]
         if key != "loss_mask":
-            signature[f"{key}_segmentation"] = tf.TensorSpec([length], tf.int32)
-            signature[f"{key}_position"] = tf.TensorSpec([length], tf.int32)
-    return tf.data.Dataset.from_generator(
-        lambda: pack_examples(ds.as_numpy_iterator(), lengths), output_signature=signature
+            out[f"{key}_segmentation"] = row[f"{key}/segmentation"]
+            out[f"{key}_position"] = row[f"{key}/position"]
+    return out
+
+
+def pack(ds: tf.data.Dataset, lengths: dict[str, int]) -> tf.data.Dataset:
+    """Greedily packs consecutive examples into rows of `lengths`, with segment ids (1, 2, ...)
+    and positions restarting in each example. A row is emitted when the next example does not
+    fit in one of its features, and at the end of a finite stream.
+
+    Written in tf.data ops (a `scan`) rather than Python, so it runs at tf.data speed and its
+    position is saved with the iterator's.
+    """
+    empty = _empty_row(lengths)
+    flush = {k: tf.zeros([0], tf.int32) for k in lengths} | {"flush": True}
+    ds = ds.map(lambda ex: ex | {"flush": False}).concatenate(
+        tf.data.Dataset.from_tensors(flush)
     )
+
+    def step(row, example):
+        fits = tf.logical_not(example["flush"]) & tf.reduce_all(
+            [row[f"{k}/fill"] + tf.size(example[k]) <= v for k, v in lengths.items()]
+        )
+        emit = tf.logical_not(fits) & (row["count"] > 0)
+        base = {k: tf.where(fits, row[k], empty[k]) for k in row}
+        return _append(base, example, lengths), (emit, _row_features(row, lengths))
+
+    ds = ds.scan(empty, tf.autograph.experimental.do_not_convert(step))
+    emitted = tf.autograph.experimental.do_not_convert(lambda emit, row: emit)
+    return ds.filter(emitted).map(tf.autograph.experimental.do_not_convert(lambda _, row: row))
+
+
+def pack_lists(
+    examples: list[dict[str, np.ndarray]], lengths: dict[str, int]
+) -> list[dict[str, np.ndarray]]:
+    """`pack` over a short list of examples (for looking at packing, and for tests)."""
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter(examples),
+        output_signature={k: tf.TensorSpec([None], tf.int32) for k in lengths},
+    )
+    return list(pack(ds, lengths).as_numpy_iterator())
 
 
 def batch(
@@ -125,8 +143,7 @@ def batch(
 ) -> tf.data.Dataset:
     """Fixed-shape batches (so the train step compiles once)."""
     if packing:
-        ds = packed_dataset(ds, lengths)
-        return ds.batch(batch_size, drop_remainder=True)
+        return pack(ds, lengths).batch(batch_size, drop_remainder=True)
     return ds.padded_batch(
         batch_size, padded_shapes={k: [v] for k, v in lengths.items()}, drop_remainder=True
     )
@@ -235,3 +252,52 @@ def eval_batches(
     for examples in ds.as_numpy_iterator():
         missing = size - len(next(iter(examples.values())))
         yield {k: np.pad(v, ((0, missing), (0, 0))) for k, v in examples.items()}
+
+
+class InputIterator:
+    """This process's train batches as numpy dicts, with a position that can be saved.
+
+    `save` writes the tf.data iterator's state (shuffle buffer and file positions included) plus
+    the batches already taken from it but not yet trained on (`pending`, e.g. those prefetched to
+    the devices); `restore` brings both back, so a resumed run sees exactly the batches an
+    uninterrupted one would have. The state is this process's own: it restores only with the
+    same number of processes.
+    """
+
+    def __init__(self, ds: tf.data.Dataset):
+        options = tf.data.Options()
+        # Lookup tables and the SentencePiece function are static: nothing to save of them.
+        options.experimental_external_state_policy = (
+            tf.data.experimental.ExternalStatePolicy.IGNORE
+        )
+        self._iterator = iter(ds.with_options(options))
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self._replay: list[dict[str, np.ndarray]] = []
+
+    def __iter__(self) -> InputIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._replay:
+            return self._replay.pop(0)
+        return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+    def save(self, directory: str, pending: list[dict[str, np.ndarray]]) -> None:
+        tf.io.gfile.makedirs(directory)
+        self._checkpoint.write(os.path.join(directory, "iterator"))
+        rows = pending + self._replay
+        arrays = {f"{i}/{k}": v for i, batch in enumerate(rows) for k, v in batch.items()}
+        buffer = io.BytesIO()  # npz needs a seekable file, which GFile is not
+        np.savez(buffer, **arrays)
+        with tf.io.gfile.GFile(os.path.join(directory, "pending.npz"), "wb") as f:
+            f.write(buffer.getvalue())
+
+    def restore(self, directory: str) -> None:
+        self._checkpoint.read(os.path.join(directory, "iterator")).assert_consumed()
+        with tf.io.gfile.GFile(os.path.join(directory, "pending.npz"), "rb") as f:
+            arrays = dict(np.load(io.BytesIO(f.read())))
+        batches: dict[int, dict[str, np.ndarray]] = {}
+        for name, value in arrays.items():
+            index, key = name.split("/", 1)
+            batches.setdefault(int(index), {})[key] = value
+        self._replay = [batches[i] for i in sorted(batches)]
