@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
@@ -86,6 +87,112 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
         ) from error
     logging.info("restored checkpoint at step %d", step)
     return restored.state
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the finished checkpoints in `workdir`, oldest first."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _step_or_latest(workdir: str, step: int | None) -> int:
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}; train first")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; there are {steps}"
+        )
+    return step
+
+
+def restore_host_state(workdir: str, step: int | None = None, params_only: bool = True):
+    """(tree, step): checkpoint `step` (default: the latest) as host numpy arrays, whatever
+    mesh wrote it. With `params_only` the optimizer state is not read at all."""
+    step = _step_or_latest(workdir, step)
+    path = os.path.join(checkpoint_dir(workdir), str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = _quietly(checkpointer.metadata, path).item_metadata.tree
+        if params_only:
+            tree = {"params": tree["params"]}
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=item, restore_args=as_numpy, partial_restore=params_only
+            ),
+        )
+    except Exception as error:  # Orbax raises many types for unreadable files.
+        raise ValueError(
+            f"checkpoint {path} could not be read ({type(error).__name__}); it is corrupt or "
+            "incomplete: pass another --step"
+        ) from error
+    return restored, step
+
+
+def _quietly(fn, *args):
+    """Calls fn with Orbax's warnings muted: reading one item of a composite checkpoint warns
+    that the item has no metadata file of its own, which is how Orbax writes it."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return fn(*args)
+    finally:
+        absl_logger.setLevel(level)
+
+
+def restore_config_and_tokenizer(workdir: str, step: int) -> tuple[ml_collections.ConfigDict, Any]:
+    """The resolved config and the tokenizer stored with checkpoint `step`."""
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    json_reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    items = {}
+    for name in ("config", "tokenizer"):
+        path = os.path.join(step_dir, name)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"checkpoint {step_dir} has no {name}; it is incomplete or from an older t2t_jax"
+            )
+        items[name] = json_reader.restore(path, args=ocp.args.JsonRestore())
+    return ml_collections.ConfigDict(items["config"]), tokenizer_from_json(items["tokenizer"])
+
+
+def average_checkpoints(workdir: str, last: int, output: str) -> list[int]:
+    """Writes the mean of the params of the last `last` checkpoints of `workdir` as a checkpoint
+    of `output` (at the newest step, with its config and tokenizer, and its optimizer state so
+    that training could continue); returns the averaged steps. The paper averages the last 5
+    (base) or 20 (big) checkpoints, written at 10-minute intervals."""
+    steps = checkpoint_steps(workdir)
+    if last < 1 or len(steps) < last:
+        raise ValueError(
+            f"asked to average the last {last} checkpoints but {checkpoint_dir(workdir)} has "
+            f"{len(steps)}; pass --last {len(steps)} or keep more (train.keep_checkpoints)"
+        )
+    steps = steps[-last:]
+    total = None
+    for step in steps:
+        params = restore_host_state(workdir, step)[0]["params"]
+        params = jax.tree.map(lambda x: x.astype(np.float64), params)
+        total = params if total is None else jax.tree.map(np.add, total, params)
+    state, newest = restore_host_state(workdir, steps[-1], params_only=False)
+    state["params"] = jax.tree.map(
+        lambda mean, like: (mean / len(steps)).astype(like.dtype), total, state["params"]
+    )
+    config, tokenizer = restore_config_and_tokenizer(workdir, newest)
+    config.train.async_checkpoints = False
+    manager = make_manager(output, config.train)
+    save(manager, newest, state, config, tokenizer)
+    manager.wait_until_finished()
+    manager.close()
+    save_config_json(config, output)
+    tokenizer.save(output)
+    return steps
 
 
 def input_state_dir(workdir: str, step: int, process_index: int, process_count: int) -> str:

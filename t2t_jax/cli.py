@@ -29,6 +29,9 @@ commands:
   train   train (or resume) in --workdir on --config
   prepare download and prepare --config's datasets and train its tokenizer into --workdir
   info    parameters per module, mesh, batch and memory estimate of --config
+  decode  --workdir DIR [--step N] [--input FILE|-] [--output FILE]: translate lines (greedy)
+  evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
+  average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
                (on a generated WMT-like corpus when --config is parallel_text without files)
 """
@@ -97,6 +100,76 @@ def bench_input_command() -> None:
         print(f"{what:<28s} {shown}")
 
 
+_STEP = flags.DEFINE_integer("step", None, "decode/evaluate: checkpoint step (default: latest).")
+_INPUT = flags.DEFINE_string("input", "-", "decode: file of source lines, or - for stdin.")
+_OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdout); "
+                              "average: the new workdir.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch.")
+_SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split to decode and score.")
+_LAST = flags.DEFINE_integer("last", 5, "average: how many of the newest checkpoints.")
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        return [line.rstrip("\r\n") for line in sys.stdin]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--input {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def decode_command() -> None:
+    from t2t_jax.decode import load_translator, translate
+
+    translator = load_translator(_require(_WORKDIR.value, "workdir"), _STEP.value)
+    lines = _read_lines(_INPUT.value)
+    outputs, stats = translate(translator, lines, _BATCH_SIZE.value, progress=sys.stderr.isatty())
+    text = "".join(line + "\n" for line in outputs)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    print(
+        f"decoded {len(lines)} lines with step {translator.step} (greedy): "
+        f"{stats['sentences_per_s']:.1f} sentences/s, {stats['tokens_per_s']:.1f} tokens/s",
+        file=sys.stderr,
+    )
+
+
+def evaluate_command() -> None:
+    from t2t_jax import bleu
+    from t2t_jax.data import tasks
+    from t2t_jax.decode import load_translator, translate
+
+    workdir = _require(_WORKDIR.value, "workdir")
+    translator = load_translator(workdir, _STEP.value)
+    data = translator.config.data
+    builder = tasks.builder_from_config(data, split=_SPLIT.value)
+    ds = tasks.text_pairs(builder.as_dataset(split=_SPLIT.value), data)
+    pairs = [(ex["inputs"].decode(), ex["targets"].decode()) for ex in ds.as_numpy_iterator()]
+    sources, references = zip(*pairs, strict=True) if pairs else ((), ())
+    outputs, stats = translate(translator, sources, _BATCH_SIZE.value, sys.stderr.isatty())
+    score, signature = bleu.corpus_bleu(outputs, references)
+    path = os.path.join(workdir, f"hypotheses_{_SPLIT.value}_step{translator.step}.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in outputs))
+    exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / max(len(pairs), 1)
+    print(f"BLEU {score:.2f} on {len(pairs)} {_SPLIT.value} sentences, step {translator.step}")
+    print(f"signature: {signature}")
+    print(f"exact matches: {exact:.4f}; {stats['sentences_per_s']:.1f} sentences/s")
+    print(f"hypotheses: {path}")
+
+
+def average_command() -> None:
+    from t2t_jax.checkpoint import average_checkpoints
+
+    workdir = _require(_WORKDIR.value, "workdir")
+    output = _require(_OUTPUT.value, "output")
+    steps = average_checkpoints(workdir, _LAST.value, output)
+    print(f"averaged the params of steps {steps} into {os.path.abspath(output)}")
+
+
 def info_command() -> None:
     from t2t_jax.info import describe
 
@@ -108,6 +181,9 @@ COMMANDS = {
     "prepare": prepare_command,
     "info": info_command,
     "bench-input": bench_input_command,
+    "decode": decode_command,
+    "evaluate": evaluate_command,
+    "average": average_command,
 }
 
 

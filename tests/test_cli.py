@@ -9,12 +9,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def t2t_jax(*args, env=None):
+def t2t_jax(*args, env=None, input=None):
     environment = dict(os.environ, **(env or {}))
     environment["XLA_FLAGS"] = ""  # one device, as a user's CPU machine has
     return subprocess.run(
         [sys.executable, "-m", "t2t_jax.cli", *args],
         capture_output=True, text=True, cwd=ROOT, env=environment, timeout=300,
+        input=input if input is not None else "",
     )
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
@@ -61,3 +62,66 @@ def test_decode_texts_returns_one_line_per_source_in_order():
     # A batch of one gives the same output as the same source inside a batch.
     single = decode_texts(model, params, tokenizer, sources[1:2], "encoder_decoder", 8, 8)
     assert single[0] == outputs[1]
+
+
+@pytest.fixture(scope="module")
+def mesh_trained_workdir(tmp_path_factory):
+    """A tiny model trained on all 8 fake devices as a (data=4, tensor=2) mesh, with
+    checkpoints at steps 2, 4 and 6."""
+    from t2t_jax.train import train_and_evaluate
+    from tests.conftest import make_tiny_config
+
+    root = tmp_path_factory.mktemp("decode")
+    config = make_tiny_config(str(root / "tfds"))
+    config.mesh.update(dict(data=4, fsdp=1, tensor=2))
+    config.train.update(num_steps=6, checkpoint_every=2, keep_checkpoints=3)
+    workdir = str(root / "run")
+    train_and_evaluate(config, workdir, jax.devices())
+    return workdir
+
+
+def test_a_mesh_trained_checkpoint_decodes_on_one_device(mesh_trained_workdir):
+    from t2t_jax import checkpoint
+    from t2t_jax.decode import load_translator, translate
+
+    translator = load_translator(mesh_trained_workdir)
+    assert translator.step == 6
+    leaves = jax.tree.leaves(translator.params)
+    assert all(len(leaf.devices()) == 1 for leaf in leaves)
+    host, _ = checkpoint.restore_host_state(mesh_trained_workdir, 6)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(translator.params), host["params"])
+    sources = ["1 2 3", "4 5 6 7 8", "9"]
+    outputs, stats = translate(translator, sources, batch_size=2, progress=False)
+    expected = decode_texts(translator.model, host["params"], translator.tokenizer, sources,
+                            "encoder_decoder", 16, 16 + 50)
+    assert outputs == expected
+    assert stats["sentences_per_s"] > 0
+
+
+def test_average_is_the_mean_of_the_last_checkpoints(mesh_trained_workdir, tmp_path):
+    from t2t_jax import checkpoint
+
+    output = str(tmp_path / "averaged")
+    assert checkpoint.average_checkpoints(mesh_trained_workdir, 2, output) == [4, 6]
+    averaged, step = checkpoint.restore_host_state(output)
+    four, _ = checkpoint.restore_host_state(mesh_trained_workdir, 4)
+    six, _ = checkpoint.restore_host_state(mesh_trained_workdir, 6)
+    assert step == 6
+    jax.tree.map(
+        lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-6),
+        averaged["params"], four["params"], six["params"],
+    )
+    with pytest.raises(ValueError, match="has 3; pass --last 3"):
+        checkpoint.average_checkpoints(mesh_trained_workdir, 5, output)
+
+
+def test_decode_command_reads_stdin_and_writes_stdout_in_order(mesh_trained_workdir):
+    from tests.test_cli import t2t_jax
+
+    result = t2t_jax("decode", "--workdir", mesh_trained_workdir, input="1 2 3\n9 9\n\n4\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.split("\n")) == 5  # four outputs, each ending its line
+    assert "sentences/s" in result.stderr and "tokens/s" in result.stderr
+    missing = t2t_jax("decode", "--workdir", mesh_trained_workdir + "_nope", input="1\n")
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+    assert "Traceback" not in missing.stderr
