@@ -1,8 +1,9 @@
 """Greedy decoding, batched and jitted as one `lax.fori_loop`.
 
-This first version recomputes the decoder over the whole prefix at each step (no key/value
-cache) and searches greedily; cached beam search is a later addition. `load_translator` and
-`translate` decode any checkpoint on whatever devices this machine has.
+The encoder-decoder decodes incrementally with a key/value cache (cross-attention keys and
+values computed once per sentence); the decoder-only model still recomputes its prefix at each
+step. `load_translator` and `translate` decode any checkpoint on whatever devices this machine
+has.
 """
 
 from __future__ import annotations
@@ -48,16 +49,47 @@ def greedy_search(logits_fn: Callable[[Array], Array], tokens: Array, start: Arr
     return jax.lax.fori_loop(jnp.min(start), length, step, tokens)
 
 
+def init_cache(
+    model: nn.Module, params: Any, encoded: Array, inputs: Array, max_length: int
+) -> Any:
+    """The decoder's key/value cache for up to `max_length` output tokens, with the encoder
+    output's cross-attention keys and values computed once, here."""
+    dummy = jnp.ones((inputs.shape[0], max_length), jnp.int32)
+    _, variables = model.apply(
+        {"params": params}, encoded, inputs, dummy, cache_mode="init", mutable=["cache"],
+        method=model.decode,
+    )
+    return variables["cache"]
+
+
+def decode_step(
+    model: nn.Module, params: Any, cache: Any, encoded: Array, inputs: Array, last: Array
+) -> tuple[Array, Any]:
+    """One incremental step: last tokens [batch] (0 at the start) -> next-token logits
+    [batch, vocab] and the updated cache."""
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, encoded, inputs, last[:, None], cache_mode="step",
+        mutable=["cache"], method=model.decode,
+    )
+    return logits[:, 0], variables["cache"]
+
+
 @partial(jax.jit, static_argnames=("model", "max_length"))
 def greedy_translate(model: nn.Module, params: Any, inputs: Array, max_length: int) -> Array:
-    """Encoder-decoder: source ids [batch, src_len] -> output ids [batch, max_length]."""
+    """Encoder-decoder, with the key/value cache: source ids [batch, src_len] -> output ids
+    [batch, max_length]."""
     encoded = model.apply({"params": params}, inputs, method=model.encode)
+    cache = init_cache(model, params, encoded, inputs, max_length)
+    tokens = jnp.zeros((inputs.shape[0], max_length), jnp.int32)
 
-    def logits_fn(tokens):
-        return model.apply({"params": params}, encoded, inputs, tokens, method=model.decode)
+    def step(i, carry):
+        tokens, cache, last = carry
+        logits, cache = decode_step(model, params, cache, encoded, inputs, last)
+        choice = jnp.argmax(logits.at[:, PAD_ID].set(-jnp.inf), axis=-1).astype(jnp.int32)
+        return tokens.at[:, i].set(choice), cache, choice
 
-    start = jnp.zeros((inputs.shape[0],), jnp.int32)
-    return greedy_search(logits_fn, jnp.zeros((inputs.shape[0], max_length), jnp.int32), start)
+    carry = (tokens, cache, jnp.zeros((inputs.shape[0],), jnp.int32))
+    return jax.lax.fori_loop(0, max_length, step, carry)[0]
 
 
 @partial(jax.jit, static_argnames=("model",))

@@ -125,3 +125,19 @@ def test_decode_command_reads_stdin_and_writes_stdout_in_order(mesh_trained_work
     missing = t2t_jax("decode", "--workdir", mesh_trained_workdir + "_nope", input="1\n")
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_cached_decoding_gives_the_uncached_logits_at_every_step():
+    from t2t_jax.decode import decode_step, init_cache
+
+    model, params = init("encoder_decoder")
+    inputs = jnp.array([[5, 6, 7, EOS_ID, 0], [8, 9, EOS_ID, 0, 0]])
+    targets = jnp.array([[4, 5, 6, 7, EOS_ID, 3], [9, 8, EOS_ID, 4, 4, 4]])
+    full = model.apply({"params": params}, inputs, targets)
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    cache = init_cache(model, params, encoded, inputs, targets.shape[1])
+    last = jnp.zeros((2,), jnp.int32)
+    for i in range(targets.shape[1]):
+        logits, cache = decode_step(model, params, cache, encoded, inputs, last)
+        np.testing.assert_allclose(logits, full[:, i], atol=1e-5)
+        last = targets[:, i]

@@ -88,6 +88,12 @@ class MultiHeadAttention(nn.Module):
 
     Projections carry logical axes ('embed', 'heads', 'kv') so that a rules table can shard
     them (heads over the tensor axis, embed over fsdp) with no change here.
+
+    Incremental decoding (`cache_mode`): "init" runs as usual on a full-length dummy query and
+    creates the 'cache' collection: zeros for self-attention keys/values, and for cross-attention
+    the encoder output's keys/values, computed once per sentence. "step" then takes one query
+    position: self-attention writes its key/value at the cache index and attends to positions up
+    to it; cross-attention reads its cached keys/values without projecting again.
     """
 
     num_heads: int
@@ -95,6 +101,7 @@ class MultiHeadAttention(nn.Module):
     attention: str = "xla"
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    kind: str = "self"  # "self" or "cross": what the cache keeps
 
     def _projection(self, name: str) -> nn.Einsum:
         """[batch, length, d_model] -> [batch, length, heads, d_k]."""
@@ -113,9 +120,39 @@ class MultiHeadAttention(nn.Module):
             name=name,
         )
 
+    def _cached_keys_values(
+        self, inputs_kv: Array, mask: Array | None, cache_mode: str
+    ) -> tuple[Array, Array, Array | None]:
+        """Keys, values and mask under incremental decoding (see the class docstring)."""
+        if self.kind == "cross" and cache_mode == "step":
+            cached = [self.get_variable("cache", f"cached_{n}") for n in ("key", "value")]
+            return cached[0], cached[1], mask
+        key = self._projection("key")(inputs_kv)
+        value = self._projection("value")(inputs_kv)
+        if self.kind == "cross":  # init: keep the encoder output's keys and values
+            self.put_variable("cache", "cached_key", key)
+            self.put_variable("cache", "cached_value", value)
+            return key, value, mask
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if cache_mode == "init":
+            return key, value, mask
+        i = index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
+        index.value = i + 1
+        visible = (jnp.arange(cached_key.value.shape[1]) <= i)[None, None, None, :]
+        return cached_key.value, cached_value.value, visible
+
     @nn.compact
     def __call__(
-        self, inputs_q: Array, inputs_kv: Array, mask: Array | None, deterministic: bool
+        self,
+        inputs_q: Array,
+        inputs_kv: Array,
+        mask: Array | None,
+        deterministic: bool,
+        cache_mode: str | None = None,
     ) -> Array:
         """inputs_q: [batch, q_len, d_model]; inputs_kv: [batch, k_len, d_model] -> [b, q, d]."""
         if self.d_model % self.num_heads:
@@ -124,8 +161,11 @@ class MultiHeadAttention(nn.Module):
                 f"{self.num_heads}; pick num_heads that divides d_model"
             )
         query = self._projection("query")(inputs_q)
-        key = self._projection("key")(inputs_kv)
-        value = self._projection("value")(inputs_kv)
+        if cache_mode is None:
+            key = self._projection("key")(inputs_kv)
+            value = self._projection("value")(inputs_kv)
+        else:
+            key, value, mask = self._cached_keys_values(inputs_kv, mask, cache_mode)
         query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
         key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_heads", None))
         value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_heads", None))

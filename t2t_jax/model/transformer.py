@@ -133,13 +133,14 @@ class Residual(nn.Module):
         return layer_norm(cfg, "norm")(x + dropout(sublayer(x), deterministic=deterministic))
 
 
-def _attention(config: ModelConfig, name: str) -> attn.MultiHeadAttention:
+def _attention(config: ModelConfig, name: str, kind: str = "self") -> attn.MultiHeadAttention:
     return attn.MultiHeadAttention(
         num_heads=config.num_heads,
         d_model=config.d_model,
         attention=config.attention,
         dropout_rate=config.attention_dropout_rate,
         dtype=config.compute_dtype,
+        kind=kind,
         name=name,
     )
 
@@ -175,16 +176,19 @@ class DecoderLayer(nn.Module):
         self_mask: Array | None,
         cross_mask: Array | None,
         deterministic: bool,
+        cache_mode: str | None = None,
     ) -> Array:
         cfg = self.config
         self_attention = _attention(cfg, "self_attention")
         x = Residual(cfg, name="self_attention_block")(
-            lambda y: self_attention(y, y, self_mask, deterministic), x, deterministic
+            lambda y: self_attention(y, y, self_mask, deterministic, cache_mode), x, deterministic
         )
         if self.cross_attention:
-            cross_attention = _attention(cfg, "cross_attention")
+            cross_attention = _attention(cfg, "cross_attention", kind="cross")
             x = Residual(cfg, name="cross_attention_block")(
-                lambda y: cross_attention(y, encoded, cross_mask, deterministic), x, deterministic
+                lambda y: cross_attention(y, encoded, cross_mask, deterministic, cache_mode),
+                x,
+                deterministic,
             )
         ffn = FeedForward(cfg, name="ffn")
         return Residual(cfg, name="ffn_block")(lambda y: ffn(y, deterministic), x, deterministic)
@@ -236,20 +240,31 @@ class Decoder(nn.Module):
         positions: Array | None,
         segmentation: Array | None,
         deterministic: bool,
+        cache_mode: str | None = None,
     ) -> Array:
         """decoder_inputs: [batch, tgt_len] (targets shifted right); targets: [batch, tgt_len]
-        (0 = padding) -> logits [batch, tgt_len, vocab] in float32."""
+        (0 = padding) -> logits [batch, tgt_len, vocab] in float32.
+
+        cache_mode "step": decoder_inputs is the one previous token [batch, 1]; its position and
+        the causal mask come from the cache (see MultiHeadAttention).
+        """
         cfg = self.config
         self_mask = attn.combine_masks(
             attn.causal_mask(targets.shape[1]),
             attn.padding_mask(targets, targets),
             None if segmentation is None else attn.segment_mask(segmentation, segmentation),
         )
+        if cache_mode is not None:
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            if cache_mode == "step":
+                positions = jnp.full(decoder_inputs.shape, position.value)
+                position.value = position.value + 1
+                self_mask = None
         y = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
                      name="embedder")(decoder_inputs, positions, deterministic)
         for i in range(cfg.num_decoder_layers):
             y = DecoderLayer(cfg, self.cross_attention, name=f"layer_{i}")(
-                y, encoded, self_mask, cross_mask, deterministic
+                y, encoded, self_mask, cross_mask, deterministic, cache_mode
             )
         if cfg.norm == "pre":
             y = layer_norm(cfg, "final_norm")(y)
@@ -328,22 +343,34 @@ class Transformer(nn.Module):
         inputs_segmentation: Array | None = None,
         targets_segmentation: Array | None = None,
         deterministic: bool = True,
+        cache_mode: str | None = None,
     ) -> Array:
-        """Teacher-forced decoder: logits [batch, tgt_len, vocab] for predicting `targets`."""
-        cross_mask = attn.combine_masks(
-            attn.padding_mask(targets, inputs),
-            None
-            if targets_segmentation is None
-            else attn.segment_mask(targets_segmentation, inputs_segmentation),
-        )
+        """Teacher-forced decoder: logits [batch, tgt_len, vocab] for predicting `targets`.
+
+        Incremental decoding: cache_mode "init" with a full-length dummy `targets` creates the
+        cache (apply with mutable=["cache"]); then each "step" call takes `targets` = the last
+        token [batch, 1] (0 at the start) and returns the next token's logits [batch, 1, vocab].
+        """
+        if cache_mode == "step":
+            cross_mask = (inputs > 0)[:, None, None, :]
+            decoder_inputs = targets
+        else:
+            cross_mask = attn.combine_masks(
+                attn.padding_mask(targets, inputs),
+                None
+                if targets_segmentation is None
+                else attn.segment_mask(targets_segmentation, inputs_segmentation),
+            )
+            decoder_inputs = shift_right(targets, targets_segmentation)
         return self.decoder(
-            shift_right(targets, targets_segmentation),
+            decoder_inputs,
             targets,
             encoded,
             cross_mask,
             targets_positions,
             targets_segmentation,
             deterministic,
+            cache_mode,
         )
 
     def __call__(
