@@ -29,7 +29,7 @@ commands:
   train   train (or resume) in --workdir on --config
   prepare download and prepare --config's datasets and train its tokenizer into --workdir
   info    parameters per module, mesh, batch and memory estimate of --config
-  decode  --workdir DIR [--step N] [--input FILE|-] [--output FILE]: translate lines (greedy)
+  decode  --workdir DIR [--step N] [--input FILE|-] [--output FILE] [--beam_size 4] [--alpha 0.6]
   evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
@@ -105,6 +105,8 @@ _INPUT = flags.DEFINE_string("input", "-", "decode: file of source lines, or - f
 _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdout); "
                               "average: the new workdir.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch.")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy.")
+_ALPHA = flags.DEFINE_float("alpha", 0.6, "decode/evaluate: GNMT length penalty exponent.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split to decode and score.")
 _LAST = flags.DEFINE_integer("last", 5, "average: how many of the newest checkpoints.")
 
@@ -123,7 +125,9 @@ def decode_command() -> None:
 
     translator = load_translator(_require(_WORKDIR.value, "workdir"), _STEP.value)
     lines = _read_lines(_INPUT.value)
-    outputs, stats = translate(translator, lines, _BATCH_SIZE.value, progress=sys.stderr.isatty())
+    outputs, stats = translate(
+        translator, lines, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value, _ALPHA.value
+    )
     text = "".join(line + "\n" for line in outputs)
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w", encoding="utf-8") as f:
@@ -131,7 +135,7 @@ def decode_command() -> None:
     else:
         sys.stdout.write(text)
     print(
-        f"decoded {len(lines)} lines with step {translator.step} (greedy): "
+        f"decoded {len(lines)} lines with step {translator.step} (beam {_BEAM_SIZE.value}): "
         f"{stats['sentences_per_s']:.1f} sentences/s, {stats['tokens_per_s']:.1f} tokens/s",
         file=sys.stderr,
     )
@@ -149,7 +153,9 @@ def evaluate_command() -> None:
     ds = tasks.text_pairs(builder.as_dataset(split=_SPLIT.value), data)
     pairs = [(ex["inputs"].decode(), ex["targets"].decode()) for ex in ds.as_numpy_iterator()]
     sources, references = zip(*pairs, strict=True) if pairs else ((), ())
-    outputs, stats = translate(translator, sources, _BATCH_SIZE.value, sys.stderr.isatty())
+    outputs, stats = translate(
+        translator, sources, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value, _ALPHA.value
+    )
     score, signature = bleu.corpus_bleu(outputs, references)
     path = os.path.join(workdir, f"hypotheses_{_SPLIT.value}_step{translator.step}.txt")
     with open(path, "w", encoding="utf-8") as f:

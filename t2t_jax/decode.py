@@ -92,6 +92,107 @@ def greedy_translate(model: nn.Module, params: Any, inputs: Array, max_length: i
     return jax.lax.fori_loop(0, max_length, step, carry)[0]
 
 
+NEG_INF = -1.0e7
+
+
+def length_penalty(length: Array | int, alpha: float) -> Array:
+    """GNMT's ((5 + length) / 6) ^ alpha, by which beam scores are divided (Wu et al., 2016)."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _take(x: Array, indices: Array) -> Array:
+    """x[b, indices[b, j], ...] for x [batch, beams, ...] and indices [batch, n]."""
+    expanded = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, expanded, axis=1)
+
+
+def _take_cache(cache: Any, indices: Array) -> Any:
+    """The cache rows of the chosen beams; cache arrays are [batch * beams, ...]."""
+    batch, beams = indices.shape
+
+    def take(x):
+        if x.ndim == 0:  # cache index and position: shared by all rows
+            return x
+        return _take(x.reshape(batch, beams, *x.shape[1:]), indices).reshape(x.shape)
+
+    return jax.tree.map(take, cache)
+
+
+def _beam_step(model, params, encoded, inputs, alpha, state):
+    """One step of beam search over `state` (see beam_translate)."""
+    i = state["i"]
+    batch, beams, _ = state["alive"].shape
+    last = jnp.where(i == 0, 0, state["alive"][:, :, jnp.maximum(i - 1, 0)])
+    logits, cache = decode_step(model, params, state["cache"], encoded, inputs, last.reshape(-1))
+    log_probs = jax.nn.log_softmax(logits).at[:, PAD_ID].set(NEG_INF)
+    vocab = log_probs.shape[-1]
+    candidates = (state["alive_logp"][:, :, None] + log_probs.reshape(batch, beams, vocab))
+    top_logp, top_index = jax.lax.top_k(candidates.reshape(batch, beams * vocab), 2 * beams)
+    source_beam, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    sequences = _take(state["alive"], source_beam).at[:, :, i].set(token)
+    ended = token == EOS_ID
+    # The best `beams` candidates that did not end stay alive ...
+    alive_logp, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logp), beams)
+    # ... and those that ended compete with the finished ones on length-penalised score.
+    ended_scores = jnp.where(ended, top_logp / length_penalty(i + 1, alpha), NEG_INF)
+    scores = jnp.concatenate([state["finished_scores"], ended_scores], axis=1)
+    finished_scores, best = jax.lax.top_k(scores, beams)
+    finished = jnp.concatenate([state["finished"], sequences], axis=1)
+    flags = jnp.concatenate([state["finished_flags"], ended], axis=1)
+    return {
+        "i": i + 1,
+        "alive": _take(sequences, keep),
+        "alive_logp": alive_logp,
+        "cache": _take_cache(cache, _take(source_beam, keep)),
+        "finished": _take(finished, best),
+        "finished_scores": finished_scores,
+        "finished_flags": _take(flags, best),
+    }
+
+
+@partial(jax.jit, static_argnames=("model", "beam_size", "max_length", "alpha"))
+def beam_translate(
+    model: nn.Module,
+    params: Any,
+    inputs: Array,
+    beam_size: int = 4,
+    max_length: int = 64,
+    alpha: float = 0.6,
+) -> Array:
+    """Beam search as in the paper (beam 4, length penalty alpha 0.6), as one `while_loop`.
+
+    inputs: [batch, src_len] -> the best output ids [batch, max_length]. Stops early when no
+    live beam can beat the worst of `beam_size` finished ones, even at `max_length`; a sentence
+    with no finished beam by then returns its best live one.
+    """
+    batch = inputs.shape[0]
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    inputs = jnp.repeat(inputs, beam_size, axis=0)
+    encoded = jnp.repeat(encoded, beam_size, axis=0)
+    start_logp = jnp.array([0.0] + [NEG_INF] * (beam_size - 1))
+    state = {
+        "i": jnp.zeros((), jnp.int32),
+        "alive": jnp.zeros((batch, beam_size, max_length), jnp.int32),
+        "alive_logp": jnp.tile(start_logp, (batch, 1)),
+        "cache": init_cache(model, params, encoded, inputs, max_length),
+        "finished": jnp.zeros((batch, beam_size, max_length), jnp.int32),
+        "finished_scores": jnp.full((batch, beam_size), NEG_INF),
+        "finished_flags": jnp.zeros((batch, beam_size), bool),
+    }
+
+    def searching(state):
+        best_alive = state["alive_logp"][:, 0] / length_penalty(max_length, alpha)
+        worst_finished = jnp.min(state["finished_scores"], axis=1)
+        settled = state["finished_flags"].all(axis=1) & (worst_finished >= best_alive)
+        return (state["i"] < max_length) & ~settled.all()
+
+    state = jax.lax.while_loop(
+        searching, partial(_beam_step, model, params, encoded, inputs, alpha), state
+    )
+    any_finished = state["finished_flags"].any(axis=1)[:, None]
+    return jnp.where(any_finished, state["finished"][:, 0], state["alive"][:, 0])
+
+
 @partial(jax.jit, static_argnames=("model",))
 def greedy_continue(model: nn.Module, params: Any, tokens: Array, start: Array) -> Array:
     """Decoder-only: prompts tokens[b, :start[b]] continued to the full length of `tokens`."""
@@ -110,9 +211,14 @@ def _decode_batch(
     model_type: str,
     max_source_length: int,
     max_target_length: int,
+    beam_size: int = 1,
+    alpha: float = 0.6,
 ) -> list[list[int]]:
     """Output ids (up to EOS) for one batch of encoded sources."""
     if model_type == "decoder_only":
+        if beam_size > 1:
+            raise ValueError("beam search is not implemented for model.type='decoder_only'; "
+                             "decode it with --beam_size 1")
         tokens = np.zeros((len(encoded), max_source_length + max_target_length), np.int32)
         for row, ids in enumerate(encoded):
             tokens[row, : len(ids)] = ids
@@ -122,7 +228,11 @@ def _decode_batch(
     inputs = np.zeros((len(encoded), max_source_length), np.int32)
     for row, ids in enumerate(encoded):
         inputs[row, : len(ids)] = ids
-    out = np.asarray(greedy_translate(model, params, inputs, max_target_length))
+    if beam_size > 1:
+        out = beam_translate(model, params, inputs, beam_size, max_target_length, alpha)
+    else:
+        out = greedy_translate(model, params, inputs, max_target_length)
+    out = np.asarray(out)
     return [_strip(row) for row in out]
 
 
@@ -176,9 +286,15 @@ def _bucket(length: int, cap: int) -> int:
 
 
 def translate(
-    translator: Translator, lines: Sequence[str], batch_size: int = 64, progress: bool = True
+    translator: Translator,
+    lines: Sequence[str],
+    batch_size: int = 64,
+    progress: bool = True,
+    beam_size: int = 4,
+    alpha: float = 0.6,
 ) -> tuple[list[str], dict[str, float]]:
-    """Greedy outputs for `lines` in their order, and throughput figures.
+    """Outputs for `lines` in their order (beam search, greedy for beam_size 1), and throughput
+    figures.
 
     Lines are sorted by length into batches, so padding is small; outputs may be up to the
     source length + 50 tokens, as in the paper. A source over the model's maximum length
@@ -205,6 +321,8 @@ def translate(
             translator.config.model.type,
             source_length,
             source_length + 50,
+            beam_size,
+            alpha,
         )
         for i, row in zip(rows, ids, strict=False):
             outputs[i] = row
