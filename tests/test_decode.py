@@ -178,8 +178,8 @@ def test_beam_search_scores_at_least_greedy():
 @pytest.fixture(scope="module")
 def reverse_workdir(tmp_path_factory):
     """A small model trained to near-perfect accuracy on reversing 1-6 symbols (~40 s)."""
-    from tests.conftest import make_tiny_config
     from t2t_jax.train import train_and_evaluate
+    from tests.conftest import make_tiny_config
 
     root = tmp_path_factory.mktemp("reverse")
     config = make_tiny_config(str(root / "tfds"))
