@@ -107,6 +107,11 @@ _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdo
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch.")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy.")
 _ALPHA = flags.DEFINE_float("alpha", 0.6, "decode/evaluate: GNMT length penalty exponent.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode, decoder-only models: >0 samples "
+                                   "at this temperature instead of greedy decoding.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "decode, sampling: only the k likeliest tokens.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "decode, sampling: the nucleus probability mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "decode, sampling: random seed.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split to decode and score.")
 _LAST = flags.DEFINE_integer("last", 5, "average: how many of the newest checkpoints.")
 
@@ -121,12 +126,19 @@ def _read_lines(path: str) -> list[str]:
 
 
 def decode_command() -> None:
-    from t2t_jax.decode import load_translator, translate
+    from t2t_jax.decode import Sampling, load_translator, translate
 
     translator = load_translator(_require(_WORKDIR.value, "workdir"), _STEP.value)
     lines = _read_lines(_INPUT.value)
+    sampling = None
+    beam_size = _BEAM_SIZE.value
+    if translator.config.model.type == "decoder_only":
+        beam_size = 1  # the language model decodes greedily or samples
+        if _TEMPERATURE.value > 0:
+            sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
     outputs, stats = translate(
-        translator, lines, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value, _ALPHA.value
+        translator, lines, _BATCH_SIZE.value, sys.stderr.isatty(), beam_size, _ALPHA.value,
+        sampling,
     )
     text = "".join(line + "\n" for line in outputs)
     if _OUTPUT.value:
@@ -135,7 +147,8 @@ def decode_command() -> None:
     else:
         sys.stdout.write(text)
     print(
-        f"decoded {len(lines)} lines with step {translator.step} (beam {_BEAM_SIZE.value}): "
+        f"decoded {len(lines)} lines with step {translator.step} "
+        f"({'sampling' if sampling else f'beam {beam_size}'}): "
         f"{stats['sentences_per_s']:.1f} sentences/s, {stats['tokens_per_s']:.1f} tokens/s",
         file=sys.stderr,
     )

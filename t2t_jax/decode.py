@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from t2t_jax import checkpoint
 from t2t_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -28,13 +30,47 @@ from t2t_jax.model import ModelConfig, build_model
 Array = jax.Array
 
 
-def greedy_search(logits_fn: Callable[[Array], Array], tokens: Array, start: Array) -> Array:
-    """Fills tokens[b, i] for every i >= start[b] with the argmax of logits_fn(tokens)[b, i].
+def _argmax(logits: Array, rng: Array) -> Array:
+    del rng
+    return jnp.argmax(logits, axis=-1)
+
+
+def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Callable:
+    """A token chooser drawing from softmax(logits / temperature), restricted to the `top_k`
+    most likely tokens (0: all) and to the smallest set whose probability reaches `top_p`."""
+
+    def choose(logits: Array, rng: Array) -> Array:
+        logits = logits / temperature
+        if top_k:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if top_p < 1.0:
+            ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+            mass = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+            # The smallest logit still needed to reach top_p; keep everything at or above it.
+            cutoff_index = jnp.sum(mass < top_p, axis=-1, keepdims=True)
+            cutoff = jnp.take_along_axis(ordered, cutoff_index, axis=-1)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        return jax.random.categorical(rng, logits, axis=-1)
+
+    return choose
+
+
+def greedy_search(
+    logits_fn: Callable[[Array], Array],
+    tokens: Array,
+    start: Array,
+    choose: Callable[[Array, Array], Array] = _argmax,
+    rng: Array | None = None,
+) -> Array:
+    """Fills tokens[b, i] for every i >= start[b] with choose(logits_fn(tokens)[b, i]): the
+    argmax by default, or a draw from a `sampler` (which needs `rng`).
 
     tokens: [batch, length] with the given prefix in place (right of it anything non-zero);
     start: [batch] prefix lengths. logits_fn maps tokens to next-token logits [b, length, vocab]
     where position i sees tokens[:, :i] only (causal, shifted right).
     """
+    rng = jax.random.key(0) if rng is None else rng
     batch, length = tokens.shape
     # Positions not yet decoded hold a non-zero id: the decoder's padding mask must not hide
     # position i from itself; the causal mask keeps later positions from mattering.
@@ -43,7 +79,7 @@ def greedy_search(logits_fn: Callable[[Array], Array], tokens: Array, start: Arr
     def step(i, tokens):
         logits = logits_fn(tokens)[:, i]
         logits = logits.at[:, PAD_ID].set(-jnp.inf)  # never emit padding mid-sequence
-        choice = jnp.argmax(logits, axis=-1).astype(tokens.dtype)
+        choice = choose(logits, jax.random.fold_in(rng, i)).astype(tokens.dtype)
         return tokens.at[:, i].set(jnp.where(i >= start, choice, tokens[:, i]))
 
     return jax.lax.fori_loop(jnp.min(start), length, step, tokens)
@@ -199,9 +235,40 @@ def greedy_continue(model: nn.Module, params: Any, tokens: Array, start: Array) 
     return greedy_search(lambda t: model.apply({"params": params}, t), tokens, start)
 
 
+@partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"))
+def sample_continue(
+    model: nn.Module,
+    params: Any,
+    tokens: Array,
+    start: Array,
+    rng: Array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Array:
+    """Decoder-only: prompts continued by sampling (temperature, top-k, top-p)."""
+    return greedy_search(
+        lambda t: model.apply({"params": params}, t),
+        tokens,
+        start,
+        sampler(temperature, top_k, top_p),
+        rng,
+    )
+
+
 def _strip(ids: np.ndarray) -> list[int]:
     ids = list(ids)
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sampling settings for the decoder-only model."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 def _decode_batch(
@@ -213,21 +280,32 @@ def _decode_batch(
     max_target_length: int,
     beam_size: int = 1,
     alpha: float = 0.6,
+    sampling: Sampling | None = None,
+    place: Callable[[np.ndarray], Any] = np.asarray,
 ) -> list[list[int]]:
-    """Output ids (up to EOS) for one batch of encoded sources."""
+    """Output ids (up to EOS) for one batch of encoded sources; `place` puts the batch on the
+    devices (e.g. split over a data axis)."""
     if model_type == "decoder_only":
         if beam_size > 1:
             raise ValueError("beam search is not implemented for model.type='decoder_only'; "
-                             "decode it with --beam_size 1")
+                             "decode it with --beam_size 1, or sample with --temperature")
         tokens = np.zeros((len(encoded), max_source_length + max_target_length), np.int32)
         for row, ids in enumerate(encoded):
             tokens[row, : len(ids)] = ids
         starts = np.array([max(len(ids), 1) for ids in encoded], np.int32)
-        out = np.asarray(greedy_continue(model, params, tokens, starts))
+        tokens, starts = place(tokens), place(starts)
+        if sampling is None:
+            out = np.asarray(greedy_continue(model, params, tokens, starts))
+        else:
+            out = np.asarray(sample_continue(
+                model, params, tokens, starts, jax.random.key(sampling.seed),
+                sampling.temperature, sampling.top_k, sampling.top_p,
+            ))
         return [_strip(out[r, s:]) for r, s in enumerate(starts)]
     inputs = np.zeros((len(encoded), max_source_length), np.int32)
     for row, ids in enumerate(encoded):
         inputs[row, : len(ids)] = ids
+    inputs = place(inputs)
     if beam_size > 1:
         out = beam_translate(model, params, inputs, beam_size, max_target_length, alpha)
     else:
@@ -269,15 +347,24 @@ class Translator:
     params: Any
     tokenizer: Tokenizer
     step: int
+    mesh: Mesh
+
+    def place_batch(self, rows: np.ndarray) -> Array:
+        """Rows split over the local devices (the data axis) when they divide evenly."""
+        spec = P("data") if rows.shape[0] % self.mesh.size == 0 else P()
+        return jax.device_put(rows, NamedSharding(self.mesh, spec))
 
 
 def load_translator(workdir: str, step: int | None = None) -> Translator:
-    """Restores checkpoint `step` (default: latest) of `workdir` onto this machine's default
-    device, whatever mesh or device count wrote it; reads no optimizer state."""
+    """Restores checkpoint `step` (default: latest) of `workdir` onto this machine's devices,
+    whatever mesh or device count wrote it: params replicated, batches split over a data axis.
+    Reads no optimizer state."""
     host, step = checkpoint.restore_host_state(workdir, step, params_only=True)
     config, tokenizer = checkpoint.restore_config_and_tokenizer(workdir, step)
     model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
-    return Translator(config, model, jax.device_put(host["params"]), tokenizer, step)
+    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    params = jax.device_put(host["params"], NamedSharding(mesh, P()))
+    return Translator(config, model, params, tokenizer, step, mesh)
 
 
 def _bucket(length: int, cap: int) -> int:
@@ -292,9 +379,10 @@ def translate(
     progress: bool = True,
     beam_size: int = 4,
     alpha: float = 0.6,
+    sampling: Sampling | None = None,
 ) -> tuple[list[str], dict[str, float]]:
-    """Outputs for `lines` in their order (beam search, greedy for beam_size 1), and throughput
-    figures.
+    """Outputs for `lines` in their order (beam search, greedy for beam_size 1; for the
+    decoder-only model greedy or `sampling`), and throughput figures.
 
     Lines are sorted by length into batches, so padding is small; outputs may be up to the
     source length + 50 tokens, as in the paper. A source over the model's maximum length
@@ -323,6 +411,8 @@ def translate(
             source_length + 50,
             beam_size,
             alpha,
+            None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + begin),
+            translator.place_batch,
         )
         for i, row in zip(rows, ids, strict=False):
             outputs[i] = row

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
 from t2t_jax.decode import decode_texts, greedy_continue, greedy_translate
@@ -80,14 +81,17 @@ def mesh_trained_workdir(tmp_path_factory):
     return workdir
 
 
-def test_a_mesh_trained_checkpoint_decodes_on_one_device(mesh_trained_workdir):
+def test_a_mesh_trained_checkpoint_decodes_on_this_machines_devices(mesh_trained_workdir):
     from t2t_jax import checkpoint
     from t2t_jax.decode import load_translator, translate
 
     translator = load_translator(mesh_trained_workdir)
     assert translator.step == 6
+    # Params replicated on the local devices, batches split over them (the one-device case is
+    # the command-line test below, run with a single CPU device).
     leaves = jax.tree.leaves(translator.params)
-    assert all(len(leaf.devices()) == 1 for leaf in leaves)
+    assert all(len(leaf.devices()) == jax.local_device_count() for leaf in leaves)
+    assert translator.place_batch(np.zeros((16, 4), np.int32)).sharding.spec == P("data")
     host, _ = checkpoint.restore_host_state(mesh_trained_workdir, 6)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(translator.params), host["params"])
     sources = ["1 2 3", "4 5 6 7 8", "9"]
@@ -205,3 +209,29 @@ def test_beam_search_reverses_exactly_on_a_trained_model(reverse_workdir):
     sources = [s for s, _ in pairs]
     beam, _ = translate(translator, sources, batch_size=16, progress=False, beam_size=4)
     assert beam == [t for _, t in pairs]
+
+
+def test_sampler_respects_top_k_and_top_p():
+    from t2t_jax.decode import sampler
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    top2 = np.asarray([sampler(top_k=2)(logits, k)[0] for k in keys[:100]])
+    assert set(top2) <= {0, 1} and len(set(top2)) == 2
+    top_p = np.asarray([sampler(top_p=0.7)(logits, k)[0] for k in keys[:100]])
+    assert set(top_p) <= {0, 1}  # 0.5 + 0.3 reaches 0.7
+    cold = np.asarray([sampler(temperature=0.01)(logits, k)[0] for k in keys[:50]])
+    assert set(cold) == {0}
+
+
+def test_sampling_the_lm_keeps_prompts_and_varies_with_the_seed():
+    from t2t_jax.decode import sample_continue
+
+    model, params = init("decoder_only")
+    tokens = jnp.array([[5, 6, EOS_ID, 0, 0, 0, 0, 0]] * 2)
+    start = jnp.array([3, 3])
+    a = np.asarray(sample_continue(model, params, tokens, start, jax.random.key(0)))
+    b = np.asarray(sample_continue(model, params, tokens, start, jax.random.key(1)))
+    np.testing.assert_array_equal(a[:, :3], tokens[:, :3])
+    assert (a[:, 3:] != 0).all()  # never padding
+    assert not np.array_equal(a, b)
