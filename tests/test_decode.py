@@ -1,5 +1,7 @@
 """Greedy decoding: the jitted loop equals step-by-step argmax over the growing prefix."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,3 +237,34 @@ def test_sampling_the_lm_keeps_prompts_and_varies_with_the_seed():
     np.testing.assert_array_equal(a[:, :3], tokens[:, :3])
     assert (a[:, 3:] != 0).all()  # never padding
     assert not np.array_equal(a, b)
+
+
+def test_corrupt_checkpoint_or_missing_tokenizer_is_a_clear_error(mesh_trained_workdir, tmp_path):
+    import shutil
+
+    from t2t_jax.decode import load_translator
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(mesh_trained_workdir, broken)
+    state_dir = os.path.join(broken, "checkpoints", "6", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(ValueError, match="could not be read.*another --step"):
+        load_translator(broken)
+    shutil.rmtree(os.path.join(broken, "checkpoints", "4", "tokenizer"))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        load_translator(broken, step=4)
+
+
+def test_overlong_input_is_cut_with_a_warning(mesh_trained_workdir, caplog):
+    from t2t_jax.decode import load_translator, translate
+
+    translator = load_translator(mesh_trained_workdir)
+    long_line = " ".join(["3"] * 40)  # over data.test_max_source_length = 10
+    with caplog.at_level("WARNING"):
+        outputs, _ = translate(translator, [long_line, "1 2"], batch_size=8, progress=False,
+                               beam_size=2)
+    assert len(outputs) == 2
+    assert "over 10 tokens and were cut" in caplog.text
