@@ -3,16 +3,10 @@
 About 214.3M parameters; the paper trains it for 300k steps and averages the last 20 checkpoints.
 """
 
-from t2t_jax.config import default_config
+from t2t_jax.config import default_config, make_big
 
 
 def get_config():
     config = default_config()
     config.model.vocab_size = 37_000
-    config.model.d_model = 1024
-    config.model.d_ff = 4096
-    config.model.num_heads = 16
-    config.model.dropout_rate = 0.3
-    config.train.num_steps = 300_000
-    config.train.keep_checkpoints = 20
-    return config
+    return make_big(config)

@@ -112,6 +112,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode, decoder-only mode
 _TOP_K = flags.DEFINE_integer("top_k", 0, "decode, sampling: only the k likeliest tokens.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "decode, sampling: the nucleus probability mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "decode, sampling: random seed.")
+_EXTRA_LENGTH = flags.DEFINE_integer("extra_length", 50, "decode/evaluate: outputs may be this "
+                                     "many tokens longer than their input.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split to decode and score.")
 _LAST = flags.DEFINE_integer("last", 5, "average: how many of the newest checkpoints.")
 
@@ -138,7 +140,7 @@ def decode_command() -> None:
             sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
     outputs, stats = translate(
         translator, lines, _BATCH_SIZE.value, sys.stderr.isatty(), beam_size, _ALPHA.value,
-        sampling,
+        sampling, _EXTRA_LENGTH.value,
     )
     text = "".join(line + "\n" for line in outputs)
     if _OUTPUT.value:
@@ -167,7 +169,8 @@ def evaluate_command() -> None:
     pairs = [(ex["inputs"].decode(), ex["targets"].decode()) for ex in ds.as_numpy_iterator()]
     sources, references = zip(*pairs, strict=True) if pairs else ((), ())
     outputs, stats = translate(
-        translator, sources, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value, _ALPHA.value
+        translator, sources, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value,
+        _ALPHA.value, extra_length=_EXTRA_LENGTH.value,
     )
     score, signature = bleu.corpus_bleu(outputs, references)
     path = os.path.join(workdir, f"hypotheses_{_SPLIT.value}_step{translator.step}.txt")

@@ -380,12 +380,14 @@ def translate(
     beam_size: int = 4,
     alpha: float = 0.6,
     sampling: Sampling | None = None,
+    extra_length: int = 50,
 ) -> tuple[list[str], dict[str, float]]:
     """Outputs for `lines` in their order (beam search, greedy for beam_size 1; for the
     decoder-only model greedy or `sampling`), and throughput figures.
 
     Lines are sorted by length into batches, so padding is small; outputs may be up to the
-    source length + 50 tokens, as in the paper. A source over the model's maximum length
+    source length (of the batch's length bucket) + `extra_length` tokens, 50 in the paper.
+    A source over the model's maximum length
     (`data.test_max_source_length`) is cut, with a warning.
     """
     data = translator.config.data
@@ -408,7 +410,7 @@ def translate(
             batch,
             translator.config.model.type,
             source_length,
-            source_length + 50,
+            source_length + extra_length,
             beam_size,
             alpha,
             None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + begin),

@@ -85,6 +85,16 @@ def generate_examples(
         yield " ".join(map(str, source)), " ".join(map(str, target))
 
 
+def text_pair_info(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.DatasetInfo:
+    """The features of every text-pair dataset here: `inputs` and `targets` strings."""
+    return builder.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(
+            {"inputs": tfds.features.Text(), "targets": tfds.features.Text()}
+        ),
+        supervised_keys=("inputs", "targets"),
+    )
+
+
 @dataclasses.dataclass
 class AlgorithmicConfig(tfds.core.BuilderConfig):
     """One task at one vocabulary size, length range and split sizes."""
@@ -127,12 +137,7 @@ class AlgorithmicTasks(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [AlgorithmicConfig.create(task=task) for task in TASKS]
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {"inputs": tfds.features.Text(), "targets": tfds.features.Text()}
-            ),
-            supervised_keys=("inputs", "targets"),
-        )
+        return text_pair_info(self)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # generated, not downloaded

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from t2t_jax.data.algorithmic import text_pair_info
+
 SPLIT_KEYS = {"train": "train", "validation": "eval", "test": "test"}
 
 
@@ -84,12 +86,7 @@ class ParallelText(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {"inputs": tfds.features.Text(), "targets": tfds.features.Text()}
-            ),
-            supervised_keys=("inputs", "targets"),
-        )
+        return text_pair_info(self)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # local files
