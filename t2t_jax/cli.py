@@ -32,6 +32,7 @@ commands:
   decode  --workdir DIR [--step N] [--input FILE|-] [--output FILE] [--beam_size 4] [--alpha 0.6]
   evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
+  bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
                (on a generated WMT-like corpus when --config is parallel_text without files)
 """
@@ -83,7 +84,7 @@ def prepare_command() -> None:
 
 _PAIRS = flags.DEFINE_integer("pairs", 100_000, "bench-input: generated sentence pairs.")
 _BATCHES = flags.DEFINE_integer("batches", 50, "bench-input: pipeline batches to time.")
-_STEPS = flags.DEFINE_integer("steps", 3, "bench-input: train steps to time.")
+_STEPS = flags.DEFINE_integer("steps", 3, "bench, bench-input: steps to time after warm-up.")
 
 
 def bench_input_command() -> None:
@@ -103,7 +104,7 @@ def bench_input_command() -> None:
 _STEP = flags.DEFINE_integer("step", None, "decode/evaluate: checkpoint step (default: latest).")
 _INPUT = flags.DEFINE_string("input", "-", "decode: file of source lines, or - for stdin.")
 _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdout); "
-                              "average: the new workdir.")
+                              "average: the new workdir; bench: folder for json, csv, png.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch.")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy.")
 _ALPHA = flags.DEFINE_float("alpha", 0.6, "decode/evaluate: GNMT length penalty exponent.")
@@ -192,6 +193,43 @@ def average_command() -> None:
     print(f"averaged the params of steps {steps} into {os.path.abspath(output)}")
 
 
+_SEQ_LENS = flags.DEFINE_list("seq_lens", "128,256,512,1024,2048,4096,8192",
+                              "bench: sequence lengths.")
+_ATTENTION = flags.DEFINE_list("attention", "xla,dot_product_attention",
+                               "bench: attention implementations.")
+_MODE = flags.DEFINE_string("mode", "train", "bench: train (step) or forward (eval step).")
+_BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 8192, "bench: tokens a side per step.")
+
+
+def bench_command() -> None:
+    from t2t_jax import bench
+    from t2t_jax.data import tasks
+
+    config = _require(_CONFIG.value, "config")
+    if config.model.vocab_size:
+        vocab_size = config.model.vocab_size
+    elif tasks.is_builtin(config.data):
+        vocab_size = tasks.tokenizer_from_config(config.data).vocab_size
+    else:
+        vocab_size = config.data.spm_vocab_size
+    points, peak_source = bench.run_bench(
+        config, vocab_size, [int(s) for s in _SEQ_LENS.value], _ATTENTION.value, _MODE.value,
+        _BATCH_TOKENS.value, _STEPS.value,
+    )
+    print(f"devices: {jax_device_summary()}; peak: {peak_source}")
+    print("\n".join(bench.format_table(points)))
+    if _OUTPUT.value:
+        for path in bench.write_outputs(points, _OUTPUT.value, f"{config.model.type}, "
+                                        f"d_model {config.model.d_model}, {jax_device_summary()}"):
+            print(f"wrote {path}")
+
+
+def jax_device_summary() -> str:
+    import jax
+
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind} (jax {jax.__version__})"
+
+
 def info_command() -> None:
     from t2t_jax.info import describe
 
@@ -206,6 +244,7 @@ COMMANDS = {
     "decode": decode_command,
     "evaluate": evaluate_command,
     "average": average_command,
+    "bench": bench_command,
 }
 
 

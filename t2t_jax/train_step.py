@@ -258,6 +258,11 @@ class Stepper:
         n = jax.local_device_count()
         return {k: v.reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
 
+    @property
+    def jitted_train_step(self) -> Callable:
+        """The compiled-on-first-call train step itself, e.g. to `.lower()` it for analysis."""
+        return self._train
+
     def train(self, state: TrainState, batch: Batch, rng: Array) -> tuple[TrainState, dict]:
         """One step; metrics come back as device arrays (summed over the global batch)."""
         state, metrics = self._train(state, batch, rng)

@@ -1,0 +1,277 @@
+"""Throughput and memory against sequence length: `t2t-jax bench`.
+
+For each sequence length and attention implementation the compiled train step (or forward pass)
+is timed on random tokens: median step time after warm-up, tokens/s, model FLOPs per step from
+the formula below (cross-checked against XLA's cost analysis), MFU against the device's peak,
+peak memory and compile time. A point that does not fit in memory is a row with `error`.
+
+Model FLOPs (Kaplan et al. 2020 / PaLM appendix B conventions): a matmul of an [m, k] by a
+[k, n] matrix is 2*m*k*n FLOPs; per token, the forward pass costs 2 FLOPs per weight it
+multiplies (projections, feed-forward and, on the target side, the pre-softmax matrix; not the
+embedding lookups) plus attention's scores and weighted sum, 4 * d_model * (attended length)
+per layer and attention block (the full length, masks are not subtracted). A train step is
+3 times the forward pass (the backward pass costs two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from t2t_jax import sharding
+from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.optimizer import make_optimizer, paper_schedule
+from t2t_jax.train_step import StepFns, Stepper, eval_step
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+COLUMNS = (
+    "seq_len", "attention", "mode", "tokens_per_s", "step_time_s", "flops_per_step",
+    "xla_flops_per_step", "mfu", "peak_memory_bytes", "compile_time_s", "error",
+)
+
+
+def model_flops_per_step(config: ModelConfig, batch: int, seq_len: int, mode: str) -> float:
+    """FLOPs of one step on `batch` rows of `seq_len` tokens (source = target length for the
+    encoder-decoder), by the formula in the module docstring."""
+    d, f, v = config.d_model, config.d_ff, config.vocab_size
+    attention_block = 4 * d * d + 4 * d * seq_len  # projections + scores and weighted sum
+    ffn = 2 * d * f
+    decoder_layer = attention_block + ffn + (attention_block if config.type != "decoder_only"
+                                             else 0)
+    per_target_token = 2 * (config.num_decoder_layers * decoder_layer + d * v)
+    per_source_token = 2 * config.num_encoder_layers * (attention_block + ffn)
+    tokens = batch * seq_len
+    forward = tokens * per_target_token
+    if config.type != "decoder_only":
+        forward += tokens * per_source_token
+    return float(forward * (3 if mode == "train" else 1))
+
+
+def device_peak_flops(matmul_size: int = 2048) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from): the table for known
+    accelerators; on anything else, a float32 matmul measured now."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak, f"{kind}: data-sheet bf16 peak"
+    a = jnp.ones((matmul_size, matmul_size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    peak = 2 * matmul_size**3 / min(times)
+    return peak, f"{kind}: measured {matmul_size}^3 float32 matmul"
+
+
+def _fake_batch(config: ModelConfig, rows: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = lambda: rng.integers(3, config.vocab_size, size=(rows, seq_len), dtype=np.int32)  # noqa: E731
+    if config.type == "decoder_only":
+        return {"targets": tokens()}
+    return {"inputs": tokens(), "targets": tokens()}
+
+
+def _memory_bytes(compiled: Any) -> int:
+    """Peak device memory of the step: the allocator's own figure where the device reports it,
+    else the compiled program's arguments + outputs + temporaries."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    memory = compiled.memory_analysis()
+    return int(
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+
+
+@dataclasses.dataclass
+class Point:
+    """One measured (length, attention, mode) point."""
+
+    seq_len: int
+    attention: str
+    mode: str
+    tokens_per_s: float | None = None
+    step_time_s: float | None = None
+    flops_per_step: float | None = None
+    xla_flops_per_step: float | None = None
+    mfu: float | None = None
+    peak_memory_bytes: int | None = None
+    compile_time_s: float | None = None
+    error: str | None = None
+
+
+def measure_point(
+    config: ml_collections.ConfigDict,
+    model_config: ModelConfig,
+    seq_len: int,
+    rows: int,
+    mode: str,
+    steps: int,
+    peak_flops: float,
+) -> Point:
+    """Times `steps` steps at one sequence length; out-of-memory becomes the row's error."""
+    point = Point(seq_len, model_config.attention, mode)
+    lengths = {"targets": seq_len} | ({} if model_config.type == "decoder_only"
+                                      else {"inputs": seq_len})
+    model = build_model(model_config)
+    fns = StepFns(
+        model=model,
+        tx=make_optimizer(config.train, model_config.d_model),
+        schedule=paper_schedule(model_config.d_model, config.train.warmup_steps),
+        label_smoothing=config.train.label_smoothing,
+        z_loss=config.train.z_loss,
+        grad_accum_steps=1,
+    )
+    try:
+        stepper = Stepper(fns, sharding.make_mesh(config.mesh), "jit", lengths)
+        with stepper.activate():
+            state = stepper.init_state(jax.random.key(0))
+            batch = stepper.put_batch(_fake_batch(model_config, rows, seq_len, 0))
+            rng = jax.random.key(1)
+            if mode == "train":
+                function, args = stepper.jitted_train_step, (state, batch, rng)
+            else:
+                function = jax.jit(lambda p, b: eval_step(fns, p, b))
+                args = (state.params, batch)
+            start = time.perf_counter()
+            compiled = function.lower(*args).compile()
+            point.compile_time_s = time.perf_counter() - start
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            # XLA analyses the per-device SPMD program: scale to the whole step.
+            device_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+            point.xla_flops_per_step = device_flops * stepper.mesh.devices.size or None
+            times = []
+            for _ in range(steps + 1):
+                start = time.perf_counter()
+                out = compiled(*args)
+                if mode == "train":
+                    args = (out[0], batch, rng)
+                jax.block_until_ready(out)
+                times.append(time.perf_counter() - start)
+            point.peak_memory_bytes = _memory_bytes(compiled)
+    except Exception as error:  # XLA reports out-of-memory as several exception types.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+            raise
+        point.error = f"out of memory: {message[:200]}"
+        return point
+    point.step_time_s = statistics.median(times[1:])
+    point.tokens_per_s = rows * seq_len / point.step_time_s
+    point.flops_per_step = model_flops_per_step(model_config, rows, seq_len, mode)
+    point.mfu = point.flops_per_step / point.step_time_s / (peak_flops * jax.device_count())
+    return point
+
+
+def run_bench(
+    config: ml_collections.ConfigDict,
+    vocab_size: int,
+    seq_lens: list[int],
+    attentions: list[str],
+    mode: str,
+    batch_tokens: int,
+    steps: int = 3,
+) -> tuple[list[Point], str]:
+    """All points (lengths ascending; an implementation stops at its first out-of-memory
+    length), and where the peak FLOP/s figure comes from. Each point has about `batch_tokens`
+    tokens a side: batch_tokens // seq_len rows, a multiple of the device count."""
+    if mode not in ("train", "forward"):
+        raise ValueError(f"--mode must be train or forward, got {mode!r}")
+    peak, peak_source = device_peak_flops()
+    points = []
+    for attention in attentions:
+        model_config = ModelConfig.from_config(
+            dict(config.model) | {"attention": attention}, vocab_size
+        )
+        for seq_len in sorted(seq_lens):
+            rows = max(jax.device_count(), batch_tokens // seq_len // jax.device_count()
+                       * jax.device_count())
+            point = measure_point(config, model_config, seq_len, rows, mode, steps, peak)
+            logging.info("bench %s", point)
+            points.append(point)
+            if point.error:  # longer sequences will not fit either
+                break
+    return points, peak_source
+
+
+def write_outputs(points: list[Point], output: str, title: str) -> list[str]:
+    """bench.json, bench.csv and bench.png (tokens/s and memory against length) in `output`."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(output, exist_ok=True)
+    rows = [dataclasses.asdict(p) for p in points]
+    paths = [os.path.join(output, name) for name in ("bench.json", "bench.csv", "bench.png")]
+    with open(paths[0], "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(paths[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for attention in sorted({p.attention for p in points}):
+        ok = [p for p in points if p.attention == attention and not p.error]
+        lengths = [p.seq_len for p in ok]
+        speed.plot(lengths, [p.tokens_per_s for p in ok], marker="o", label=attention)
+        memory.plot(lengths, [p.peak_memory_bytes / 2**20 for p in ok], marker="o",
+                    label=attention)
+    for axis, label in ((speed, "tokens/s"), (memory, "peak memory (MiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(paths[2], dpi=100)
+    plt.close(figure)
+    return paths
+
+
+def format_table(points: list[Point]) -> list[str]:
+    """The terminal table."""
+    lines = [
+        f"{'seq_len':>8} {'attention':>22} {'mode':>7} {'tokens/s':>11} {'step s':>9} "
+        f"{'GFLOP/step':>11} {'XLA GFLOP':>10} {'MFU':>7} {'mem MiB':>9} {'compile s':>9}"
+    ]
+    for p in points:
+        if p.error:
+            lines.append(f"{p.seq_len:>8} {p.attention:>22} {p.mode:>7}  {p.error}")
+            continue
+        lines.append(
+            f"{p.seq_len:>8} {p.attention:>22} {p.mode:>7} {p.tokens_per_s:>11,.0f} "
+            f"{p.step_time_s:>9.4f} {p.flops_per_step / 1e9:>11.2f} "
+            f"{(p.xla_flops_per_step or 0) / 1e9:>10.2f} {p.mfu:>7.2%} "
+            f"{p.peak_memory_bytes / 2**20:>9.1f} {p.compile_time_s:>9.2f}"
+        )
+    return lines
