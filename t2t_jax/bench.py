@@ -56,7 +56,9 @@ def model_flops_per_step(config: ModelConfig, batch: int, seq_len: int, mode: st
     """FLOPs of one step on `batch` rows of `seq_len` tokens (source = target length for the
     encoder-decoder), by the formula in the module docstring."""
     d, f, v = config.d_model, config.d_ff, config.vocab_size
-    attention_block = 4 * d * d + 4 * d * seq_len  # projections + scores and weighted sum
+    # Multiply-adds per token (doubled to FLOPs below): Q, K, V and output projections, then
+    # the scores Q K^T and the weighted sum over seq_len positions.
+    attention_block = 4 * d * d + 2 * d * seq_len
     ffn = 2 * d * f
     decoder_layer = attention_block + ffn + (attention_block if config.type != "decoder_only"
                                              else 0)

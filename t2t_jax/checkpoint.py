@@ -203,12 +203,20 @@ def input_state_dir(workdir: str, step: int, process_index: int, process_count: 
     )
 
 
-def prune_input_states(workdir: str, keep_steps: set[int]) -> None:
-    """Removes the input positions of checkpoints that no longer exist."""
+def prune_input_states(
+    workdir: str, keep_steps: set[int], process_index: int, process_count: int
+) -> None:
+    """Removes this process's input positions of checkpoints that no longer exist (each process
+    removes only its own, so that hosts sharing a file system do not race)."""
     root = os.path.join(os.path.abspath(workdir), "input_state")
     for name in tf.io.gfile.listdir(root) if tf.io.gfile.exists(root) else []:
         name = name.rstrip("/")
-        if name.isdigit() and int(name) not in keep_steps:
+        if not name.isdigit() or int(name) in keep_steps:
+            continue
+        mine = input_state_dir(workdir, int(name), process_index, process_count)
+        if tf.io.gfile.exists(mine):
+            tf.io.gfile.rmtree(mine)
+        if not tf.io.gfile.listdir(os.path.join(root, name)):
             tf.io.gfile.rmtree(os.path.join(root, name))
 
 

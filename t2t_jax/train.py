@@ -237,11 +237,9 @@ def train_and_evaluate(
 def _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir) -> None:
     """The train state with Orbax, and this process's input position beside it."""
     checkpoint.save(manager, step, exp.stepper.to_checkpoint(state), exp.config, exp.tokenizer)
-    state_dir = checkpoint.input_state_dir(
-        workdir, step, jax.process_index(), jax.process_count()
-    )
-    batches.save(state_dir, device_batches.pending())
-    checkpoint.prune_input_states(workdir, set(manager.all_steps()) | {step})
+    index, count = jax.process_index(), jax.process_count()
+    batches.save(checkpoint.input_state_dir(workdir, step, index, count), device_batches.pending())
+    checkpoint.prune_input_states(workdir, set(manager.all_steps()) | {step}, index, count)
 
 
 def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[str, float]:

@@ -13,7 +13,7 @@ from t2t_jax.model import ModelConfig
 def test_flops_formula_counts_the_base_model():
     config = ModelConfig(vocab_size=37_000)
     d, f, s = 512, 2048, 128
-    attention = 4 * d * d + 4 * d * s
+    attention = 4 * d * d + 2 * d * s  # multiply-adds: projections, scores, weighted sum
     per_source = 2 * 6 * (attention + 2 * d * f)
     per_target = 2 * (6 * (2 * attention + 2 * d * f) + d * 37_000)
     forward = 8 * s * (per_source + per_target)
@@ -37,7 +37,7 @@ def test_bench_on_a_tiny_config_is_consistent(tiny_config, tmp_path):
         assert p.step_time_s > 0 and p.compile_time_s > 0 and p.peak_memory_bytes > 0
         assert 0 < p.mfu < 1
         # The formula ignores elementwise work and counts masked attention; XLA counts all.
-        assert p.flops_per_step == pytest.approx(p.xla_flops_per_step, rel=0.35)
+        assert p.flops_per_step == pytest.approx(p.xla_flops_per_step, rel=0.2)
     paths = bench.write_outputs(points, str(tmp_path), "tiny")
     assert all(os.path.getsize(path) > 0 for path in paths)
     with open(paths[0]) as f:

@@ -129,6 +129,8 @@ def test_training_learns_and_writes_metrics_config_and_checkpoints(tiny_config, 
     assert "test_accuracy" in eval_row
     assert result["eval_accuracy"] == pytest.approx(eval_row["eval_accuracy"])
     assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ["40", "60"]
+    # The input positions are pruned with the checkpoints they belong to.
+    assert sorted(os.listdir(os.path.join(workdir, "input_state"))) == ["40", "60"]
     saved = checkpoint.load_config_json(workdir)
     assert saved.model.d_model == 32 and saved.train.num_steps == 60
     assert os.path.exists(os.path.join(workdir, "vocab.txt"))
