@@ -33,6 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     # lowers it through XLA unless asked for its cuDNN kernel, which the benchmark work adds).
     config.model.attention = "xla"
     config.model.dtype = "float32"  # compute dtype, "bfloat16" for speed; params stay f32
+    # Recompute each layer in the backward pass: "none", "full" or "dots" (keep matmul outputs).
+    config.model.remat = "none"
 
     config.data = ml_collections.ConfigDict()
     config.data.task = "reverse"  # a built-in task: reverse, copy, sort, addition

@@ -199,3 +199,23 @@ def test_bad_model_config_is_a_clear_error():
         ModelConfig(**TINY, attention="flash")
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         ModelConfig.from_config({**TINY, "vocab_size": 5}, 20)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialisation_keeps_params_loss_and_gradients(remat):
+    config = ModelConfig(**TINY)
+    model, params = init(config)
+    rematted = build_model(ModelConfig(**TINY, remat=remat))
+    rematted_params = nn.meta.unbox(rematted.init(
+        jax.random.key(0), jnp.ones((2, 7), jnp.int32), jnp.ones((2, 6), jnp.int32)
+    )["params"])
+    assert jax.tree.structure(rematted_params) == jax.tree.structure(params)
+    inputs, targets = random_tokens(1, (2, 7)), random_tokens(2, (2, 6))
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, inputs, targets) ** 2)
+
+    np.testing.assert_allclose(loss(rematted, params), loss(model, params), rtol=1e-6)
+    grads = jax.grad(lambda p: loss(model, p))(params)
+    rematted_grads = jax.grad(lambda p: loss(rematted, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), rematted_grads, grads)

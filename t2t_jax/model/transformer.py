@@ -19,6 +19,13 @@ from t2t_jax.model.embedding import Embedder, embedding_init
 Array = jax.Array
 
 MODEL_TYPES = ("encoder_decoder", "decoder_only")
+# What the backward pass may keep instead of recomputing: everything ("none": no remat),
+# nothing ("full"), or the matmul outputs ("dots").
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
 NORM_POSITIONS = ("post", "pre")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -42,12 +49,14 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-6
     attention: str = "xla"  # one of attention.ATTENTION_IMPLEMENTATIONS
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: str = "none"  # rematerialisation of each layer: one of REMAT_POLICIES
 
     def __post_init__(self):
         checks = [
             (self.type in MODEL_TYPES, f"model.type must be one of {MODEL_TYPES}"),
             (self.norm in NORM_POSITIONS, f"model.norm must be one of {NORM_POSITIONS}"),
             (self.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}"),
+            (self.remat in REMAT_POLICIES, f"model.remat must be one of {tuple(REMAT_POLICIES)}"),
             (
                 self.attention in attn.ATTENTION_IMPLEMENTATIONS,
                 f"model.attention must be one of {attn.ATTENTION_IMPLEMENTATIONS}",
@@ -133,6 +142,14 @@ class Residual(nn.Module):
         return layer_norm(cfg, "norm")(x + dropout(sublayer(x), deterministic=deterministic))
 
 
+def _rematerialised(layer: type[nn.Module], config: ModelConfig, static_argnums: tuple):
+    """`layer`, recomputed in the backward pass as `model.remat` says (trading compute for
+    activation memory); parameter names do not change."""
+    if config.remat == "none":
+        return layer
+    return nn.remat(layer, policy=REMAT_POLICIES[config.remat], static_argnums=static_argnums)
+
+
 def _attention(config: ModelConfig, name: str, kind: str = "self") -> attn.MultiHeadAttention:
     return attn.MultiHeadAttention(
         num_heads=config.num_heads,
@@ -216,8 +233,9 @@ class Encoder(nn.Module):
         )
         x = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
                      name="embedder")(inputs, positions, deterministic)
+        layer = _rematerialised(EncoderLayer, cfg, static_argnums=(3,))  # self=0: deterministic
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, deterministic)
+            x = layer(cfg, name=f"layer_{i}")(x, mask, deterministic)
         if cfg.norm == "pre":
             x = layer_norm(cfg, "final_norm")(x)
         return x
@@ -262,8 +280,10 @@ class Decoder(nn.Module):
                 self_mask = None
         y = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
                      name="embedder")(decoder_inputs, positions, deterministic)
+        # Incremental decoding has no backward pass: no remat there (nor cache inside it).
+        layer = DecoderLayer if cache_mode else _rematerialised(DecoderLayer, cfg, (5, 6))
         for i in range(cfg.num_decoder_layers):
-            y = DecoderLayer(cfg, self.cross_attention, name=f"layer_{i}")(
+            y = layer(cfg, self.cross_attention, name=f"layer_{i}")(
                 y, encoded, self_mask, cross_mask, deterministic, cache_mode
             )
         if cfg.norm == "pre":
