@@ -30,8 +30,7 @@ import numpy as np
 
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
-from t2t_jax.optimizer import make_optimizer, paper_schedule
-from t2t_jax.train_step import StepFns, Stepper, eval_step
+from t2t_jax.train_step import Stepper, eval_step, make_step_fns
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -142,13 +141,8 @@ def measure_point(
     lengths = {"targets": seq_len} | ({} if model_config.type == "decoder_only"
                                       else {"inputs": seq_len})
     model = build_model(model_config)
-    fns = StepFns(
-        model=model,
-        tx=make_optimizer(config.train, model_config.d_model),
-        schedule=paper_schedule(model_config.d_model, config.train.warmup_steps),
-        label_smoothing=config.train.label_smoothing,
-        z_loss=config.train.z_loss,
-        grad_accum_steps=1,
+    fns = dataclasses.replace(
+        make_step_fns(config, model, model_config.d_model), grad_accum_steps=1
     )
     try:
         stepper = Stepper(fns, sharding.make_mesh(config.mesh), "jit", lengths)

@@ -206,15 +206,14 @@ def bench_command() -> None:
     from t2t_jax.data import tasks
 
     config = _require(_CONFIG.value, "config")
-    if config.model.vocab_size:
-        vocab_size = config.model.vocab_size
-    elif tasks.is_builtin(config.data):
-        vocab_size = tasks.tokenizer_from_config(config.data).vocab_size
-    else:
-        vocab_size = config.data.spm_vocab_size
     points, peak_source = bench.run_bench(
-        config, vocab_size, [int(s) for s in _SEQ_LENS.value], _ATTENTION.value, _MODE.value,
-        _BATCH_TOKENS.value, _STEPS.value,
+        config,
+        tasks.expected_vocab_size(config),
+        [int(s) for s in _SEQ_LENS.value],
+        _ATTENTION.value,
+        _MODE.value,
+        _BATCH_TOKENS.value,
+        _STEPS.value,
     )
     print(f"devices: {jax_device_summary()}; peak: {peak_source}")
     print("\n".join(bench.format_table(points)))

@@ -62,11 +62,7 @@ def activation_bytes(config: ModelConfig, batch_per_device: int, lengths: dict[s
 
 def describe(config: ml_collections.ConfigDict) -> list[str]:
     """Lines of the `t2t-jax info` report; the last is `total parameters: N`."""
-    if tasks.is_builtin(config.data):
-        vocab_size = tasks.tokenizer_from_config(config.data).vocab_size
-    else:  # the SentencePiece model may not be trained yet; it aims at this size
-        vocab_size = config.data.spm_vocab_size
-    model_config = ModelConfig.from_config(config.model, vocab_size)
+    model_config = ModelConfig.from_config(config.model, tasks.expected_vocab_size(config))
     model = build_model(model_config)
     lengths = pipeline.Lengths(
         config.data.max_source_length, config.data.max_target_length

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import tensorflow as tf
 import tqdm
@@ -25,8 +24,7 @@ from t2t_jax import bleu, checkpoint, decode, metrics, sharding
 from t2t_jax.data import pipeline, tasks
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model
-from t2t_jax.optimizer import make_optimizer, paper_schedule
-from t2t_jax.train_step import StepFns, Stepper, TrainState
+from t2t_jax.train_step import Stepper, TrainState, accumulate, make_step_fns
 
 
 @dataclasses.dataclass
@@ -67,16 +65,7 @@ def build_experiment(
     tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
     model_config = ModelConfig.from_config(config.model, tokenizer.vocab_size)
     model = build_model(model_config)
-    fns = StepFns(
-        model=model,
-        tx=make_optimizer(config.train, model_config.d_model),
-        schedule=paper_schedule(
-            model_config.d_model, config.train.warmup_steps, config.train.learning_rate
-        ),
-        label_smoothing=config.train.label_smoothing,
-        z_loss=config.train.z_loss,
-        grad_accum_steps=config.train.grad_accum_steps,
-    )
+    fns = make_step_fns(config, model, model_config.d_model)
     mesh = sharding.make_mesh(config.mesh, devices)
     stepper = Stepper(fns, mesh, config.train.mode, train_lengths(config))
     return Experiment(config, builder, test_builder, tokenizer, model_config, model, stepper)
@@ -144,10 +133,10 @@ def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dic
         exp.config, builder, exp.tokenizer, split, jax.process_index(), jax.process_count()
     ):
         sums = exp.stepper.evaluate(state, exp.stepper.put_batch(local))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = accumulate(totals, sums)
     if totals is None:
         raise ValueError(f"the {split} split has no example within the configured max lengths")
-    return metrics.summarize_eval(jax.device_get(totals), prefix)
+    return metrics.summarize_eval(exp.stepper.fetch_metrics(totals), prefix)
 
 
 def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) -> list[str]:
@@ -257,10 +246,10 @@ def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[s
     )
     for step in range(start + 1, num_steps + 1):
         state, step_metrics = stepper.train(state, next(device_batches), step_rng)
-        sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+        sums = accumulate(sums, step_metrics)
         progress.update()
         if step % config.train.log_every == 0 or step == num_steps:
-            last = metrics.summarize_train(jax.device_get(sums), time.perf_counter() - tick)
+            last = metrics.summarize_train(stepper.fetch_metrics(sums), time.perf_counter() - tick)
             writer.write_scalars(step, last)
             progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
             sums, tick = None, time.perf_counter()

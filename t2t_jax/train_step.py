@@ -20,6 +20,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from t2t_jax import sharding
+from t2t_jax.optimizer import make_optimizer, paper_schedule
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -155,6 +156,24 @@ def eval_step(fns: StepFns, params: Any, batch: Batch) -> dict[str, Array]:
     return cross_entropy_sums(logits, batch, fns.label_smoothing, fns.z_loss)
 
 
+@jax.jit
+def accumulate(sums: dict[str, Array] | None, metrics: dict[str, Array]) -> dict[str, Array]:
+    """Running sums of step metrics, in one dispatch per step rather than one per metric."""
+    return metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+
+
+def make_step_fns(config: Any, model: nn.Module, d_model: int) -> StepFns:
+    """The step's pieces from a config: the paper's optimizer and schedule, the loss settings."""
+    return StepFns(
+        model=model,
+        tx=make_optimizer(config.train, d_model),
+        schedule=paper_schedule(d_model, config.train.warmup_steps, config.train.learning_rate),
+        label_smoothing=config.train.label_smoothing,
+        z_loss=config.train.z_loss,
+        grad_accum_steps=config.train.grad_accum_steps,
+    )
+
+
 def init_boxed_params(model: nn.Module, rng: Array, lengths: dict[str, int]) -> Any:
     """Initial params with their logical-axis boxes (`nn.LogicallyPartitioned`)."""
     dummy = {k: jnp.ones((1, v), jnp.int32) for k, v in lengths.items() if k != "loss_mask"}
@@ -264,15 +283,18 @@ class Stepper:
         return self._train
 
     def train(self, state: TrainState, batch: Batch, rng: Array) -> tuple[TrainState, dict]:
-        """One step; metrics come back as device arrays (summed over the global batch)."""
-        state, metrics = self._train(state, batch, rng)
-        if self.mode == "pmap":
-            metrics = jax.tree.map(lambda x: x[0], metrics)
-        return state, metrics
+        """One step; metrics stay on the devices (under pmap one identical copy per device):
+        add them with `accumulate`, read them with `fetch_metrics`."""
+        return self._train(state, batch, rng)
+
+    def fetch_metrics(self, metrics: dict[str, Array]) -> dict[str, np.ndarray]:
+        """Metrics (or their running sums) on the host, as one value each."""
+        host = jax.device_get(metrics)
+        return jax.tree.map(lambda x: x[0], host) if self.mode == "pmap" else host
 
     def evaluate(self, state: TrainState, batch: Batch) -> dict[str, Array]:
-        sums = self._eval(state.params, batch)
-        return jax.tree.map(lambda x: x[0], sums) if self.mode == "pmap" else sums
+        """Loss sums of an eval batch, on the devices like `train`'s metrics."""
+        return self._eval(state.params, batch)
 
     def params(self, state: TrainState) -> Any:
         """Params usable by a plain `jax.jit` function (e.g. decoding)."""

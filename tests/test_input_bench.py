@@ -1,6 +1,5 @@
 """The input benchmark: a WMT-like corpus, and consistent throughput figures."""
 
-import jax
 
 from t2t_jax import input_bench
 from t2t_jax.data import parallel_text, tasks
@@ -32,4 +31,3 @@ def test_pipeline_figures_are_positive_and_consistent(tmp_path, data_dir):
     assert 2 <= ratio <= 128
     step = input_bench.measure_train_step(config, str(tmp_path), num_steps=2)
     assert step["step_time_s"] > 0 and step["tokens_per_s"] > 0
-    assert jax.device_count() == 8  # the suite's fake devices; the step ran over all of them

@@ -43,7 +43,7 @@ def run_steps(config, devices, mode="jit", steps=2):
             device_batch = exp.stepper.put_batch(batch)
             state, metrics = exp.stepper.train(state, device_batch, jax.random.key(1))
         final = exp.stepper.to_checkpoint(state)
-    return exp, final, jax.device_get(metrics)
+    return exp, final, exp.stepper.fetch_metrics(metrics)
 
 
 @pytest.fixture

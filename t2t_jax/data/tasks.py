@@ -68,6 +68,16 @@ def builder_from_config(
     )
 
 
+def expected_vocab_size(config: Any) -> int:
+    """The model's vocabulary size before any tokenizer is trained: `model.vocab_size` if set,
+    the symbol count of a built-in task, else the SentencePiece size aimed at."""
+    if config.model.vocab_size:
+        return config.model.vocab_size
+    if is_builtin(config.data):
+        return tokenizer_from_config(config.data).vocab_size
+    return config.data.spm_vocab_size
+
+
 def text_pairs(ds: tf.data.Dataset, data_config: Any) -> tf.data.Dataset:
     """Examples as {'inputs', 'targets'} text; translation datasets are keyed by language."""
     if data_config.task in TRANSLATION_TASKS:
