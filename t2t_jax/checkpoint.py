@@ -203,6 +203,18 @@ def input_state_dir(workdir: str, step: int, process_index: int, process_count: 
     )
 
 
+def find_input_state(
+    workdir: str, step: int, process_index: int, process_count: int, any_process: bool
+) -> str | None:
+    """This process's saved input position for checkpoint `step`, or with `any_process` (every
+    process reads the same global order) the one any process saved, whatever their count then."""
+    mine = input_state_dir(workdir, step, process_index, process_count)
+    if tf.io.gfile.exists(mine) or not any_process:
+        return mine if tf.io.gfile.exists(mine) else None
+    saved = tf.io.gfile.glob(os.path.join(os.path.dirname(mine), "process_*_of_*"))
+    return sorted(saved)[0] if saved else None
+
+
 def prune_input_states(
     workdir: str, keep_steps: set[int], process_index: int, process_count: int
 ) -> None:

@@ -50,13 +50,43 @@ def _require(value, flag: str):
     return value
 
 
-def train_command() -> None:
-    from t2t_jax.train import train_and_evaluate
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "train: start jax.distributed: auto (when flags, JAX_COORDINATOR_ADDRESS or a SLURM, MPI "
+    "or TPU cluster say there are several processes), on, off.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "train: host:port of process "
+                                   "0 (default: JAX_COORDINATOR_ADDRESS or the cluster's).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "train: processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "train: this process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "train: seconds to wait for all "
+                                     "processes to join before failing.")
 
+
+def train_command() -> None:
     config = _require(_CONFIG.value, "config")
     workdir = _require(_WORKDIR.value, "workdir")
+    if config.deterministic:  # read when the backend starts, which has not happened yet
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
+        ).strip()
+    from t2t_jax import distributed
+
+    distributed.initialize(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        _INIT_TIMEOUT.value,
+    )
+    distributed.log_to_file(os.path.join(workdir, "logs"))
+    from t2t_jax.train import train_and_evaluate
+
     result = train_and_evaluate(config, workdir)
+    import jax
+
+    if jax.process_index() != 0:
+        return
     print(f"workdir: {os.path.abspath(workdir)}")
+    if "preempted_at" in result:
+        print(f"preempted: saved step {result['preempted_at']}; run the same command to resume")
+        return
     for key in ("loss", "accuracy", "eval_loss", "eval_accuracy", "test_loss", "test_accuracy"):
         if key in result:
             print(f"{key:>15s}: {result[key]:.4f}")
@@ -255,10 +285,42 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         COMMANDS[argv[1]]()
-    except (ValueError, FileNotFoundError) as error:
-        # Configuration and input mistakes: one line naming the fix, no stack trace.
-        print(f"t2t-jax {argv[1]}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as error:
+        code = _error_code(error)
+        if code:  # a mistake in the config or input, or a diverged run: one line, no traceback
+            print(f"t2t-jax {argv[1]}: error: {error}", file=sys.stderr)
+            _exit(code)
+        if not _is_multiprocess():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _exit(1)
+
+
+def _error_code(error: Exception) -> int:
+    """2 for configuration and input mistakes, 3 for a run that diverged, 0 for a bug."""
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return 2
+    from t2t_jax.train import TrainingDiverged
+
+    return 3 if isinstance(error, TrainingDiverged) else 0
+
+
+def _is_multiprocess() -> bool:
+    import jax
+
+    return jax.process_count() > 1
+
+
+def _exit(code: int) -> None:
+    """Exits now. In a multi-process run, without JAX's shutdown barrier: the other processes
+    will never reach it, and waiting for them would hang this one instead of failing it."""
+    if _is_multiprocess():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

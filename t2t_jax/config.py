@@ -13,6 +13,10 @@ def default_config() -> ml_collections.ConfigDict:
     """The paper's base model on the built-in reverse task, one process, data parallel."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # XLA's deterministic GPU kernels (--xla_gpu_deterministic_ops; scatter-adds such as the
+    # embedding gradient get slower): two runs with one seed give bit-identical checkpoints.
+    # CPU and TPU runs are deterministic either way. The CLI sets it before JAX starts.
+    config.deterministic = False
 
     config.model = ml_collections.ConfigDict()
     config.model.type = "encoder_decoder"  # or "decoder_only" (a language model, same blocks)
@@ -73,6 +77,11 @@ def default_config() -> ml_collections.ConfigDict:
     # >0 (with packing off): batches of about this many tokens a side instead, in length
     # buckets, as the paper's ~25,000-token batches; each bucket's row count varies.
     config.data.token_budget = 0
+    # "per_process": each process reads its own part of the data (scales with hosts; the order
+    # depends on the process count). "global": each reads all of it in one order and keeps its
+    # rows (input work times the process count; the batches, and so the run, do not depend on
+    # the process count, which a resumed run may then change).
+    config.data.input_order = "per_process"
     config.data.eval_batch_size = 128
     config.data.eval_steps = -1  # batches per eval; -1: the whole split
     config.data.shuffle_buffer = 10_000
@@ -91,6 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
     # gradients (equal weight per batch, not per token). num_steps and the *_every intervals
     # count batches; the warmup counts updates.
     config.train.grad_accum_steps = 1
+    # A step whose loss, gradients or update is NaN/Inf never changes the state. "stop": the run
+    # stops at the next log or checkpoint with an error, keeping the last good checkpoint;
+    # "skip": it goes on, logging how many steps it skipped (nonfinite_steps).
+    config.train.on_nonfinite = "stop"
     config.train.mode = "jit"  # "jit" (sharded over the mesh) or "pmap" (data parallel)
     config.train.log_every = 100  # steps between metric fetches; nothing else syncs the host
     config.train.eval_every = 1000
@@ -103,11 +116,13 @@ def default_config() -> ml_collections.ConfigDict:
     # JAX persistent compilation cache; None: WORKDIR/jax_cache, "" turns it off.
     config.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
 
+    # The device mesh (data, fsdp, tensor): each axis is ici x dcn. `ici` shapes the devices of
+    # one granule (a TPU slice, or a GPU/CPU host) and `dcn` the granules, over the slower
+    # network: by default data parallel across hosts, the fast links left to fsdp and tensor.
+    # -1 takes what the other axes leave; on one host dcn is all 1.
     config.mesh = ml_collections.ConfigDict()
-    # Device mesh axes; -1 takes the devices the other axes leave. data*fsdp*tensor = devices.
-    config.mesh.data = -1
-    config.mesh.fsdp = 1
-    config.mesh.tensor = 1
+    config.mesh.ici = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh.dcn = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return config
 
 
@@ -171,4 +186,25 @@ def make_big(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.3
     config.train.num_steps = 300_000
     config.train.keep_checkpoints = 20
+    return config
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """A smoke-test size: a 1+1-layer d_model 32 model on short reversal, compiling and running
+    a step in well under a second on a CPU; for checking a setup (launch scripts, many
+    processes), and the tests' base config."""
+    config = default_config()
+    algorithmic = config.data.algorithmic
+    algorithmic.max_length, algorithmic.test_max_length = 6, 9
+    algorithmic.num_train, algorithmic.num_validation, algorithmic.num_test = 256, 32, 32
+    config.data.max_source_length = config.data.max_target_length = 8
+    config.data.test_max_source_length = config.data.test_max_target_length = 10
+    config.data.batch_size = config.data.eval_batch_size = 16
+    config.data.shuffle_buffer = 64
+    config.model.num_encoder_layers = config.model.num_decoder_layers = 1
+    config.model.d_model, config.model.d_ff, config.model.num_heads = 32, 64, 4
+    config.model.dropout_rate = 0.0
+    config.train.num_steps, config.train.warmup_steps = 4, 10
+    config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 2, 4, 2
+    config.train.num_decode_examples = 2
     return config

@@ -80,6 +80,7 @@ def summarize_train(sums: Mapping[str, Any], seconds: float) -> dict[str, float]
         "grad_norm": float(sums["grad_norm"]) / steps,
         "tokens_per_s": float(sums["weight"]) / max(seconds, 1e-9),
         "steps_per_s": steps / max(seconds, 1e-9),
+        "nonfinite_steps": float(sums["nonfinite"]),
     }
 
 

@@ -2,7 +2,7 @@
 
 Parameters name their axes (vocab, embed, mlp, heads, kv) and activations theirs (act_*); the
 rules below decide which mesh axis each is split over. Parallelism is therefore a config change:
-`--config.mesh.fsdp=4 --config.mesh.tensor=2`, never a model edit.
+`--config.mesh.ici.fsdp=4 --config.mesh.ici.tensor=2`, never a model edit.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from `config.mesh`, one of them -1 for "the rest"."""
+def mesh_shape(mesh_config: Any, num_devices: int, name: str = "mesh") -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from a config with those fields, one of them -1 for "the rest"
+    of `num_devices`."""
     sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
-    spec = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
+    spec = ", ".join(f"{name}.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"invalid mesh ({spec}): sizes must be positive, at most one -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -57,22 +58,80 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     if math.prod(sizes) != num_devices:
         raise ValueError(
             f"mesh ({spec}) needs {math.prod(sizes)} devices but {num_devices} are present; "
-            "make data*fsdp*tensor equal the device count or set one axis to -1"
+            f"make data*fsdp*tensor equal {num_devices} or set one axis to -1"
         )
     return tuple(sizes)
 
 
+def granules(devices: list) -> list[list]:
+    """Devices grouped into what fast links join: a TPU slice (ICI), or on GPU and CPU one
+    process's devices (NVLink, shared memory); between groups is the slower network (DCN)."""
+    def key(d):
+        return getattr(d, "slice_index", 0) if d.platform == "tpu" else d.process_index
+
+    groups: dict[int, list] = {}
+    for device in sorted(devices, key=lambda d: (key(d), d.id)):
+        groups.setdefault(key(device), []).append(device)
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"hosts hold different numbers of devices ({sorted(sizes)}); give every process "
+            "the same number of devices"
+        )
+    return list(groups.values())
+
+
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_config, len(devices))
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    `mesh.ici` shapes the devices within a granule (slice or host) and `mesh.dcn` the granules;
+    each mesh axis is their product, DCN-major, so the axes the DCN splits (by default data)
+    change slowest and the collectives of `tensor` stay on the fast links.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    groups = granules(devices)
+    ici = mesh_shape(mesh_config.ici, len(groups[0]), "mesh.ici")
+    dcn = mesh_shape(mesh_config.dcn, len(groups), "mesh.dcn")
     try:
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        if len(groups) == 1:
+            grid = mesh_utils.create_device_mesh(ici, groups[0])
+        else:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, process_is_granule=devices[0].platform != "tpu"
+            )
     except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
+        # (dcn..., ici...) -> interleave each axis's DCN and ICI parts -> (dcn*ici per axis)
+        blocks = np.asarray(groups, dtype=object).reshape(*dcn, *ici)
+        grid = blocks.transpose(0, 3, 1, 4, 2, 5).reshape(np.multiply(dcn, ici))
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def local_mesh() -> Mesh:
+    """This process's devices alone, all on `data`: for work each host does by itself, such as
+    decoding samples during training."""
+    grid = np.asarray(jax.local_devices()).reshape(-1, 1, 1)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_shard(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): every global batch is `count` equal blocks of rows, and this process's
+    devices hold block `index` (processes that differ only along `tensor` hold the same one).
+    The input pipeline reads that block; `global_batch` puts it in place."""
+    fsdp = mesh.shape["fsdp"]
+    rows = sorted({
+        position[0] * fsdp + position[1]
+        for position, device in np.ndenumerate(mesh.devices)
+        if device.process_index == jax.process_index()
+    })
+    width, ways = len(rows), mesh.shape["data"] * fsdp
+    if rows != list(range(rows[0], rows[0] + width)) or rows[0] % width or ways % width:
+        raise ValueError(
+            "this process's devices do not hold one contiguous block of the batch; keep "
+            "mesh.dcn on data and fsdp, or give every host whole data/fsdp groups"
+        )
+    return rows[0] // width, ways // width
 
 
 def _divisible_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str) -> P:
@@ -115,11 +174,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """One global array per feature from each process's rows (`local_batch`)."""
+def global_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, count: int
+) -> dict[str, jax.Array]:
+    """One global array per feature from each process's block of rows (`local_batch`, one of
+    `count`: the block `batch_shard(mesh)` names)."""
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
+        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * count, *v.shape[1:]))
+        for k, v in local_batch.items()
     }
 
 

@@ -10,13 +10,13 @@ import collections
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
-import tensorflow as tf
 import tqdm
 from flax import linen as nn
 
@@ -71,6 +71,44 @@ def build_experiment(
     return Experiment(config, builder, test_builder, tokenizer, model_config, model, stepper)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, gradients or update became NaN or Inf and `train.on_nonfinite` is "stop"."""
+
+
+class PreemptionWatch:
+    """Says when to stop for a preemption notice (SIGTERM), at a step every process agrees on.
+
+    One process: a SIGTERM handler sets a flag. Several: JAX's coordination service, which
+    catches the signal on any host and picks a sync step all reach
+    (`multihost_utils.reached_preemption_sync_point`), so that every process saves that step.
+    """
+
+    def __init__(self):
+        self._multiprocess = jax.process_count() > 1
+        self._notified = False
+        self._previous = None
+        if not self._multiprocess:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._notify)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                logging.warning("not on the main thread: a SIGTERM will not save a checkpoint")
+
+    def _notify(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self._notified = True
+
+    def reached(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._notified
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 class DevicePrefetcher:
     """Keeps `size` batches in flight to the devices ahead of the step that consumes them, and
     their host copies, which a checkpoint saves as not yet trained on."""
@@ -100,27 +138,31 @@ class DevicePrefetcher:
 def open_input(exp: Experiment, workdir: str, start: int) -> pipeline.InputIterator:
     """The train input positioned after `start` steps: restored from the input state saved with
     that checkpoint, or (none saved, or saved with another process count) replayed from the
-    start of the data order, which is exact only with the same process count."""
-    index, count = jax.process_index(), jax.process_count()
-    state_dir = checkpoint.input_state_dir(workdir, start, index, count)
-    restorable = start > 0 and tf.io.gfile.exists(state_dir)
-    if start > 0 and not restorable:
+    start of the data order, which is exact only with the same process count or with
+    `data.input_order` "global"."""
+    global_order = exp.config.data.input_order == "global"
+    state_dir = start > 0 and checkpoint.find_input_state(
+        workdir, start, jax.process_index(), jax.process_count(), any_process=global_order
+    )
+    if start > 0 and not state_dir:
         logging.warning(
             "no input state for step %d with %d processes in %s; skipping %d batches from the "
             "start of the data order instead (the same batches only if the process count is "
-            "unchanged)", start, count, workdir, start,
+            "unchanged or data.input_order is global)",
+            start, jax.process_count(), workdir, start,
         )
+    index, count = exp.stepper.batch_shard
     ds = pipeline.train_dataset(
         exp.config,
         exp.builder,
         exp.tokenizer,
         index,
         count,
-        skip_batches=0 if restorable or start == 0 else start,
+        skip_batches=0 if state_dir or start == 0 else start,
         batch_multiple=jax.local_device_count(),
     )
     batches = pipeline.InputIterator(ds)
-    if restorable:
+    if state_dir:
         batches.restore(state_dir)
     return batches
 
@@ -130,7 +172,7 @@ def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dic
     totals = None
     builder = exp.test_builder if split == "test" else exp.builder
     for local in pipeline.eval_batches(
-        exp.config, builder, exp.tokenizer, split, jax.process_index(), jax.process_count()
+        exp.config, builder, exp.tokenizer, split, *exp.stepper.batch_shard
     ):
         sums = exp.stepper.evaluate(state, exp.stepper.put_batch(local))
         totals = accumulate(totals, sums)
@@ -139,19 +181,31 @@ def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dic
     return metrics.summarize_eval(exp.stepper.fetch_metrics(totals), prefix)
 
 
+def host_params(exp: Experiment, state: TrainState) -> Any:
+    """The params as numpy on every host, gathered from the devices of all processes."""
+    params = exp.stepper.params(state)
+    if jax.process_count() == 1 or exp.stepper.mode == "pmap":  # all on this host's devices
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
 def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) -> list[str]:
     data = exp.config.data
     prefix = "test_" if split == "test" else ""
-    return decode.decode_texts(
-        exp.model,
-        jax.device_get(exp.stepper.params(state)),
-        exp.tokenizer,
-        sources,
-        exp.config.model.type,
-        data[f"{prefix}max_source_length"],
-        data[f"{prefix}max_target_length"],
-        batch_size=data.eval_batch_size,
-    )
+    params = host_params(exp, state)
+    with sharding.activate(sharding.local_mesh()):  # every host decodes alone
+        return decode.decode_texts(
+            exp.model,
+            params,
+            exp.tokenizer,
+            sources,
+            exp.config.model.type,
+            data[f"{prefix}max_source_length"],
+            data[f"{prefix}max_target_length"],
+            batch_size=data.eval_batch_size,
+        )
 
 
 def _text_examples(exp: Experiment, split: str, count: int) -> tuple[list[str], list[str]]:
@@ -210,46 +264,101 @@ def train_and_evaluate(
     writer = metrics.make_writer(workdir, is_main)
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    # Committed once, so the step does not copy it to the devices on every call.
-    step_rng = jax.device_put(step_rng, sharding.replicated(exp.stepper.mesh))
-    with exp.stepper.activate():
-        state = restore_or_init(exp, manager, init_rng)
-        start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
-        logging.info("training from step %d to %d", start, config.train.num_steps)
-        last = _train_loop(exp, state, start, step_rng, manager, writer, workdir)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    return last
+    # Committed once, so the step does not copy it to the devices on every call (with jit
+    # across processes too, which device_put cannot do).
+    if exp.stepper.mode == "jit":
+        step_rng = jax.jit(lambda r: r, out_shardings=sharding.replicated(exp.stepper.mesh))(
+            step_rng
+        )
+    try:
+        with exp.stepper.activate():
+            state = restore_or_init(exp, manager, init_rng)
+            start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
+            logging.info("training from step %d to %d", start, config.train.num_steps)
+            return _train_loop(exp, state, start, step_rng, manager, writer, workdir)
+    finally:  # a save in flight completes, whatever stopped the run
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
 
 
 def _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir) -> None:
-    """The train state with Orbax, and this process's input position beside it."""
-    checkpoint.save(manager, step, exp.stepper.to_checkpoint(state), exp.config, exp.tokenizer)
+    """This process's input position, then the train state with Orbax. In this order, a run
+    killed in between leaves an input state without a checkpoint (ignored, later pruned), never
+    a checkpoint without its input state. Orbax writes into a temporary directory and renames
+    it when complete, so a killed save is never taken for a checkpoint."""
     index, count = jax.process_index(), jax.process_count()
     batches.save(checkpoint.input_state_dir(workdir, step, index, count), device_batches.pending())
+    checkpoint.save(manager, step, exp.stepper.to_checkpoint(state), exp.config, exp.tokenizer)
     checkpoint.prune_input_states(workdir, set(manager.all_steps()) | {step}, index, count)
 
 
+def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dict | None:
+    """Stops (`train.on_nonfinite` "stop") or warns ("skip") if a step since the last check was
+    not finite (such steps did not change the state); returns the sums fetched to the host."""
+    if sums is None:
+        return None
+    fetched = exp.stepper.fetch_metrics(sums)
+    skipped = int(fetched["nonfinite"])
+    if not skipped:
+        return fetched
+        return
+    if exp.config.train.on_nonfinite == "skip":
+        logging.warning("step %d: %d steps had a NaN/Inf loss or update and were skipped",
+                        step, skipped)
+        return fetched
+    raise TrainingDiverged(
+        f"the loss or update became NaN/Inf in {skipped} of the steps up to {step}; kept the "
+        f"last good checkpoint (step {manager.latest_step()}): lower train.learning_rate, raise "
+        "train.warmup_steps, set train.grad_clip_norm, or set train.on_nonfinite=skip"
+    )
+
+
 def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[str, float]:
-    config, stepper = exp.config, exp.stepper
-    num_steps = config.train.num_steps
-    batches = open_input(exp, workdir, start)
-    device_batches = DevicePrefetcher(batches, stepper.put_batch)
-    sums, tick, last = None, time.perf_counter(), {}
+    config = exp.config
+    if config.train.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(
+            f"train.on_nonfinite must be 'stop' or 'skip', got {config.train.on_nonfinite!r}"
+        )
     # disable=None: a bar on a terminal, none in a log file; only process 0 shows one.
     progress = tqdm.tqdm(
         initial=start,
-        total=num_steps,
+        total=config.train.num_steps,
         disable=True if jax.process_index() != 0 else None,
         unit="step",
     )
+    preemption = PreemptionWatch()
+    try:
+        last = _steps(exp, state, start, step_rng, manager, writer, workdir, progress, preemption)
+    finally:
+        preemption.close()
+        progress.close()
+        writer.flush()
+    return last
+
+
+def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, preemption) -> dict:
+    config, stepper = exp.config, exp.stepper
+    num_steps = config.train.num_steps
+    batches = open_input(exp, workdir, start)
+    put = stepper.put_batch
+    if config.data.input_order == "global":  # the input yields global batches: keep our rows
+        def put(host, index=stepper.batch_shard[0], count=stepper.batch_shard[1]):
+            return stepper.put_batch(pipeline.block_of(host, index, count))
+    device_batches = DevicePrefetcher(batches, put)
+    sums, tick, last = None, time.perf_counter(), {}
     for step in range(start + 1, num_steps + 1):
         state, step_metrics = stepper.train(state, next(device_batches), step_rng)
         sums = accumulate(sums, step_metrics)
         progress.update()
+        if preemption.reached(step):
+            _check_finite(exp, sums, step, manager)
+            _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir)
+            logging.warning("preempted: saved step %d; run the same command to resume", step)
+            return last | {"preempted_at": step}
         if step % config.train.log_every == 0 or step == num_steps:
-            last = metrics.summarize_train(stepper.fetch_metrics(sums), time.perf_counter() - tick)
+            fetched = _check_finite(exp, sums, step, manager)
+            last = metrics.summarize_train(fetched, time.perf_counter() - tick)
             writer.write_scalars(step, last)
             progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
             sums, tick = None, time.perf_counter()
@@ -266,9 +375,8 @@ def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[s
             last = last | scores | {"bleu_signature": signature}
             tick = time.perf_counter()
         if step % config.train.checkpoint_every == 0 or step == num_steps:
+            _check_finite(exp, sums, step, manager)
             _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir)
-    progress.close()
-    writer.flush()
     if start >= num_steps:  # nothing left to train: report the restored state
         last = _run_evals(exp, state)
     last["samples"] = decode_samples(exp, state)

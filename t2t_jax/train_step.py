@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -113,13 +114,23 @@ def _grads_and_sums(
 
 
 def _apply(fns: StepFns, state: TrainState, grads: Any, sums: dict) -> tuple[TrainState, dict]:
+    """The optimizer update, taken only if the loss, gradients and update are all finite: a
+    non-finite step leaves params and optimizer state as they were, counts in `nonfinite`, and
+    adds nothing to the loss sums (the loop then stops or goes on, as `train.on_nonfinite`
+    says)."""
     updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    finite &= jnp.isfinite(optax.global_norm(updates))
+    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
+    opt_state = keep_if_finite(opt_state, state.opt_state)
     metrics = dict(
-        sums,
-        grad_norm=optax.global_norm(grads),
+        keep_if_finite(sums, jax.tree.map(jnp.zeros_like, sums)),
+        grad_norm=jnp.where(finite, grad_norm, 0.0),
         learning_rate=fns.schedule(state.step // fns.grad_accum_steps),
         steps=jnp.ones((), jnp.float32),
+        nonfinite=1.0 - finite.astype(jnp.float32),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -192,6 +203,11 @@ class Stepper:
         if mode not in ("jit", "pmap"):
             raise ValueError(f"train.mode must be 'jit' or 'pmap', got {mode!r}")
         self.fns, self.mesh, self.mode, self.lengths = fns, mesh, mode, lengths
+        # Which block of each global batch this process feeds: (index, count).
+        self.batch_shard = (
+            sharding.batch_shard(mesh) if mode == "jit"
+            else (jax.process_index(), jax.process_count())
+        )
         self.abstract_state, self.state_shardings = self._abstract_state()
         if mode == "jit":
             batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -273,7 +289,7 @@ class Stepper:
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
         """Host rows -> device arrays laid out for the step (started asynchronously)."""
         if self.mode == "jit":
-            return sharding.global_batch(local_batch, self.mesh)
+            return sharding.global_batch(local_batch, self.mesh, self.batch_shard[1])
         n = jax.local_device_count()
         return {k: v.reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
 

@@ -25,34 +25,10 @@ def data_dir(tmp_path_factory):
 
 def make_tiny_config(data_dir: str):
     """A model and task small enough that a step compiles and runs in well under a second."""
-    from t2t_jax.config import default_config
+    from t2t_jax.config import tiny_config
 
-    config = default_config()
+    config = tiny_config()
     config.data.data_dir = data_dir
-    config.data.algorithmic.max_length = 6
-    config.data.algorithmic.test_max_length = 9
-    config.data.algorithmic.num_train = 256
-    config.data.algorithmic.num_validation = 32
-    config.data.algorithmic.num_test = 32
-    config.data.max_source_length = 8
-    config.data.max_target_length = 8
-    config.data.test_max_source_length = 10
-    config.data.test_max_target_length = 10
-    config.data.batch_size = 16
-    config.data.eval_batch_size = 16
-    config.data.shuffle_buffer = 64
-    config.model.num_encoder_layers = 1
-    config.model.num_decoder_layers = 1
-    config.model.d_model = 32
-    config.model.d_ff = 64
-    config.model.num_heads = 4
-    config.model.dropout_rate = 0.0
-    config.train.num_steps = 4
-    config.train.warmup_steps = 10
-    config.train.log_every = 2
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 2
-    config.train.num_decode_examples = 2
     config.train.compilation_cache_dir = ""
     config.train.async_checkpoints = False
     return config

@@ -22,7 +22,7 @@ def test_flops_formula_counts_the_base_model():
 
 
 def test_bench_on_a_tiny_config_is_consistent(tiny_config, tmp_path):
-    tiny_config.mesh.data = -1
+    tiny_config.mesh.ici.data = -1
     points, peak_source = bench.run_bench(
         tiny_config, 13, [16, 32], ["xla", "dot_product_attention"], "train",
         batch_tokens=256, steps=2,

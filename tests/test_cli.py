@@ -37,7 +37,7 @@ def test_info_reports_the_base_model_size():
     [
         (["--config.model.bogus=3"], "unknown config key 'model.bogus'"),
         (["--config.model.d_model=abc"], "--config.model.d_model=abc"),
-        (["--config.mesh.data=3"], "needs 3 devices but 1 are present"),
+        (["--config.mesh.ici.data=3"], "needs 3 devices but 1 are present"),
         (["--config.model.num_heads=7"], "must be divisible by model.num_heads=7"),
     ],
 )

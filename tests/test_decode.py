@@ -76,7 +76,7 @@ def mesh_trained_workdir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("decode")
     config = make_tiny_config(str(root / "tfds"))
-    config.mesh.update(dict(data=4, fsdp=1, tensor=2))
+    config.mesh.ici.update(dict(data=4, fsdp=1, tensor=2))
     config.train.update(num_steps=6, checkpoint_every=2, keep_checkpoints=3)
     workdir = str(root / "run")
     train_and_evaluate(config, workdir, jax.devices())

@@ -79,7 +79,7 @@ def assert_same_training(result, reference):
     ids=["data", "fsdp", "tensor", "data_fsdp_tensor"],
 )
 def test_every_mesh_trains_like_one_device(tiny_config, reference, layout):
-    tiny_config.mesh.update(layout)
+    tiny_config.mesh.ici.update(layout)
     assert_same_training(run_steps(tiny_config, jax.devices()), reference)
 
 
@@ -88,7 +88,7 @@ def test_pmap_trains_like_jit(tiny_config, reference):
 
 
 def test_params_are_sharded_as_their_logical_axes_ask(tiny_config):
-    tiny_config.mesh.update(dict(data=1, fsdp=4, tensor=2))
+    tiny_config.mesh.ici.update(dict(data=1, fsdp=4, tensor=2))
     exp, state, _ = run_steps(tiny_config, jax.devices(), steps=1)
     params = state.params
     layer = params["encoder"]["layer_0"]

@@ -180,6 +180,12 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def block_of(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
+    """Block `index` of `count` equal row blocks of a batch (views, no copy)."""
+    rows = len(next(iter(batch.values()))) // count
+    return {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}
+
+
 def train_dataset(
     config: Any,
     builder: tfds.core.DatasetBuilder,
@@ -189,7 +195,11 @@ def train_dataset(
     skip_batches: int = 0,
     batch_multiple: int = 1,
 ) -> tf.data.Dataset:
-    """This process's endless, shuffled train batches, starting after `skip_batches` batches.
+    """Endless, shuffled train batches, starting after `skip_batches` batches: with
+    `data.input_order` "per_process" this process's block (`process_index` of `process_count`)
+    of each global batch, read from its own part of the data; with "global" the whole global
+    batch, read by every process in one order, whose block the caller keeps (`block_of`) so that
+    the batches do not depend on the process count.
 
     Rows per batch: `data.batch_size` (padded or packed), or with `data.token_budget` a number
     that depends on the length bucket and is a multiple of `batch_multiple`.
@@ -197,6 +207,13 @@ def train_dataset(
     The order depends only on `config.seed`, so a resumed run sees the batches it would have.
     """
     data = config.data
+    if data.input_order not in ("per_process", "global"):
+        raise ValueError(
+            f"data.input_order must be 'per_process' or 'global', got {data.input_order!r}"
+        )
+    if data.input_order == "global":
+        batch_multiple *= process_count  # each block a multiple of the local devices
+        process_index, process_count = 0, 1  # read as the only process would
     split = tfds.split_for_jax_process(
         "train", process_index=process_index, process_count=process_count
     )
@@ -232,26 +249,31 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over a split in file order, padded (never packed); the last batch is filled with
-    all-padding rows so that every batch has the same shape. Overlong examples are dropped."""
+    """Block `process_index` of `process_count` of each batch of one pass over a split in file
+    order, padded (never packed); the last batch is filled with all-padding rows so that every
+    batch has the same shape. Overlong examples are dropped."""
     data = config.data
     if split == "test":
         lengths = Lengths(data.test_max_source_length, data.test_max_target_length)
     else:
         lengths = Lengths(data.max_source_length, data.max_target_length)
     feature_lengths = lengths.feature_lengths(config.model.type)
-    per_process = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count
-    )
-    ds = text_pairs(builder.as_dataset(split=per_process, shuffle_files=False), data)
+    # Every process reads the whole split and keeps its rows, so that all run the same number
+    # of (collective) eval steps.
+    ds = text_pairs(builder.as_dataset(split=split, shuffle_files=False), data)
     ds = limit_length(encode(ds, tokenizer, config.model.type), feature_lengths, "drop")
-    size = local_batch_size(data.eval_batch_size, process_count)
+    size = data.eval_batch_size
+    local_batch_size(size, process_count)  # checks that the blocks are equal
     ds = ds.padded_batch(size, padded_shapes={k: [v] for k, v in feature_lengths.items()})
     if data.eval_steps > 0:
         ds = ds.take(data.eval_steps)
     for examples in ds.as_numpy_iterator():
         missing = size - len(next(iter(examples.values())))
-        yield {k: np.pad(v, ((0, missing), (0, 0))) for k, v in examples.items()}
+        rows = size // process_count
+        yield {
+            k: np.pad(v, ((0, missing), (0, 0)))[process_index * rows : (process_index + 1) * rows]
+            for k, v in examples.items()
+        }
 
 
 class InputIterator:

@@ -40,6 +40,20 @@ def _tfds_builder(name: str, data_config: Any, prepare: bool) -> tfds.core.Datas
     return builder
 
 
+def prepare_once(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """Generates the builder's data unless present. With several processes, process 0 first
+    and the others after it, so that processes sharing a file system do not write the same
+    files at once (and hosts with their own disks each generate their copy)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            builder.download_and_prepare()
+        multihost_utils.sync_global_devices(f"t2t_jax prepared {builder.info.full_name}")
+    builder.download_and_prepare()
+    return builder
+
+
 def builder_from_config(
     data_config: Any, split: str = "train", prepare: bool = False
 ) -> tfds.core.DatasetBuilder:
@@ -50,15 +64,13 @@ def builder_from_config(
     """
     task = data_config.task
     if task in algorithmic.TASKS:
-        builder = algorithmic.algorithmic_builder(
-            data_config.data_dir, task=task, **dict(data_config.algorithmic)
+        return prepare_once(
+            algorithmic.algorithmic_builder(
+                data_config.data_dir, task=task, **dict(data_config.algorithmic)
+            )
         )
-        builder.download_and_prepare()
-        return builder
     if task == "parallel_text":
-        builder = parallel_text.parallel_text_builder(data_config)
-        builder.download_and_prepare()
-        return builder
+        return prepare_once(parallel_text.parallel_text_builder(data_config))
     if task in TRANSLATION_TASKS:
         name = (data_config.test_task or task) if split == "test" else task
         return _tfds_builder(name, data_config, prepare)

@@ -1,0 +1,128 @@
+"""Many processes, one program: starting JAX's multi-process runtime and checking the hosts agree.
+
+`t2t-jax train` calls `initialize` before anything touches the devices. It starts
+`jax.distributed` when the run has several processes: explicit flags or `JAX_COORDINATOR_ADDRESS`,
+or a cluster that JAX recognises and that reports several tasks (SLURM, Open MPI, a multi-host
+Cloud TPU or GKE TPU slice); `--distributed=on` always starts it (e.g. a TPU pod whose workers
+learn their peers from the metadata server), `--distributed=off` never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+import t2t_jax
+
+# Environment variables that say this process is one of several, and where the count is.
+_CLUSTER_TASK_COUNTS = (
+    "SLURM_NTASKS",  # SLURM: srun tasks
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI: mpirun ranks
+    "MEGASCALE_NUM_SLICES",  # TPU multislice
+)
+
+
+def requested(
+    mode: str, coordinator_address: str | None, environ: Mapping[str, str] = os.environ
+) -> bool:
+    """Whether this process should start `jax.distributed` (`mode` auto, on or off)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed must be auto, on or off, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    if coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if any(int(environ.get(name, "1") or 1) > 1 for name in _CLUSTER_TASK_COUNTS):
+        return True
+    hosts = environ.get("TPU_WORKER_HOSTNAMES", "")  # multi-host TPU VMs and GKE TPU slices
+    return "," in hosts
+
+
+def initialize(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int = 300,
+) -> bool:
+    """Starts `jax.distributed` if `requested` (what is None JAX finds in the cluster's
+    environment), then checks that every process runs the same versions. Returns whether it
+    started. A coordinator that does not answer within `timeout_s` is a clear error, not a hang."""
+    if not requested(mode, coordinator_address):
+        return False
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s,
+        )
+    except Exception as error:  # JAX raises RuntimeError, ValueError or XlaRuntimeError
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"jax.distributed.initialize failed within {timeout_s}s ({type(error).__name__}: "
+            f"{first_line[:300]}); start every process with the same --coordinator_address "
+            "(host:port of process 0, reachable from all hosts) and --num_processes, each with "
+            "its own --process_id, or raise --init_timeout"
+        ) from error
+    logging.info(
+        "process %d of %d, %d local devices of %d",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
+    check_same_versions()
+    return True
+
+
+def versions() -> str:
+    """The versions that must match on every host."""
+    import jaxlib
+
+    return f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, t2t_jax {t2t_jax.__version__}"
+
+
+def check_same_versions(width: int = 128) -> None:
+    """Raises naming each process's versions unless all processes run the same ones."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(versions().encode()[:width].ljust(width), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, width)
+    seen = [bytes(row).decode().strip() for row in rows]
+    if len(set(seen)) > 1:
+        listed = "; ".join(f"process {i}: {v}" for i, v in enumerate(seen))
+        raise ValueError(
+            f"hosts run different versions ({listed}); install the same jax, jaxlib and t2t_jax "
+            "on every host"
+        )
+
+
+def log_to_file(directory: str) -> str:
+    """Adds DIRECTORY/host_<process index>.log, at INFO, to Python's logging; returns its path.
+    Every host keeps its own, so a failure on one host can be read after the run."""
+    import time
+
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(directory)
+    name = f"host_{jax.process_index()}"
+    if "://" in directory:  # object stores cannot append: one file per start
+        name += time.strftime("_%Y%m%d_%H%M%S")
+    path = os.path.join(directory, name + ".log")
+    handler = logging.StreamHandler(tf.io.gfile.GFile(path, "a" if "://" not in path else "w"))
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [process %(process)d] %(message)s")
+    )
+    root = logging.getLogger()
+    if root.getEffectiveLevel() > logging.INFO:
+        # The file gets INFO; the terminal keeps what it showed before.
+        for existing in root.handlers:
+            existing.setLevel(max(existing.level, root.getEffectiveLevel()))
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return path
