@@ -7,7 +7,8 @@
 #
 # Needs bash >= 5.1. Environment: DEVICES_PER_PROCESS (default 2), PORT (default: a free one), T2T_JAX (the
 # command, default `t2t-jax`, or `.venv/bin/t2t-jax` when present), INIT_TIMEOUT (default 120).
-# Each process logs to WORKDIR/logs/process_<i>.out; the script exits with the first non-zero
+# Each process logs to WORKDIR/logs/process_<i>.out (its pid is line i+1 of WORKDIR/logs/pids;
+# `kill -TERM` one, or this script, to see a preemption save); the script exits with the first non-zero
 # status, stopping the other processes, or 0 when all succeed.
 #
 # Worked example (two processes of 4 devices = one 8-device mesh, data parallel):
@@ -65,6 +66,7 @@ for ((i = 0; i < num_processes; i++)); do
     > "$workdir/logs/process_$i.out" 2>&1 &
   pids+=("$!")
 done
+printf '%s\n' "${pids[@]}" > "$workdir/logs/pids"  # process i's pid on line i+1
 echo "started $num_processes processes (${pids[*]}), $devices devices each, coordinator localhost:$port; logs in $workdir/logs" >&2
 
 status=0

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import time
 from collections.abc import Mapping
 
 import jax
@@ -54,6 +57,17 @@ def initialize(
     started. A coordinator that does not answer within `timeout_s` is a clear error, not a hang."""
     if not requested(mode, coordinator_address):
         return False
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address and process_id:  # process 0 starts the coordinator; the others must reach it
+        wait_for_coordinator(address, timeout_s)
+    # JAX aborts the process (it cannot be caught) if the others do not join in time: say first
+    # what it waits for, so that the abort has its explanation in the log above it.
+    print(
+        f"t2t-jax: joining {num_processes or 'the cluster'}'s processes at "
+        f"{address or 'the address the cluster names'} (--init_timeout {timeout_s}s; an abort "
+        "with DEADLINE_EXCEEDED means a process did not start or could not reach it)",
+        file=sys.stderr, flush=True,
+    )
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
@@ -69,12 +83,27 @@ def initialize(
             "(host:port of process 0, reachable from all hosts) and --num_processes, each with "
             "its own --process_id, or raise --init_timeout"
         ) from error
-    logging.info(
-        "process %d of %d, %d local devices of %d",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-    )
     check_same_versions()
     return True
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once `address` (host:port) accepts connections; a clear error after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"no coordinator answered at {address} within {timeout_s}s ({error}); "
+                    "start process 0 with the same --coordinator_address, check that the port "
+                    "is open between hosts, or raise --init_timeout"
+                ) from error
+            time.sleep(0.5)
 
 
 def versions() -> str:
@@ -104,8 +133,6 @@ def check_same_versions(width: int = 128) -> None:
 def log_to_file(directory: str) -> str:
     """Adds DIRECTORY/host_<process index>.log, at INFO, to Python's logging; returns its path.
     Every host keeps its own, so a failure on one host can be read after the run."""
-    import time
-
     import tensorflow as tf
 
     tf.io.gfile.makedirs(directory)
@@ -125,4 +152,8 @@ def log_to_file(directory: str) -> str:
             existing.setLevel(max(existing.level, root.getEffectiveLevel()))
         root.setLevel(logging.INFO)
     root.addHandler(handler)
+    logging.info(
+        "process %d of %d, %d local devices of %d (%s)", jax.process_index(),
+        jax.process_count(), jax.local_device_count(), jax.device_count(), versions(),
+    )
     return path

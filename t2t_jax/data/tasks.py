@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -40,16 +40,18 @@ def _tfds_builder(name: str, data_config: Any, prepare: bool) -> tfds.core.Datas
     return builder
 
 
-def prepare_once(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """Generates the builder's data unless present. With several processes, process 0 first
-    and the others after it, so that processes sharing a file system do not write the same
-    files at once (and hosts with their own disks each generate their copy)."""
+def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+    """The builder `make_builder` makes, its data generated unless present. With several
+    processes, process 0 first and the others after it (with builders made then, which see its
+    files), so that processes sharing a file system do not write the same files at once; hosts
+    with their own disks each generate their copy."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         if jax.process_index() == 0:
-            builder.download_and_prepare()
-        multihost_utils.sync_global_devices(f"t2t_jax prepared {builder.info.full_name}")
+            make_builder().download_and_prepare()
+        multihost_utils.sync_global_devices("t2t_jax dataset prepared")
+    builder = make_builder()
     builder.download_and_prepare()
     return builder
 
@@ -65,12 +67,12 @@ def builder_from_config(
     task = data_config.task
     if task in algorithmic.TASKS:
         return prepare_once(
-            algorithmic.algorithmic_builder(
+            lambda: algorithmic.algorithmic_builder(
                 data_config.data_dir, task=task, **dict(data_config.algorithmic)
             )
         )
     if task == "parallel_text":
-        return prepare_once(parallel_text.parallel_text_builder(data_config))
+        return prepare_once(lambda: parallel_text.parallel_text_builder(data_config))
     if task in TRANSLATION_TASKS:
         name = (data_config.test_task or task) if split == "test" else task
         return _tfds_builder(name, data_config, prepare)
