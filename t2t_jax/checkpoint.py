@@ -22,8 +22,13 @@ from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
 CONFIG_FILENAME = "config.json"
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute; a URL (gs://...) as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, train_config: Any) -> ocp.CheckpointManager:
@@ -92,9 +97,10 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of the finished checkpoints in `workdir`, oldest first."""
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not tf.io.gfile.isdir(directory):
         return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(directory))
+    return sorted(int(name) for name in names if name.isdigit())
 
 
 def _step_or_latest(workdir: str, step: int | None) -> int:
@@ -155,7 +161,7 @@ def restore_config_and_tokenizer(workdir: str, step: int) -> tuple[ml_collection
     items = {}
     for name in ("config", "tokenizer"):
         path = os.path.join(step_dir, name)
-        if not os.path.isdir(path):
+        if not tf.io.gfile.isdir(path):
             raise FileNotFoundError(
                 f"checkpoint {step_dir} has no {name}; it is incomplete or from an older t2t_jax"
             )
@@ -198,7 +204,7 @@ def average_checkpoints(workdir: str, last: int, output: str) -> list[int]:
 def input_state_dir(workdir: str, step: int, process_index: int, process_count: int) -> str:
     """Where one process keeps its input position for checkpoint `step`."""
     return os.path.join(
-        os.path.abspath(workdir), "input_state", str(step),
+        absolute(workdir), "input_state", str(step),
         f"process_{process_index}_of_{process_count}",
     )
 
@@ -220,7 +226,7 @@ def prune_input_states(
 ) -> None:
     """Removes this process's input positions of checkpoints that no longer exist (each process
     removes only its own, so that hosts sharing a file system do not race)."""
-    root = os.path.join(os.path.abspath(workdir), "input_state")
+    root = os.path.join(absolute(workdir), "input_state")
     for name in tf.io.gfile.listdir(root) if tf.io.gfile.exists(root) else []:
         name = name.rstrip("/")
         if not name.isdigit() or int(name) in keep_steps:
@@ -235,8 +241,8 @@ def prune_input_states(
 def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes the resolved config as WORKDIR/config.json (what decode and info rebuild from)."""
     path = os.path.join(workdir, CONFIG_FILENAME)
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(path, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
@@ -244,7 +250,7 @@ def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
 def warn_on_changed_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Logs a warning for each seed or data field that differs from the run this workdir holds:
     a resumed run then no longer sees the batches the first run would have. Returns them."""
-    if not os.path.exists(os.path.join(workdir, CONFIG_FILENAME)):
+    if not tf.io.gfile.exists(os.path.join(workdir, CONFIG_FILENAME)):
         return []
     old = _flatten(load_config_json(workdir).to_dict())
     new = _flatten(json.loads(config.to_json_best_effort()))
@@ -272,7 +278,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILENAME)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"no {CONFIG_FILENAME} in {workdir}; is it a t2t-jax workdir?")
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         return ml_collections.ConfigDict(json.load(f))

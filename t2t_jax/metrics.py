@@ -6,21 +6,33 @@ evaluation rows carry `eval_loss`, `eval_accuracy` (and `test_*` for the longer 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from clu import metric_writers
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends scalars to a JSON-lines file; other summary kinds are ignored."""
+    """Appends scalars to a JSON-lines file; other summary kinds are ignored. On object stores
+    (gs://), which cannot append, the file is rewritten on each flush."""
 
     def __init__(self, path: str):
         self._path = path
-        self._file = open(path, "a")  # noqa: SIM115 - closed by close()
+        self._remote = "://" in path
+        if self._remote:
+            previous = ""
+            if tf.io.gfile.exists(path):
+                with tf.io.gfile.GFile(path) as f:
+                    previous = f.read()
+            self._file = io.StringIO(previous)
+            self._file.seek(0, io.SEEK_END)
+        else:
+            self._file = open(path, "a")  # noqa: SIM115 - closed by close()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         row = {"step": int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -48,9 +60,15 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        self._file.flush()
+        if self._remote:  # a whole new file, then renamed over the old: never half a file
+            with tf.io.gfile.GFile(self._path + ".tmp", "w") as f:
+                f.write(self._file.getvalue())
+            tf.io.gfile.rename(self._path + ".tmp", self._path, overwrite=True)
+        else:
+            self._file.flush()
 
     def close(self):
+        self.flush()
         self._file.close()
 
 
@@ -58,7 +76,7 @@ def make_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWri
     """TensorBoard + log + metrics.jsonl on process 0; logging only elsewhere."""
     if not is_main_process:
         return metric_writers.create_default_writer(just_logging=True)
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     return metric_writers.MultiWriter(
         [
             metric_writers.create_default_writer(workdir, asynchronous=False),

@@ -251,7 +251,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains to `train.num_steps` (resuming from WORKDIR/checkpoints) on `devices` (default: all)
     and returns the last metrics, eval and test included, and decoded `samples`."""
-    workdir = os.path.abspath(workdir)
+    workdir = checkpoint.absolute(workdir)
     enable_compilation_cache(config, workdir)
     is_main = jax.process_index() == 0
     if is_main:

@@ -276,3 +276,22 @@ def test_metrics_from_a_multi_process_run_are_written_once(data_dir, tmp_path):
     with open(workdir / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
     assert steps == [1, 2]
+
+
+def test_workdir_files_take_urls_as_well_as_local_paths(tiny_config):
+    """gs:// workdirs go through tf.io.gfile like this in-memory file system."""
+    from t2t_jax import metrics
+
+    workdir = "ram://t2t_jax_test/run"
+    assert checkpoint.checkpoint_dir(workdir) == "ram://t2t_jax_test/run/checkpoints"
+    assert checkpoint.checkpoint_steps(workdir) == []
+    checkpoint.save_config_json(tiny_config, workdir)
+    assert checkpoint.load_config_json(workdir).model.d_model == tiny_config.model.d_model
+    for step in (1, 2):  # a second writer continues the file, as a resumed run does
+        writer = metrics.JsonlWriter(f"{workdir}/metrics.jsonl")
+        writer.write_scalars(step, {"loss": 1.0 / step})
+        writer.close()
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(f"{workdir}/metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f.read().splitlines()] == [1, 2]
