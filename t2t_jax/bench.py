@@ -1,9 +1,10 @@
 """Throughput and memory against sequence length: `t2t-jax bench`.
 
-For each sequence length and attention implementation the compiled train step (or forward pass)
-is timed on random tokens: median step time after warm-up, tokens/s, model FLOPs per step from
-the formula below (cross-checked against XLA's cost analysis), MFU against the device's peak,
-peak memory and compile time. A point that does not fit in memory is a row with `error`.
+For each sequence length and attention implementation the compiled train step (or forward pass,
+or greedy decoding of seq_len tokens per row with the key/value cache) is timed on random
+tokens: median step time after warm-up, tokens/s, model FLOPs per step from the formula below
+(cross-checked against XLA's cost analysis), MFU against the device's peak, peak memory and
+compile time. A point that does not fit in memory is a row with `error`.
 
 Model FLOPs (Kaplan et al. 2020 / PaLM appendix B conventions): a matmul of an [m, k] by a
 [k, n] matrix is 2*m*k*n FLOPs; per token, the forward pass costs 2 FLOPs per weight it
@@ -30,6 +31,7 @@ import numpy as np
 
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.model.attention import select_attention
 from t2t_jax.train_step import Stepper, eval_step, make_step_fns
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
@@ -137,7 +139,11 @@ def measure_point(
     peak_flops: float,
 ) -> Point:
     """Times `steps` steps at one sequence length; out-of-memory becomes the row's error."""
-    point = Point(seq_len, model_config.attention, mode)
+    label = model_config.attention
+    if label == "auto":  # name what auto chose on this device
+        chosen = select_attention("auto", jax.devices()[0].platform, model_config.dtype)[0]
+        label = f"auto:{chosen}"
+    point = Point(seq_len, label, mode)
     lengths = {"targets": seq_len} | ({} if model_config.type == "decoder_only"
                                       else {"inputs": seq_len})
     model = build_model(model_config)
@@ -152,6 +158,9 @@ def measure_point(
             rng = jax.random.key(1)
             if mode == "train":
                 function, args = stepper.jitted_train_step, (state, batch, rng)
+            elif mode == "decode":
+                function, args = _greedy_decoder(model, model_config, batch, seq_len)
+                args = (state.params, *args)
             else:
                 function = jax.jit(lambda p, b: eval_step(fns, p, b))
                 args = (state.params, batch)
@@ -180,9 +189,26 @@ def measure_point(
         return point
     point.step_time_s = statistics.median(times[1:])
     point.tokens_per_s = rows * seq_len / point.step_time_s
-    point.flops_per_step = model_flops_per_step(model_config, rows, seq_len, mode)
+    # Decoding does a forward pass's useful work, token by token.
+    point.flops_per_step = model_flops_per_step(
+        model_config, rows, seq_len, "forward" if mode == "decode" else mode
+    )
     point.mfu = point.flops_per_step / point.step_time_s / (peak_flops * jax.device_count())
     return point
+
+
+def _greedy_decoder(model, model_config: ModelConfig, batch: dict, seq_len: int):
+    """(jittable function of (params, *args), args) generating seq_len tokens per row greedily
+    with the key/value cache: from a seq_len-token source for the encoder-decoder, from a
+    one-token prompt for the decoder-only model (no cache there yet: each step reruns the
+    prefix)."""
+    from t2t_jax import decode
+
+    if model_config.type == "decoder_only":
+        tokens = batch["targets"].at[:, 1:].set(0)
+        starts = jnp.ones((tokens.shape[0],), jnp.int32)
+        return jax.jit(lambda p, t, s: decode.greedy_continue(model, p, t, s)), (tokens, starts)
+    return jax.jit(lambda p, x: decode.greedy_translate(model, p, x, seq_len)), (batch["inputs"],)
 
 
 def run_bench(
@@ -197,8 +223,8 @@ def run_bench(
     """All points (lengths ascending; an implementation stops at its first out-of-memory
     length), and where the peak FLOP/s figure comes from. Each point has about `batch_tokens`
     tokens a side: batch_tokens // seq_len rows, a multiple of the device count."""
-    if mode not in ("train", "forward"):
-        raise ValueError(f"--mode must be train or forward, got {mode!r}")
+    if mode not in ("train", "forward", "decode"):
+        raise ValueError(f"--mode must be train, forward or decode, got {mode!r}")
     peak, peak_source = device_peak_flops()
     points = []
     for attention in attentions:

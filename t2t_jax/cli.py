@@ -227,7 +227,8 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", "128,256,512,1024,2048,4096,8192",
                               "bench: sequence lengths.")
 _ATTENTION = flags.DEFINE_list("attention", "xla,dot_product_attention",
                                "bench: attention implementations.")
-_MODE = flags.DEFINE_string("mode", "train", "bench: train (step) or forward (eval step).")
+_MODE = flags.DEFINE_string("mode", "train", "bench: train (step), forward (eval step) or "
+                            "decode (greedy, key/value cache).")
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 8192, "bench: tokens a side per step.")
 
 

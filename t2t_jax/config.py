@@ -33,9 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.share_embeddings = True  # source, target and pre-softmax weights tied (3.4)
     config.model.norm = "post"  # "post" as in the paper, "pre" for pre-LN
     config.model.layer_norm_epsilon = 1e-6
-    # "xla" (einsum) or "dot_product_attention" (jax.nn.dot_product_attention; JAX 0.10 still
-    # lowers it through XLA unless asked for its cuDNN kernel, which the benchmark work adds).
-    config.model.attention = "xla"
+    # "auto": cuDNN's fused flash kernel on GPUs with bf16/fp16, else the XLA einsum path.
+    # Or name one: "xla" (einsum), "dot_product_attention" (jax.nn.dot_product_attention's
+    # default, XLA), "cudnn" (forced; falls back to einsum, logged, where it cannot run).
+    config.model.attention = "auto"
     config.model.dtype = "float32"  # compute dtype, "bfloat16" for speed; params stay f32
     # Recompute each layer in the backward pass: "none", "full" or "dots" (keep matmul outputs).
     config.model.remat = "none"

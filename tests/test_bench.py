@@ -45,3 +45,18 @@ def test_bench_on_a_tiny_config_is_consistent(tiny_config, tmp_path):
     assert {"seq_len", "attention", "mode", "tokens_per_s", "step_time_s", "flops_per_step",
             "mfu", "peak_memory_bytes", "compile_time_s", "error"} <= set(rows[0])
     assert bench.format_table(points)[0].split()[0] == "seq_len"
+
+
+@pytest.mark.parametrize("model_type", ["encoder_decoder", "decoder_only"])
+def test_bench_decode_mode_times_greedy_generation(tiny_config, model_type):
+    tiny_config.model.type = model_type
+    points, _ = bench.run_bench(tiny_config, 13, [8], ["auto"], "decode", batch_tokens=64,
+                                steps=2)
+    [p] = points
+    assert p.mode == "decode" and p.attention == "auto:xla" and p.error is None
+    assert p.step_time_s > 0
+    rows = max(jax.device_count(), 64 // 8 // jax.device_count() * jax.device_count())
+    assert p.tokens_per_s == pytest.approx(rows * 8 / p.step_time_s)
+    assert p.flops_per_step == bench.model_flops_per_step(
+        ModelConfig.from_config(dict(tiny_config.model), 13), rows, 8, "forward"
+    )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from t2t_jax.model import ModelConfig, build_model, shift_right
+from t2t_jax.model import ModelConfig, attention, build_model, shift_right
 from t2t_jax.model.attention import xla_attention
 from t2t_jax.model.embedding import sinusoidal_encoding
 
@@ -219,3 +219,40 @@ def test_rematerialisation_keeps_params_loss_and_gradients(remat):
     grads = jax.grad(lambda p: loss(model, p))(params)
     rematted_grads = jax.grad(lambda p: loss(rematted, p))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), rematted_grads, grads)
+
+
+@pytest.mark.parametrize(
+    "requested, platform, dtype, chosen",
+    [
+        ("auto", "gpu", "bfloat16", "cudnn"),
+        ("auto", "gpu", "float32", "xla"),
+        ("auto", "tpu", "bfloat16", "xla"),
+        ("auto", "cpu", "float32", "xla"),
+        ("dot_product_attention", "gpu", "bfloat16", "dot_product_attention"),
+    ],
+)
+def test_auto_attention_picks_per_platform_and_dtype(requested, platform, dtype, chosen):
+    assert attention.select_attention(requested, platform, dtype)[0] == chosen
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(ValueError, match="one of auto, xla, dot_product_attention, cudnn"):
+        attention.select_attention("flash", "gpu", "bfloat16")
+
+
+def test_cudnn_falls_back_to_the_einsum_path_where_it_cannot_run(caplog):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32) for _ in range(3))
+    tokens = jnp.array([[1, 1, 1, 0, 0], [1] * 5])
+    mask = attention.padding_mask(tokens, tokens)
+    with caplog.at_level("WARNING"):
+        out = attention.cudnn_attention(q, k, v, mask)
+    np.testing.assert_allclose(out, attention.xla_attention(q, k, v, mask), atol=1e-6)
+    assert attention.cudnn_unsupported(q, k, "cpu") == (
+        "cuDNN flash attention needs an NVIDIA GPU, this is cpu"
+    )
+    assert "needs bfloat16" in attention.cudnn_unsupported(q, k, "gpu")
+    assert "d_k a multiple of 8" in attention.cudnn_unsupported(
+        q[..., :6].astype(jnp.bfloat16), k, "gpu"
+    )
+    assert attention.cudnn_unsupported(q.astype(jnp.bfloat16), k, "gpu") is None

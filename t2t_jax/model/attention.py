@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import jax
@@ -10,7 +12,8 @@ from flax import linen as nn
 
 Array = jax.Array
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product_attention")
+# "auto" picks per platform (`select_attention`); the others name one implementation.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "dot_product_attention", "cudnn")
 
 
 def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
@@ -71,16 +74,73 @@ def fused_attention(query: Array, key: Array, value: Array, mask: Array | None) 
     return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
 
+def cudnn_unsupported(query: Array, key: Array, platform: str) -> str | None:
+    """Why cuDNN's fused flash attention cannot run these shapes here, or None if it can."""
+    if platform != "gpu":
+        return f"cuDNN flash attention needs an NVIDIA GPU, this is {platform}"
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs bfloat16 or float16, got {query.dtype}"
+    depth = query.shape[-1]
+    if depth % 8 or depth > 128:
+        return f"cuDNN flash attention needs d_k a multiple of 8 up to 128, got {depth}"
+    if query.shape[1] == 1:
+        return "one query position (incremental decoding) gains nothing from the fused kernel"
+    return None
+
+
+def cudnn_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+    """`jax.nn.dot_product_attention` forced onto cuDNN's fused (flash) kernel, which never
+    materialises the [q_len, k_len] weights; falls back to `xla_attention`, with the reason
+    logged, for shapes, dtypes or platforms the kernel does not take."""
+    reason = cudnn_unsupported(query, key, jax.devices()[0].platform)
+    if reason:
+        _log_fallback_once("cudnn", reason)
+        return xla_attention(query, key, value, mask)
+    if mask is not None:
+        mask = jnp.broadcast_to(
+            mask, (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])
+        )
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+
+
+@functools.cache
+def _log_fallback_once(kernel: str, reason: str) -> None:
+    logging.warning("model.attention=%s: %s; using the XLA einsum path", kernel, reason)
+
+
+def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, str]:
+    """(implementation, why) for `model.attention` on `platform` with compute `dtype`.
+
+    "auto": on GPU with bfloat16/float16 the cuDNN flash kernel (which falls back per call for
+    shapes it does not take), elsewhere the XLA einsum path, which on TPU XLA fuses well and
+    on CPU measured fastest (docs/benchmarks.md). An explicit choice is kept.
+    """
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown model.attention {requested!r}; set --config.model.attention to one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if requested != "auto":
+        return requested, "as configured"
+    if platform == "gpu" and dtype in ("bfloat16", "float16"):
+        return "cudnn", f"auto: {dtype} on GPU"
+    if platform == "gpu":
+        return "xla", f"auto: cuDNN flash attention needs bfloat16 or float16, not {dtype}"
+    return "xla", f"auto: {platform}"
+
+
 def attention_fn(name: str) -> Callable[[Array, Array, Array, Array | None], Array]:
-    """The attention kernel called `name` (one of ATTENTION_IMPLEMENTATIONS)."""
-    if name == "xla":
-        return xla_attention
-    if name == "dot_product_attention":
-        return fused_attention
-    raise ValueError(
-        f"unknown model.attention {name!r}; set --config.model.attention to one of "
-        f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
-    )
+    """The attention kernel called `name` ("auto" resolved to this platform's choice)."""
+    if name == "auto":
+        name = select_attention(name, jax.devices()[0].platform, "float32")[0]
+    kernels = {
+        "xla": xla_attention,
+        "dot_product_attention": fused_attention,
+        "cudnn": cudnn_attention,
+    }
+    if name not in kernels:
+        select_attention(name, "", "")  # raises naming the choices
+    return kernels[name]
 
 
 class MultiHeadAttention(nn.Module):

@@ -7,6 +7,7 @@ cross-attention.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -445,7 +446,12 @@ class DecoderOnlyLM(nn.Module):
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The module that `config.type` names."""
+    """The module that `config.type` names, with `attention="auto"` resolved for this
+    platform (logged)."""
+    if config.attention == "auto":
+        chosen, why = attn.select_attention("auto", jax.devices()[0].platform, config.dtype)
+        logging.info("model.attention=auto -> %s (%s)", chosen, why)
+        config = dataclasses.replace(config, attention=chosen)
     if config.type == "decoder_only":
         return DecoderOnlyLM(config)
     return Transformer(config)
