@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype, "bfloat16" for speed; params stay f32
     # Recompute each layer in the backward pass: "none", "full" or "dots" (keep matmul outputs).
     config.model.remat = "none"
+    # True: nn.scan over one layer's code with stacked params, so that compile time does not
+    # grow with depth (checkpoints then differ in layout from unrolled ones; decoding unstacks).
+    config.model.scan_layers = False
 
     config.data = ml_collections.ConfigDict()
     config.data.task = "reverse"  # a built-in task: reverse, copy, sort, addition

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from t2t_jax import checkpoint
 from t2t_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
-from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
 
 Array = jax.Array
 
@@ -361,9 +361,12 @@ def load_translator(workdir: str, step: int | None = None) -> Translator:
     Reads no optimizer state."""
     host, step = checkpoint.restore_host_state(workdir, step, params_only=True)
     config, tokenizer = checkpoint.restore_config_and_tokenizer(workdir, step)
-    model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
+    model_config, params = unrolled_for_decoding(
+        ModelConfig.from_config(config.model, tokenizer.vocab_size), host["params"]
+    )
+    model = build_model(model_config)
     mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
-    params = jax.device_put(host["params"], NamedSharding(mesh, P()))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
     return Translator(config, model, params, tokenizer, step, mesh)
 
 

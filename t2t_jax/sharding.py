@@ -31,6 +31,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("layers", None),  # the stacked layer axis of model.scan_layers
     ("act_batch", BATCH_AXES),
     ("act_length", None),
     ("act_embed", None),

@@ -23,7 +23,7 @@ from flax import linen as nn
 from t2t_jax import bleu, checkpoint, decode, metrics, sharding
 from t2t_jax.data import pipeline, tasks
 from t2t_jax.data.tokenizer import has_tokenizer
-from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
 from t2t_jax.train_step import Stepper, TrainState, accumulate, make_step_fns
 
 
@@ -194,10 +194,11 @@ def host_params(exp: Experiment, state: TrainState) -> Any:
 def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) -> list[str]:
     data = exp.config.data
     prefix = "test_" if split == "test" else ""
-    params = host_params(exp, state)
+    model_config, params = unrolled_for_decoding(exp.model_config, host_params(exp, state))
+    model = exp.model if model_config is exp.model_config else build_model(model_config)
     with sharding.activate(sharding.local_mesh()):  # every host decodes alone
         return decode.decode_texts(
-            exp.model,
+            model,
             params,
             exp.tokenizer,
             sources,

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from t2t_jax.model import ModelConfig, attention, build_model, shift_right
+from t2t_jax.model import ModelConfig, attention, build_model, shift_right, unrolled_for_decoding
 from t2t_jax.model.attention import xla_attention
 from t2t_jax.model.embedding import sinusoidal_encoding
+from t2t_jax.model.transformer import unstack_layers
 
 TINY = dict(
     vocab_size=20, num_encoder_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
@@ -28,11 +29,9 @@ def count_params(config: ModelConfig) -> int:
 
 def init(config: ModelConfig, src_len=7, tgt_len=6, seed=0):
     model = build_model(config)
-    params = model.init(
-        jax.random.key(seed),
-        jnp.ones((2, src_len), jnp.int32),
-        jnp.ones((2, tgt_len), jnp.int32),
-    )["params"]
+    targets = jnp.ones((2, tgt_len), jnp.int32)
+    inputs = {} if config.type == "decoder_only" else {"inputs": jnp.ones((2, src_len), jnp.int32)}
+    params = model.init(jax.random.key(seed), **inputs, targets=targets)["params"]
     return model, nn.meta.unbox(params)
 
 
@@ -219,6 +218,28 @@ def test_rematerialisation_keeps_params_loss_and_gradients(remat):
     grads = jax.grad(lambda p: loss(model, p))(params)
     rematted_grads = jax.grad(lambda p: loss(rematted, p))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), rematted_grads, grads)
+
+
+@pytest.mark.parametrize("model_type", ["encoder_decoder", "decoder_only"])
+def test_scanned_layers_compute_what_the_unrolled_layers_do(model_type):
+    scanned_config = ModelConfig(**TINY, type=model_type, scan_layers=True, remat="full")
+    scanned, stacked = init(scanned_config)
+    assert jax.tree.leaves(stacked["decoder"]["layers"])[0].shape[0] == 2  # a layer axis
+    config, params = unrolled_for_decoding(scanned_config, stacked)
+    assert not config.scan_layers
+    model = build_model(config)
+    # The unstacked params are exactly what the unrolled model expects.
+    assert jax.tree.structure(params) == jax.tree.structure(init(config)[1])
+    inputs, targets = random_tokens(1, (2, 7)), random_tokens(2, (2, 6))
+    kwargs = {"targets": targets} | ({} if model_type == "decoder_only" else {"inputs": inputs})
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, **kwargs) ** 2)
+
+    np.testing.assert_allclose(loss(scanned, stacked), loss(model, params), rtol=1e-6)
+    grads = unstack_layers(jax.grad(lambda p: loss(scanned, p))(stacked))
+    expected = jax.grad(lambda p: loss(model, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, expected)
 
 
 @pytest.mark.parametrize(

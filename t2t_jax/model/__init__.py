@@ -6,6 +6,14 @@ from t2t_jax.model.transformer import (
     Transformer,
     build_model,
     shift_right,
+    unrolled_for_decoding,
 )
 
-__all__ = ["DecoderOnlyLM", "ModelConfig", "Transformer", "build_model", "shift_right"]
+__all__ = [
+    "DecoderOnlyLM",
+    "ModelConfig",
+    "Transformer",
+    "build_model",
+    "shift_right",
+    "unrolled_for_decoding",
+]

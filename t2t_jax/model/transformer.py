@@ -51,6 +51,10 @@ class ModelConfig:
     attention: str = "xla"  # one of attention.ATTENTION_IMPLEMENTATIONS
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"  # rematerialisation of each layer: one of REMAT_POLICIES
+    # One layer's code scanned over stacked params (nn.scan) instead of N unrolled copies:
+    # compile time stops growing with depth. Params gain a leading "layers" axis; decoding
+    # unstacks them (`unrolled_for_decoding`).
+    scan_layers: bool = False
 
     def __post_init__(self):
         checks = [
@@ -212,6 +216,73 @@ class DecoderLayer(nn.Module):
         return Residual(cfg, name="ffn_block")(lambda y: ffn(y, deterministic), x, deterministic)
 
 
+class _EncoderBody(nn.Module):
+    """One encoder layer as a scan body: (x, mask) -> (x, None)."""
+
+    config: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, None]:
+        layer = _rematerialised(EncoderLayer, self.config, static_argnums=(3,))
+        return layer(self.config, name="layer")(x, mask, self.deterministic), None
+
+
+class _DecoderBody(nn.Module):
+    """One decoder layer as a scan body: (y, encoded, self_mask, cross_mask) -> (y, None)."""
+
+    config: ModelConfig
+    cross_attention: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, y, encoded, self_mask, cross_mask) -> tuple[Array, None]:
+        layer = _rematerialised(DecoderLayer, self.config, (5, 6))
+        y = layer(self.config, self.cross_attention, name="layer")(
+            y, encoded, self_mask, cross_mask, self.deterministic, None
+        )
+        return y, None
+
+
+def _scanned(body: type[nn.Module], length: int, broadcast: int) -> type[nn.Module]:
+    """`body` applied `length` times by `nn.scan`, its params stacked on a leading "layers"
+    axis (replicated by the sharding rules), each layer with its own params and dropout rng;
+    the `broadcast` arguments after the carry are the same for every layer."""
+    return nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def unstack_layers(params: Any) -> Any:
+    """Params of a `scan_layers` model -> the same params as the unrolled model names them
+    (`layers/layer/...` with a leading layer axis -> `layer_0/...`, `layer_1/...`)."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for name, child in params.items():
+        if name == "layers" and isinstance(child, dict) and set(child) == {"layer"}:
+            stacked = child["layer"]
+            count = jax.tree.leaves(stacked)[0].shape[0]
+            for i in range(count):
+                out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        else:
+            out[name] = unstack_layers(child)
+    return out
+
+
+def unrolled_for_decoding(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+    """(config, params) for incremental decoding, which runs the unrolled layers: unchanged
+    unless the model was trained with `scan_layers`."""
+    if not config.scan_layers:
+        return config, params
+    return dataclasses.replace(config, scan_layers=False), unstack_layers(params)
+
+
 class Encoder(nn.Module):
     """Embedding + positions, N encoder layers (and a final LayerNorm under pre-LN)."""
 
@@ -234,9 +305,14 @@ class Encoder(nn.Module):
         )
         x = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
                      name="embedder")(inputs, positions, deterministic)
-        layer = _rematerialised(EncoderLayer, cfg, static_argnums=(3,))  # self=0: deterministic
-        for i in range(cfg.num_encoder_layers):
-            x = layer(cfg, name=f"layer_{i}")(x, mask, deterministic)
+        if cfg.scan_layers:
+            x, _ = _scanned(_EncoderBody, cfg.num_encoder_layers, broadcast=1)(
+                cfg, deterministic, name="layers"
+            )(x, mask)
+        else:
+            layer = _rematerialised(EncoderLayer, cfg, static_argnums=(3,))  # 3: deterministic
+            for i in range(cfg.num_encoder_layers):
+                x = layer(cfg, name=f"layer_{i}")(x, mask, deterministic)
         if cfg.norm == "pre":
             x = layer_norm(cfg, "final_norm")(x)
         return x
@@ -281,12 +357,22 @@ class Decoder(nn.Module):
                 self_mask = None
         y = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
                      name="embedder")(decoder_inputs, positions, deterministic)
-        # Incremental decoding has no backward pass: no remat there (nor cache inside it).
-        layer = DecoderLayer if cache_mode else _rematerialised(DecoderLayer, cfg, (5, 6))
-        for i in range(cfg.num_decoder_layers):
-            y = layer(cfg, self.cross_attention, name=f"layer_{i}")(
-                y, encoded, self_mask, cross_mask, deterministic, cache_mode
+        if cfg.scan_layers and cache_mode is not None:
+            raise ValueError(
+                "incremental decoding runs the unrolled layers: decode with "
+                "unrolled_for_decoding(config, params)"
             )
+        if cfg.scan_layers:
+            y, _ = _scanned(_DecoderBody, cfg.num_decoder_layers, broadcast=3)(
+                cfg, self.cross_attention, deterministic, name="layers"
+            )(y, encoded, self_mask, cross_mask)
+        else:
+            # Incremental decoding has no backward pass: no remat there (nor cache inside it).
+            layer = DecoderLayer if cache_mode else _rematerialised(DecoderLayer, cfg, (5, 6))
+            for i in range(cfg.num_decoder_layers):
+                y = layer(cfg, self.cross_attention, name=f"layer_{i}")(
+                    y, encoded, self_mask, cross_mask, deterministic, cache_mode
+                )
         if cfg.norm == "pre":
             y = layer_norm(cfg, "final_norm")(y)
         if cfg.share_embeddings:
