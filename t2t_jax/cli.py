@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -33,6 +34,9 @@ commands:
   evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
+  experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional,
+          scaling, heads, attention_maps); JSON and PNG in DIR
+  attention --workdir DIR [--text "3 1 4"] [--output DIR2]: attention heat maps per head
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
                (on a generated WMT-like corpus when --config is parallel_text without files)
 """
@@ -254,6 +258,36 @@ def bench_command() -> None:
             print(f"wrote {path}")
 
 
+_SMOKE = flags.DEFINE_bool("smoke", False, "experiment: a seconds-long reduced run (tests).")
+_TEXT = flags.DEFINE_string("text", "3 1 4 1 5 9 2 6", "attention: the input sentence.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "experiment: TFDS data dir for the tasks.")
+
+
+def experiment_command() -> None:
+    from t2t_jax import experiments
+
+    if len(_ARGS) != 1:
+        raise ValueError(f"name one experiment: t2t-jax experiment NAME --output DIR; "
+                         f"NAME is one of {', '.join(experiments.EXPERIMENTS)}")
+    output = _require(_OUTPUT.value, "output")
+    results = experiments.run(_ARGS[0], output, _SMOKE.value, data_dir=_DATA_DIR.value)
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1)[:2000])
+    for name, run in results.get("runs", {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in run.items() if k != "curve")
+        print(f"{name:>12s}: {shown}")
+    print(f"wrote {_ARGS[0]}.json and its plots in {os.path.abspath(output)}")
+
+
+def attention_command() -> None:
+    from t2t_jax import experiments
+
+    workdir = _require(_WORKDIR.value, "workdir")
+    output = _OUTPUT.value or os.path.join(workdir, "attention_maps")
+    results = experiments.attention_maps(output, False, workdir=workdir, text=_TEXT.value)
+    print(f"{' '.join(results['source'])} -> {' '.join(results['output'])}")
+    print(f"wrote {os.path.join(os.path.abspath(output), 'attention_maps.png')}")
+
+
 def jax_device_summary() -> str:
     import jax
 
@@ -275,13 +309,20 @@ COMMANDS = {
     "evaluate": evaluate_command,
     "average": average_command,
     "bench": bench_command,
+    "experiment": experiment_command,
+    "attention": attention_command,
 }
 
 
+_ARGS: list[str] = []  # positional arguments after the command (experiment NAME)
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    takes_args = len(argv) > 1 and argv[1] == "experiment"
+    if len(argv) < 2 or argv[1] not in COMMANDS or (len(argv) > 2 and not takes_args):
         extra = " ".join(argv[1:]) or "nothing"
         raise app.UsageError(f"expected one command, got {extra!r}\n{USAGE}")
+    _ARGS[:] = argv[2:]
     _hide_gpus_from_tensorflow()
     logging.set_verbosity(logging.WARNING)
     try:

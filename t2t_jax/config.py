@@ -43,6 +43,11 @@ def default_config() -> ml_collections.ConfigDict:
     # True: nn.scan over one layer's code with stacked params, so that compile time does not
     # grow with depth (checkpoints then differ in layout from unrolled ones; decoding unstacks).
     config.model.scan_layers = False
+    # Departures from the paper for docs/paper_guide.md's experiments: "learned" positions
+    # (max_positions rows) or "none"; scale_attention False drops 1/sqrt(d_k).
+    config.model.positional = "sinusoidal"
+    config.model.max_positions = 1024
+    config.model.scale_attention = True
 
     config.data = ml_collections.ConfigDict()
     config.data.task = "reverse"  # a built-in task: reverse, copy, sort, addition

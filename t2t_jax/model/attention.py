@@ -162,6 +162,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     kind: str = "self"  # "self" or "cross": what the cache keeps
+    scale: bool = True  # False: unscaled dot products (the guide's experiment on 1/sqrt(d_k))
 
     def _projection(self, name: str) -> nn.Einsum:
         """[batch, length, d_model] -> [batch, length, heads, d_k]."""
@@ -226,14 +227,19 @@ class MultiHeadAttention(nn.Module):
             value = self._projection("value")(inputs_kv)
         else:
             key, value, mask = self._cached_keys_values(inputs_kv, mask, cache_mode)
+        if not self.scale:  # the kernels divide by sqrt(d_k): undo it
+            query = query * jnp.sqrt(query.shape[-1]).astype(query.dtype)
         query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
         key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_heads", None))
         value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_heads", None))
-        if self.dropout_rate > 0.0 and not deterministic:
-            # Dropout on the attention weights needs the weights, so it takes the einsum path.
-            weights = nn.Dropout(self.dropout_rate)(
-                attention_weights(query, key, mask), deterministic=False
-            )
+        capture = self.is_mutable_collection("intermediates")
+        if capture or (self.dropout_rate > 0.0 and not deterministic):
+            # Dropout on the attention weights, or capturing them (attention maps), needs the
+            # weights, so it takes the einsum path.
+            weights = attention_weights(query, key, mask)
+            if capture:
+                self.sow("intermediates", "attention_weights", weights)
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
         else:
             out = attention_fn(self.attention)(query, key, value, mask)

@@ -36,13 +36,23 @@ def embedding_init(d_model: int) -> nn.initializers.Initializer:
     )
 
 
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "none")
+
+
 class Embedder(nn.Module):
-    """Embedding lookup times sqrt(d_model), plus positional encoding, then residual dropout."""
+    """Embedding lookup times sqrt(d_model), plus positional encoding, then residual dropout.
+
+    positional: "sinusoidal" (the paper's), "learned" (a trained [max_positions, d_model]
+    table, the paper's Table 3 row (E); positions past the table reuse its last row) or "none"
+    (no order information at all, for the guide's experiment).
+    """
 
     embedding: nn.Module
     d_model: int
     dropout_rate: float
     dtype: jnp.dtype = jnp.float32
+    positional: str = "sinusoidal"
+    max_positions: int = 1024
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None, deterministic: bool) -> Array:
@@ -50,6 +60,14 @@ class Embedder(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embedding(tokens) * jnp.sqrt(self.d_model).astype(self.dtype)
-        x = x + sinusoidal_encoding(positions, self.d_model).astype(self.dtype)
+        if self.positional == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, self.d_model).astype(self.dtype)
+        elif self.positional == "learned":
+            table = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (self.max_positions, self.d_model),
+            )
+            x = x + jnp.take(table, positions, axis=0, mode="clip").astype(self.dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)

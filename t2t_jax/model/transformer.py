@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from t2t_jax.model import attention as attn
-from t2t_jax.model.embedding import Embedder, embedding_init
+from t2t_jax.model.embedding import POSITIONAL_ENCODINGS, Embedder, embedding_init
 
 Array = jax.Array
 
@@ -55,6 +55,10 @@ class ModelConfig:
     # compile time stops growing with depth. Params gain a leading "layers" axis; decoding
     # unstacks them (`unrolled_for_decoding`).
     scan_layers: bool = False
+    # For the paper guide's experiments (docs/paper_guide.md); the defaults are the paper's.
+    positional: str = "sinusoidal"  # or "learned" (max_positions rows) or "none"
+    max_positions: int = 1024
+    scale_attention: bool = True  # False drops the 1/sqrt(d_k) of scaled dot-product attention
 
     def __post_init__(self):
         checks = [
@@ -62,6 +66,10 @@ class ModelConfig:
             (self.norm in NORM_POSITIONS, f"model.norm must be one of {NORM_POSITIONS}"),
             (self.dtype in DTYPES, f"model.dtype must be one of {tuple(DTYPES)}"),
             (self.remat in REMAT_POLICIES, f"model.remat must be one of {tuple(REMAT_POLICIES)}"),
+            (
+                self.positional in POSITIONAL_ENCODINGS,
+                f"model.positional must be one of {POSITIONAL_ENCODINGS}",
+            ),
             (
                 self.attention in attn.ATTENTION_IMPLEMENTATIONS,
                 f"model.attention must be one of {attn.ATTENTION_IMPLEMENTATIONS}",
@@ -155,6 +163,13 @@ def _rematerialised(layer: type[nn.Module], config: ModelConfig, static_argnums:
     return nn.remat(layer, policy=REMAT_POLICIES[config.remat], static_argnums=static_argnums)
 
 
+def _embedder(config: ModelConfig, embedding: nn.Module) -> Embedder:
+    return Embedder(
+        embedding, config.d_model, config.dropout_rate, config.compute_dtype,
+        config.positional, config.max_positions, name="embedder",
+    )
+
+
 def _attention(config: ModelConfig, name: str, kind: str = "self") -> attn.MultiHeadAttention:
     return attn.MultiHeadAttention(
         num_heads=config.num_heads,
@@ -163,6 +178,7 @@ def _attention(config: ModelConfig, name: str, kind: str = "self") -> attn.Multi
         dropout_rate=config.attention_dropout_rate,
         dtype=config.compute_dtype,
         kind=kind,
+        scale=config.scale_attention,
         name=name,
     )
 
@@ -303,8 +319,7 @@ class Encoder(nn.Module):
             attn.padding_mask(inputs, inputs),
             None if segmentation is None else attn.segment_mask(segmentation, segmentation),
         )
-        x = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
-                     name="embedder")(inputs, positions, deterministic)
+        x = _embedder(cfg, self.embedding)(inputs, positions, deterministic)
         if cfg.scan_layers:
             x, _ = _scanned(_EncoderBody, cfg.num_encoder_layers, broadcast=1)(
                 cfg, deterministic, name="layers"
@@ -355,8 +370,7 @@ class Decoder(nn.Module):
                 positions = jnp.full(decoder_inputs.shape, position.value)
                 position.value = position.value + 1
                 self_mask = None
-        y = Embedder(self.embedding, cfg.d_model, cfg.dropout_rate, cfg.compute_dtype,
-                     name="embedder")(decoder_inputs, positions, deterministic)
+        y = _embedder(cfg, self.embedding)(decoder_inputs, positions, deterministic)
         if cfg.scan_layers and cache_mode is not None:
             raise ValueError(
                 "incremental decoding runs the unrolled layers: decode with "

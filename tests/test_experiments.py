@@ -1,0 +1,92 @@
+"""`t2t-jax experiment`: each of the paper guide's experiments in smoke mode writes its JSON and
+plots, with figures that say what the guide says they show."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from t2t_jax import experiments
+
+
+def read(output, name):
+    with open(os.path.join(output, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def pngs(output):
+    return {n for n in os.listdir(output) if n.endswith(".png") and os.path.getsize(
+        os.path.join(output, n)) > 1000}
+
+
+def finite_runs(results):
+    for run in results["runs"].values():
+        assert run["curve"] and all(math.isfinite(loss) for _, loss in run["curve"])
+        assert 0 <= run["eval_accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1
+
+
+def test_softmax_saturates_without_scaling_as_d_k_grows():
+    small, large = 4, 1024
+    scaled = [experiments.softmax_statistics(d, True) for d in (small, large)]
+    unscaled = [experiments.softmax_statistics(d, False) for d in (small, large)]
+    # Scaled: the logits keep unit variance, so entropy and gradient do not depend on d_k.
+    assert scaled[1]["entropy"] == pytest.approx(scaled[0]["entropy"], rel=0.1)
+    assert scaled[1]["entropy"] > 0.8 * math.log(64)
+    # Unscaled: one key takes (nearly) all the weight and the gradient all but vanishes.
+    assert unscaled[1]["max_weight"] > 0.9 and unscaled[1]["entropy"] < 0.3
+    assert unscaled[1]["jacobian_norm"] < 0.5 * scaled[1]["jacobian_norm"]
+
+
+@pytest.mark.parametrize("name", ["positional", "scaling", "heads", "attention_maps"])
+def test_each_experiment_writes_sane_json_and_plots(name, tmp_path, data_dir):
+    output = str(tmp_path)
+    results = experiments.run(name, output, smoke=True, data_dir=data_dir)
+    assert read(output, name) == json.loads(json.dumps(results))
+    expected_plots = {
+        "positional": {"positional_encoding.png", "positional_accuracy.png"},
+        "scaling": {"scaling_softmax.png", "scaling_training.png"},
+        "heads": {"heads_accuracy.png", "heads_training.png"},
+        "attention_maps": {"attention_maps.png"},
+    }[name]
+    assert expected_plots <= pngs(output)
+    if name == "positional":
+        finite_runs(results)
+        assert set(results["runs"]) == {"sinusoidal", "learned", "none"}
+        similarity = results["similarity_at_distance_0_1_4_16"]
+        assert similarity[0] == pytest.approx(64.0)  # d_model/2 sin^2+cos^2 pairs
+        assert similarity == sorted(similarity, reverse=True)
+    elif name == "scaling":
+        finite_runs(results)
+        entropy = [s["entropy"] for s in results["softmax"]["False"]]
+        assert entropy == sorted(entropy, reverse=True)  # unscaled: sharper as d_k grows
+    elif name == "heads":
+        finite_runs(results)
+        assert set(results["runs"]) == {"1 heads", "4 heads"}
+    else:
+        assert results["source"][-1] == "</s>" and len(results["source"]) == 9
+        assert {"encoder/layer_0/self_attention", "decoder/layer_0/self_attention",
+                "decoder/layer_0/cross_attention"} == set(results["mean_max_weight"])
+        for weights in results["mean_max_weight"].values():
+            assert len(weights) == 4 and all(0 < w <= 1 for w in weights)
+
+
+def test_unknown_experiment_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="choose one of positional, scaling"):
+        experiments.run("bogus", str(tmp_path))
+
+
+def test_attention_weights_are_distributions_over_the_keys(tmp_path, data_dir):
+    from t2t_jax.decode import load_translator
+    from t2t_jax.experiments import capture_attention, task_config, train_variant
+
+    workdir = str(tmp_path / "run")
+    train_variant(task_config("reverse", True, 0, data_dir), workdir)
+    translator = load_translator(workdir)
+    captured = capture_attention(translator.model, translator.params, translator.tokenizer,
+                                 "3 1 4", 22)
+    for name, weights in captured["maps"].items():
+        np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5, err_msg=name)
+        if "decoder" in name and "self" in name:  # causal: nothing above the diagonal
+            assert np.all(np.triu(weights[0], 1) < 1e-6)
