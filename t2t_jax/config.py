@@ -19,7 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.deterministic = False
 
     config.model = ml_collections.ConfigDict()
-    config.model.type = "encoder_decoder"  # or "decoder_only" (a language model, same blocks)
+    # or "decoder_only" (a language model, same blocks), or "lstm_seq2seq" (the recurrent
+    # baseline of the paper guide; trains and evaluates, no incremental decoding)
+    config.model.type = "encoder_decoder"
     # None: the tokenizer's size. The paper shares a 37000-token vocabulary.
     config.model.vocab_size = ml_collections.config_dict.placeholder(int)
     config.model.num_encoder_layers = 6  # N
@@ -48,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.positional = "sinusoidal"
     config.model.max_positions = 1024
     config.model.scale_attention = True
+    config.model.residual = True  # False: no residual connections (the guide's experiment)
 
     config.data = ml_collections.ConfigDict()
     config.data.task = "reverse"  # a built-in task: reverse, copy, sort, addition

@@ -46,11 +46,10 @@ def task_config(
     config.data.max_source_length = config.data.max_target_length = longest
     config.data.test_max_source_length = config.data.test_max_target_length = test_longest
     config.data.algorithmic.num_train = 20_000
-    config.data.batch_size = 32
+    config.data.batch_size = 64
     config.data.eval_batch_size = 100
     config.train.num_steps = 6 if smoke else steps
     config.train.warmup_steps = 2 if smoke else max(steps // 5, 1)
-    config.train.learning_rate = 2.0
     config.train.log_every = max(config.train.num_steps // 20, 1)
     config.train.eval_every = config.train.checkpoint_every = config.train.num_steps
     config.train.num_decode_examples = 0
@@ -127,7 +126,8 @@ def _bar_plot(plt, runs, keys, labels, title, path):
     for i, (key, label) in enumerate(zip(keys, labels, strict=True)):
         ax.bar(np.arange(len(names)) + i * width, [runs[n].get(key, 0) for n in names], width,
                label=label)
-    ax.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names)
+    ax.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names, rotation=20,
+                  ha="right", fontsize=8)
     ax.set(ylim=(0, 1), ylabel="token accuracy", title=title)
     ax.legend()
     fig.tight_layout()
@@ -301,11 +301,144 @@ def attention_maps(output: str, smoke: bool, data_dir: str | None = None,
     })
 
 
+# --- rnn_vs_transformer: questions 1, 5 and 10 ----------------------------------------------
+
+
+def parameter_count(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+    from t2t_jax.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_config(config.model, vocab_size))
+    dummy = jnp.ones((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs=dummy, targets=dummy))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+
+
+def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
+    """An LSTM encoder-decoder with attention of about the Transformer's parameter count:
+    train step time against sequence length (the recurrence is sequential in length), and
+    reversal accuracy after the same wall-clock budget of training."""
+    from t2t_jax import bench
+    from t2t_jax.data.tasks import expected_vocab_size
+    from t2t_jax.model import ModelConfig
+
+    plt = _plt()
+    configs = {"transformer": task_config("reverse", smoke, 0, data_dir)}
+    configs["lstm"] = task_config("reverse", smoke, 0, data_dir)
+    configs["lstm"].model.type, configs["lstm"].model.d_model = "lstm_seq2seq", 80
+    vocab = expected_vocab_size(configs["transformer"])
+    lengths = [8, 16] if smoke else [16, 32, 64, 128, 256]
+    timing: dict[str, list] = {}
+    for name, config in configs.items():
+        model_config = ModelConfig.from_config(config.model, vocab)
+        timing[name] = []
+        for length in lengths:
+            rows = max(1, (256 if smoke else 2048) // length)
+            point = bench.measure_point(config, model_config, length, rows, "train", 2, 1.0)
+            timing[name].append(point.step_time_s)
+    budget_s = 3.0 if smoke else 150.0
+    runs = {}
+    for name, config in configs.items():
+        length = config.data.max_source_length
+        model_config = ModelConfig.from_config(config.model, vocab)
+        step = bench.measure_point(config, model_config, length, config.data.batch_size,
+                                   "train", 3, 1.0).step_time_s
+        config.train.num_steps = max(4, int(budget_s / step))
+        config.train.warmup_steps = max(1, config.train.num_steps // 5)
+        config.train.eval_every = config.train.checkpoint_every = config.train.num_steps
+        config.train.log_every = max(config.train.num_steps // 20, 1)
+        runs[name] = train_variant(config, os.path.join(output, "runs", f"rnn_{name}")) | {
+            "steps": config.train.num_steps, "step_time_s": step,
+            "parameters": parameter_count(config, vocab),
+        }
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, times in timing.items():
+        a.plot(lengths, times, marker="o", label=name)
+    a.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
+          ylabel="train step (s)", title="step time against length")
+    a.legend()
+    names = list(runs)
+    b.bar(names, [runs[n]["eval_accuracy"] for n in names])
+    b.set(ylim=(0, 1), ylabel="validation token accuracy",
+          title=f"reverse after {budget_s:.0f} s of training")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "rnn_vs_transformer.png"), dpi=100)
+    plt.close(fig)
+    return _write(output, "rnn_vs_transformer", {
+        "lengths": lengths, "step_time_s": timing, "budget_s": budget_s, "runs": runs,
+    })
+
+
+# --- residual_norm: question 8 ---------------------------------------------------------------
+
+
+def residual_norm(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
+    """3+3 layers on sorting: post-LN (the paper), pre-LN and no residual connections, each
+    with the paper's warmup (a fifth of the run) and without (full rate from step 1)."""
+    plt = _plt()
+    runs = {}
+    for norm, residual in (("post", True), ("pre", True), ("post", False)):
+        for warmup in (True, False):
+            config = task_config("sort", smoke, 500, data_dir)
+            config.model.num_encoder_layers = config.model.num_decoder_layers = 3
+            config.model.norm, config.model.residual = norm, residual
+            if not warmup:
+                config.train.warmup_steps = 1
+            name = f"{norm}-LN" if residual else "no residual"
+            name += "" if warmup else ", no warmup"
+            runs[name] = train_variant(
+                config, os.path.join(output, "runs", "residual_" + name.replace(" ", "_")
+                                     .replace(",", "").replace("-", "_"))
+            )
+    _curve_plot(plt, runs, "sort, 3+3 layers: training loss",
+                os.path.join(output, "residual_norm_training.png"))
+    _bar_plot(plt, runs, ["eval_accuracy"], ["lengths 1-20"],
+              "sort, 3+3 layers: validation token accuracy",
+              os.path.join(output, "residual_norm_accuracy.png"))
+    return _write(output, "residual_norm", {"runs": runs})
+
+
+# --- hparams: question 9 ---------------------------------------------------------------------
+
+
+HPARAM_VARIANTS = {
+    "base (d_ff 256, dropout 0, eps_ls 0.1, warmup 1/5)": {},
+    "d_ff 64": {"model.d_ff": 64},
+    "d_ff 1024": {"model.d_ff": 1024},
+    "dropout 0.1": {"model.dropout_rate": 0.1},
+    "dropout 0.3": {"model.dropout_rate": 0.3},
+    "label smoothing 0": {"train.label_smoothing": 0.0},
+    "warmup 1/50": {"train.warmup_steps": -50},  # negative: a fraction 1/50 of the steps
+    "1 layer each side": {"model.num_encoder_layers": 1, "model.num_decoder_layers": 1},
+}
+
+
+def hparams(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
+    """One change at a time from a small base model on sorting, as the paper's Table 3 varies
+    one hyperparameter per row."""
+    plt = _plt()
+    runs = {}
+    variants = dict(list(HPARAM_VARIANTS.items())[:2]) if smoke else HPARAM_VARIANTS
+    for i, (name, changes) in enumerate(variants.items()):
+        config = task_config("sort", smoke, 400, data_dir)
+        for key, value in changes.items():
+            section, field = key.split(".")
+            if field == "warmup_steps" and value < 0:
+                value = max(1, config.train.num_steps // -value)
+            config[section][field] = value
+        runs[name] = train_variant(config, os.path.join(output, "runs", f"hparams_{i}"))
+    _bar_plot(plt, runs, ["eval_accuracy", "test_accuracy"], ["lengths 1-20", "lengths 21-40"],
+              "sort: one change at a time", os.path.join(output, "hparams_accuracy.png"))
+    return _write(output, "hparams", {"runs": runs})
+
+
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "positional": positional,
     "scaling": scaling,
     "heads": heads,
     "attention_maps": attention_maps,
+    "rnn_vs_transformer": rnn_vs_transformer,
+    "residual_norm": residual_norm,
+    "hparams": hparams,
 }
 
 

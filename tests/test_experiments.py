@@ -39,7 +39,8 @@ def test_softmax_saturates_without_scaling_as_d_k_grows():
     assert unscaled[1]["jacobian_norm"] < 0.5 * scaled[1]["jacobian_norm"]
 
 
-@pytest.mark.parametrize("name", ["positional", "scaling", "heads", "attention_maps"])
+@pytest.mark.parametrize("name", ["positional", "scaling", "heads", "attention_maps",
+                                  "rnn_vs_transformer", "residual_norm", "hparams"])
 def test_each_experiment_writes_sane_json_and_plots(name, tmp_path, data_dir):
     output = str(tmp_path)
     results = experiments.run(name, output, smoke=True, data_dir=data_dir)
@@ -49,6 +50,9 @@ def test_each_experiment_writes_sane_json_and_plots(name, tmp_path, data_dir):
         "scaling": {"scaling_softmax.png", "scaling_training.png"},
         "heads": {"heads_accuracy.png", "heads_training.png"},
         "attention_maps": {"attention_maps.png"},
+        "rnn_vs_transformer": {"rnn_vs_transformer.png"},
+        "residual_norm": {"residual_norm_training.png", "residual_norm_accuracy.png"},
+        "hparams": {"hparams_accuracy.png"},
     }[name]
     assert expected_plots <= pngs(output)
     if name == "positional":
@@ -64,6 +68,19 @@ def test_each_experiment_writes_sane_json_and_plots(name, tmp_path, data_dir):
     elif name == "heads":
         finite_runs(results)
         assert set(results["runs"]) == {"1 heads", "4 heads"}
+    elif name == "rnn_vs_transformer":
+        finite_runs(results)
+        lstm, transformer = results["runs"]["lstm"], results["runs"]["transformer"]
+        assert 0.8 < lstm["parameters"] / transformer["parameters"] < 1.25  # a fair match
+        for run in (lstm, transformer):  # both trained for the same budget
+            assert run["steps"] == max(4, int(results["budget_s"] / run["step_time_s"]))
+        assert all(t > 0 for times in results["step_time_s"].values() for t in times)
+    elif name == "residual_norm":
+        assert len(results["runs"]) == 6 and "no residual, no warmup" in results["runs"]
+        assert all(run["curve"] for run in results["runs"].values())
+    elif name == "hparams":
+        finite_runs(results)
+        assert len(results["runs"]) == 2
     else:
         assert results["source"][-1] == "</s>" and len(results["source"]) == 9
         assert {"encoder/layer_0/self_attention", "decoder/layer_0/self_attention",
@@ -90,3 +107,27 @@ def test_attention_weights_are_distributions_over_the_keys(tmp_path, data_dir):
         np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5, err_msg=name)
         if "decoder" in name and "self" in name:  # causal: nothing above the diagonal
             assert np.all(np.triu(weights[0], 1) < 1e-6)
+
+
+def test_the_lstm_baseline_is_causal_and_shaped_like_the_transformer():
+    import jax
+    import jax.numpy as jnp
+
+    from t2t_jax.model import ModelConfig, build_model
+
+    config = ModelConfig(vocab_size=13, type="lstm_seq2seq", d_model=16, num_encoder_layers=2,
+                         num_decoder_layers=2)
+    model = build_model(config)
+    inputs = jnp.array([[3, 4, 5, 1, 0, 0]])
+    targets = jnp.array([[5, 4, 3, 1, 0]])
+    params = model.init(jax.random.key(0), inputs=inputs, targets=targets)["params"]
+    logits = model.apply({"params": params}, inputs=inputs, targets=targets)
+    assert logits.shape == (1, 5, 13) and logits.dtype == jnp.float32
+    changed = model.apply({"params": params}, inputs=inputs, targets=targets.at[0, 3].set(7))
+    # Position t sees targets before t only; padding in the source changes nothing.
+    np.testing.assert_allclose(changed[0, :4], logits[0, :4], atol=1e-6)
+    assert not np.allclose(changed[0, 4], logits[0, 4])
+    padded = jnp.array([[3, 4, 5, 1, 0, 0, 0, 0]])
+    np.testing.assert_allclose(
+        model.apply({"params": params}, inputs=padded, targets=targets), logits, atol=1e-5
+    )

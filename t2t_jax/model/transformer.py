@@ -19,7 +19,8 @@ from t2t_jax.model.embedding import POSITIONAL_ENCODINGS, Embedder, embedding_in
 
 Array = jax.Array
 
-MODEL_TYPES = ("encoder_decoder", "decoder_only")
+# "lstm_seq2seq": the recurrent baseline of t2t_jax/model/lstm.py (no incremental decoder).
+MODEL_TYPES = ("encoder_decoder", "decoder_only", "lstm_seq2seq")
 # What the backward pass may keep instead of recomputing: everything ("none": no remat),
 # nothing ("full"), or the matmul outputs ("dots").
 REMAT_POLICIES = {
@@ -59,6 +60,7 @@ class ModelConfig:
     positional: str = "sinusoidal"  # or "learned" (max_positions rows) or "none"
     max_positions: int = 1024
     scale_attention: bool = True  # False drops the 1/sqrt(d_k) of scaled dot-product attention
+    residual: bool = True  # False drops the residual connections around every sub-layer
 
     def __post_init__(self):
         checks = [
@@ -142,6 +144,7 @@ class Residual(nn.Module):
     """One sub-layer with its residual connection, dropout and layer norm.
 
     post-LN (paper): LayerNorm(x + Dropout(Sublayer(x))); pre-LN: x + Dropout(Sublayer(LN(x))).
+    Without `config.residual` (the guide's experiment) the "x +" is dropped.
     """
 
     config: ModelConfig
@@ -150,6 +153,10 @@ class Residual(nn.Module):
     def __call__(self, sublayer, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
+        if not cfg.residual:
+            if cfg.norm == "pre":
+                return dropout(sublayer(layer_norm(cfg, "norm")(x)), deterministic=deterministic)
+            return layer_norm(cfg, "norm")(dropout(sublayer(x), deterministic=deterministic))
         if cfg.norm == "pre":
             return x + dropout(sublayer(layer_norm(cfg, "norm")(x)), deterministic=deterministic)
         return layer_norm(cfg, "norm")(x + dropout(sublayer(x), deterministic=deterministic))
@@ -554,4 +561,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         config = dataclasses.replace(config, attention=chosen)
     if config.type == "decoder_only":
         return DecoderOnlyLM(config)
+    if config.type == "lstm_seq2seq":
+        from t2t_jax.model.lstm import LSTMSeq2Seq
+
+        return LSTMSeq2Seq(config)
     return Transformer(config)
