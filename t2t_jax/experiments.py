@@ -214,7 +214,7 @@ def heads(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, An
     plt = _plt()
     runs = {}
     for count in (1, 4) if smoke else (1, 2, 4, 8, 16):
-        config = task_config("sort", smoke, 1500, data_dir)
+        config = task_config("sort", smoke, 1000, data_dir)
         config.model.num_heads = count
         workdir = os.path.join(output, "runs", f"heads_{count}")
         runs[f"{count} heads"] = train_variant(config, workdir)
@@ -378,7 +378,7 @@ def residual_norm(output: str, smoke: bool, data_dir: str | None = None) -> dict
     runs = {}
     for norm, residual in (("post", True), ("pre", True), ("post", False)):
         for warmup in (True, False):
-            config = task_config("sort", smoke, 500, data_dir)
+            config = task_config("sort", smoke, 400, data_dir)
             config.model.num_encoder_layers = config.model.num_decoder_layers = 3
             config.model.norm, config.model.residual = norm, residual
             if not warmup:
@@ -419,7 +419,7 @@ def hparams(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, 
     runs = {}
     variants = dict(list(HPARAM_VARIANTS.items())[:2]) if smoke else HPARAM_VARIANTS
     for i, (name, changes) in enumerate(variants.items()):
-        config = task_config("sort", smoke, 400, data_dir)
+        config = task_config("sort", smoke, 300, data_dir)
         for key, value in changes.items():
             section, field = key.split(".")
             if field == "warmup_steps" and value < 0:
