@@ -34,9 +34,9 @@ commands:
   evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
-  experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional,
-          scaling, heads, attention_maps); JSON and PNG in DIR
-  attention --workdir DIR [--text "3 1 4"] [--output DIR2]: attention heat maps per head
+  experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional, scaling,
+          heads, attention_maps, rnn_vs_transformer, residual_norm, hparams); JSON, PNG in DIR
+  attention --workdir DIR [--input "3 1 4"] [--output DIR2]: attention heat maps per head
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
                (on a generated WMT-like corpus when --config is parallel_text without files)
 """
@@ -259,7 +259,8 @@ def bench_command() -> None:
 
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "experiment: a seconds-long reduced run (tests).")
-_TEXT = flags.DEFINE_string("text", "3 1 4 1 5 9 2 6", "attention: the input sentence.")
+_TEXT = flags.DEFINE_string("text", "3 1 4 1 5 9 2 6", "attention: the input sentence "
+                            "(or give it as --input).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "experiment: TFDS data dir for the tasks.")
 
 
@@ -283,7 +284,8 @@ def attention_command() -> None:
 
     workdir = _require(_WORKDIR.value, "workdir")
     output = _OUTPUT.value or os.path.join(workdir, "attention_maps")
-    results = experiments.attention_maps(output, False, workdir=workdir, text=_TEXT.value)
+    text = _INPUT.value if _INPUT.value != "-" else _TEXT.value  # --input TEXT or --text TEXT
+    results = experiments.attention_maps(output, False, workdir=workdir, text=text)
     print(f"{' '.join(results['source'])} -> {' '.join(results['output'])}")
     print(f"wrote {os.path.join(os.path.abspath(output), 'attention_maps.png')}")
 

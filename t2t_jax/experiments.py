@@ -284,6 +284,7 @@ def attention_maps(output: str, smoke: bool, data_dir: str | None = None,
     the checkpoint in `workdir` or from a reversal model trained here."""
     from t2t_jax.decode import load_translator
 
+    os.makedirs(output, exist_ok=True)
     if workdir is None:
         workdir = os.path.join(output, "runs", "attention_reverse")
         train_variant(task_config("reverse", smoke, 1500, data_dir), workdir)

@@ -66,3 +66,8 @@ def test_train_prints_metrics_and_samples(tmp_path, data_dir):
     assert "eval_accuracy:" in result.stdout
     assert result.stdout.count("(target ") == 2
     assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    maps = t2t_jax("attention", "--workdir", str(tmp_path / "run"), "--input", "3 1 4",
+                   "--output", str(tmp_path / "maps"))
+    assert maps.returncode == 0, maps.stderr[-2000:]
+    assert maps.stdout.startswith("3 1 4 </s> -> ")
+    assert os.path.getsize(tmp_path / "maps" / "attention_maps.png") > 1000
