@@ -109,7 +109,7 @@ def wait_for_metrics(workdir, popen, timeout=240):
 ENDLESS = dict(train__num_steps=10**6, train__log_every=1, train__checkpoint_every=10**6)
 
 
-def test_sigterm_to_one_process_saves_every_process_at_one_step(tiny_config, data_dir, tmp_path):
+def test_sigterm_to_one_process_saves_every_process_at_one_step(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     popen = launch(2, workdir, overrides(data_dir, **ENDLESS, **SHARED), wait=False)
     wait_for_metrics(workdir, popen)
@@ -118,18 +118,16 @@ def test_sigterm_to_one_process_saves_every_process_at_one_step(tiny_config, dat
     os.kill(pids[1], signal.SIGTERM)  # the notice reaches one host only
     _, err = popen.communicate(timeout=240)
     assert popen.returncode == 0, err[-3000:] + logs_tail(workdir)
+    # One checkpoint, and both processes' input positions at its step: they agreed on it.
     [step] = checkpoint.checkpoint_steps(workdir)
     assert sorted(os.listdir(os.path.join(workdir, "input_state", str(step)))) == [
         "process_0_of_2", "process_1_of_2"
     ]
     with open(os.path.join(workdir, "logs", "process_0.out")) as f:
         assert f"preempted: saved step {step}" in f.read()
-
-    single = str(tmp_path / "single")
-    train_and_evaluate(apply(tiny_config, train__num_steps=step, **SHARED), single)
-    # Tens of steps: the cross-process sums' rounding grows through Adam (a different batch
-    # would move params by about the learning rate, 1e-2, per step).
-    assert_params_close(params_of(workdir, step), params_of(single, step), atol=5e-4)
+    # What the save holds is the state of step `step`: the exact-resume test below and the
+    # two-process test above check the values.
+    assert int(checkpoint.restore_host_state(workdir, params_only=False)[0]["step"]) == step
 
 
 def test_sigterm_saves_exits_0_and_the_resumed_run_matches_an_unstopped_one(
