@@ -23,7 +23,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from t2t_jax import checkpoint
+from t2t_jax import checkpoint, sharding
 from t2t_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
 
@@ -365,7 +365,7 @@ def load_translator(workdir: str, step: int | None = None) -> Translator:
         ModelConfig.from_config(config.model, tokenizer.vocab_size), host["params"]
     )
     model = build_model(model_config)
-    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    mesh = sharding.local_mesh()
     params = jax.device_put(params, NamedSharding(mesh, P()))
     return Translator(config, model, params, tokenizer, step, mesh)
 
