@@ -10,10 +10,20 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from t2t_jax.model.flash import flash_attention
+from t2t_jax.model.masks import AttentionMask, as_dense
+from t2t_jax.model.splash import splash_attention
+
 Array = jax.Array
 
 # "auto" picks per platform (`select_attention`); the others name one implementation.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "dot_product_attention", "cudnn")
+ATTENTION_IMPLEMENTATIONS = (
+    "auto", "xla", "dot_product_attention", "cudnn", "splash", "blockwise",
+)
+
+# Masks travel through the model as `AttentionMask` (segment ids and a causal flag, linear in
+# length); incremental decoding passes small dense arrays. Kernels take either.
+Mask = AttentionMask | Array | None
 
 
 def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
@@ -27,29 +37,14 @@ def causal_mask(length: int) -> Array:
     return (idx[:, None] >= idx[None, :])[None, None]
 
 
-def segment_mask(query_segments: Array, key_segments: Array) -> Array:
-    """Boolean mask [batch, 1, q_len, k_len]: True where query and key lie in the same packed
-    example (segment ids are 1, 2, ... for the examples of a row and 0 for padding)."""
-    return query_segments[:, None, :, None] == key_segments[:, None, None, :]
-
-
-def combine_masks(*masks: Array | None) -> Array | None:
-    """Logical AND of the masks that are not None (None when all are)."""
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        return None
-    out = masks[0]
-    for m in masks[1:]:
-        out = out & m
-    return out
-
-
-def attention_weights(query: Array, key: Array, mask: Array | None) -> Array:
+def attention_weights(query: Array, key: Array, mask: Mask) -> Array:
     """softmax(Q K^T / sqrt(d_k)) in float32: [batch, heads, q_len, k_len].
 
-    query: [batch, q_len, heads, d_k]; key: [batch, k_len, heads, d_k]; mask: boolean,
-    broadcastable to [batch, heads, q_len, k_len], False where attention is blocked.
+    query: [batch, q_len, heads, d_k]; key: [batch, k_len, heads, d_k]; mask: an
+    `AttentionMask`, or boolean broadcastable to [batch, heads, q_len, k_len], False where
+    attention is blocked.
     """
+    mask = as_dense(mask)
     depth = query.shape[-1]
     query = query / jnp.sqrt(depth).astype(query.dtype)
     # The softmax runs in float32 even under bf16 compute: exp of bf16 logits loses too much.
@@ -59,19 +54,40 @@ def attention_weights(query: Array, key: Array, mask: Array | None) -> Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
-def xla_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+def xla_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     """Attention(Q, K, V) as einsums for XLA: [batch, q_len, heads, d_k] in query's dtype."""
     weights = attention_weights(query, key, mask).astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-def fused_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
-    """`jax.nn.dot_product_attention` with JAX's default implementation (XLA in JAX 0.10)."""
+def _jax_dot_product_attention(
+    query: Array, key: Array, value: Array, mask: Mask, implementation: str | None
+) -> Array:
+    """`jax.nn.dot_product_attention` given the mask as a causal flag and sequence lengths where
+    it can be (unpacked rows), which the cuDNN kernel applies without a [q_len, k_len] array."""
+    if isinstance(mask, AttentionMask) and not mask.packed:
+        query_lengths, key_lengths = mask.lengths()
+        return jax.nn.dot_product_attention(
+            query, key, value, is_causal=mask.causal, query_seq_lengths=query_lengths,
+            key_value_seq_lengths=key_lengths, implementation=implementation,
+        )
+    if isinstance(mask, AttentionMask) and implementation == "cudnn":
+        _log_fallback_once(
+            "cudnn", "packed rows: the segment mask goes to cuDNN as a dense [q_len, k_len] "
+            "array (quadratic memory); the blockwise kernel keeps it linear"
+        )
+    mask = as_dense(mask)
     if mask is not None:
         mask = jnp.broadcast_to(
             mask, (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])
         )
-    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        implementation=implementation)
+
+
+def fused_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
+    """`jax.nn.dot_product_attention` with JAX's default implementation (XLA in JAX 0.10)."""
+    return _jax_dot_product_attention(query, key, value, mask, None)
 
 
 def cudnn_unsupported(query: Array, key: Array, platform: str) -> str | None:
@@ -88,7 +104,7 @@ def cudnn_unsupported(query: Array, key: Array, platform: str) -> str | None:
     return None
 
 
-def cudnn_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+def cudnn_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     """`jax.nn.dot_product_attention` forced onto cuDNN's fused (flash) kernel, which never
     materialises the [q_len, k_len] weights; falls back to `xla_attention`, with the reason
     logged, for shapes, dtypes or platforms the kernel does not take."""
@@ -96,11 +112,39 @@ def cudnn_attention(query: Array, key: Array, value: Array, mask: Array | None) 
     if reason:
         _log_fallback_once("cudnn", reason)
         return xla_attention(query, key, value, mask)
-    if mask is not None:
-        mask = jnp.broadcast_to(
-            mask, (query.shape[0], mask.shape[1], query.shape[1], key.shape[1])
-        )
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+    return _jax_dot_product_attention(query, key, value, mask, "cudnn")
+
+
+def splash_unsupported(query: Array, mask: Mask, platform: str) -> str | None:
+    """Why the Pallas splash kernel cannot run here, or None if it can."""
+    if platform != "tpu":
+        return f"the Pallas splash kernel is for TPU, this is {platform}"
+    if query.shape[1] == 1:
+        return "one query position (incremental decoding) gains nothing from the kernel"
+    if not isinstance(mask, AttentionMask):
+        return "a dense mask array (incremental decoding) is not a splash mask"
+    return None
+
+
+def splash_tpu_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
+    """The Pallas splash kernel (`model.splash`) on TPU; elsewhere, or for incremental decoding,
+    the XLA einsum path with the reason logged."""
+    reason = splash_unsupported(query, mask, jax.devices()[0].platform)
+    if reason:
+        _log_fallback_once("splash", reason)
+        return xla_attention(query, key, value, mask)
+    return splash_attention(query, key, value, mask)
+
+
+def blockwise_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
+    """Flash attention in plain JAX (`model.flash`): linear memory on every backend. Dense mask
+    arrays (incremental decoding, one query position) take the einsum path."""
+    if mask is None:
+        ones = jnp.ones(query.shape[:2], jnp.int32), jnp.ones(key.shape[:2], jnp.int32)
+        mask = AttentionMask.from_tokens(*ones)
+    if not isinstance(mask, AttentionMask):
+        return xla_attention(query, key, value, mask)
+    return flash_attention(query, key, value, mask)
 
 
 @functools.cache
@@ -111,9 +155,10 @@ def _log_fallback_once(kernel: str, reason: str) -> None:
 def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, str]:
     """(implementation, why) for `model.attention` on `platform` with compute `dtype`.
 
-    "auto": on GPU with bfloat16/float16 the cuDNN flash kernel (which falls back per call for
-    shapes it does not take), elsewhere the XLA einsum path, which on TPU XLA fuses well and
-    on CPU measured fastest (docs/benchmarks.md). An explicit choice is kept.
+    "auto": on GPU with bfloat16/float16 the cuDNN flash kernel, on TPU the Pallas splash
+    kernel (both fall back per call for shapes they do not take), elsewhere the XLA einsum
+    path, which on CPU measured fastest up to 2048 tokens (docs/benchmarks.md). An explicit
+    choice is kept.
     """
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -126,21 +171,28 @@ def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, st
         return "cudnn", f"auto: {dtype} on GPU"
     if platform == "gpu":
         return "xla", f"auto: cuDNN flash attention needs bfloat16 or float16, not {dtype}"
+    if platform == "tpu":
+        return "splash", "auto: TPU"
     return "xla", f"auto: {platform}"
 
 
-def attention_fn(name: str) -> Callable[[Array, Array, Array, Array | None], Array]:
+# The kernel behind each implementation name (tests swap in the interpreted splash kernel).
+KERNELS: dict[str, Callable[[Array, Array, Array, Mask], Array]] = {
+    "xla": xla_attention,
+    "dot_product_attention": fused_attention,
+    "cudnn": cudnn_attention,
+    "splash": splash_tpu_attention,
+    "blockwise": blockwise_attention,
+}
+
+
+def attention_fn(name: str) -> Callable[[Array, Array, Array, Mask], Array]:
     """The attention kernel called `name` ("auto" resolved to this platform's choice)."""
     if name == "auto":
         name = select_attention(name, jax.devices()[0].platform, "float32")[0]
-    kernels = {
-        "xla": xla_attention,
-        "dot_product_attention": fused_attention,
-        "cudnn": cudnn_attention,
-    }
-    if name not in kernels:
+    if name not in KERNELS:
         select_attention(name, "", "")  # raises naming the choices
-    return kernels[name]
+    return KERNELS[name]
 
 
 class MultiHeadAttention(nn.Module):
@@ -182,8 +234,8 @@ class MultiHeadAttention(nn.Module):
         )
 
     def _cached_keys_values(
-        self, inputs_kv: Array, mask: Array | None, cache_mode: str
-    ) -> tuple[Array, Array, Array | None]:
+        self, inputs_kv: Array, mask: Mask, cache_mode: str
+    ) -> tuple[Array, Array, Mask]:
         """Keys, values and mask under incremental decoding (see the class docstring)."""
         if self.kind == "cross" and cache_mode == "step":
             cached = [self.get_variable("cache", f"cached_{n}") for n in ("key", "value")]
@@ -211,7 +263,7 @@ class MultiHeadAttention(nn.Module):
         self,
         inputs_q: Array,
         inputs_kv: Array,
-        mask: Array | None,
+        mask: Mask,
         deterministic: bool,
         cache_mode: str | None = None,
     ) -> Array:

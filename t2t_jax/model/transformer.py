@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from t2t_jax.model import attention as attn
+from t2t_jax.model.attention import Mask
 from t2t_jax.model.embedding import POSITIONAL_ENCODINGS, Embedder, embedding_init
+from t2t_jax.model.masks import AttentionMask
 
 Array = jax.Array
 
@@ -196,7 +198,7 @@ class EncoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask: Mask, deterministic: bool) -> Array:
         self_attention = _attention(self.config, "self_attention")
         x = Residual(self.config, name="attention_block")(
             lambda y: self_attention(y, y, mask, deterministic), x, deterministic
@@ -218,8 +220,8 @@ class DecoderLayer(nn.Module):
         self,
         x: Array,
         encoded: Array | None,
-        self_mask: Array | None,
-        cross_mask: Array | None,
+        self_mask: Mask,
+        cross_mask: Mask,
         deterministic: bool,
         cache_mode: str | None = None,
     ) -> Array:
@@ -246,7 +248,7 @@ class _EncoderBody(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, None]:
+    def __call__(self, x: Array, mask: Mask) -> tuple[Array, None]:
         layer = _rematerialised(EncoderLayer, self.config, static_argnums=(3,))
         return layer(self.config, name="layer")(x, mask, self.deterministic), None
 
@@ -322,10 +324,7 @@ class Encoder(nn.Module):
     ) -> Array:
         """inputs: [batch, src_len] ids (0 = padding) -> [batch, src_len, d_model]."""
         cfg = self.config
-        mask = attn.combine_masks(
-            attn.padding_mask(inputs, inputs),
-            None if segmentation is None else attn.segment_mask(segmentation, segmentation),
-        )
+        mask = AttentionMask.from_tokens(inputs, inputs, segmentation, segmentation)
         x = _embedder(cfg, self.embedding)(inputs, positions, deterministic)
         if cfg.scan_layers:
             x, _ = _scanned(_EncoderBody, cfg.num_encoder_layers, broadcast=1)(
@@ -353,7 +352,7 @@ class Decoder(nn.Module):
         decoder_inputs: Array,
         targets: Array,
         encoded: Array | None,
-        cross_mask: Array | None,
+        cross_mask: Mask,
         positions: Array | None,
         segmentation: Array | None,
         deterministic: bool,
@@ -366,10 +365,8 @@ class Decoder(nn.Module):
         the causal mask come from the cache (see MultiHeadAttention).
         """
         cfg = self.config
-        self_mask = attn.combine_masks(
-            attn.causal_mask(targets.shape[1]),
-            attn.padding_mask(targets, targets),
-            None if segmentation is None else attn.segment_mask(segmentation, segmentation),
+        self_mask = AttentionMask.from_tokens(
+            targets, targets, segmentation, segmentation, causal=True
         )
         if cache_mode is not None:
             position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
@@ -483,11 +480,8 @@ class Transformer(nn.Module):
             cross_mask = (inputs > 0)[:, None, None, :]
             decoder_inputs = targets
         else:
-            cross_mask = attn.combine_masks(
-                attn.padding_mask(targets, inputs),
-                None
-                if targets_segmentation is None
-                else attn.segment_mask(targets_segmentation, inputs_segmentation),
+            cross_mask = AttentionMask.from_tokens(
+                targets, inputs, targets_segmentation, inputs_segmentation
             )
             decoder_inputs = shift_right(targets, targets_segmentation)
         return self.decoder(

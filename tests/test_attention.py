@@ -1,0 +1,183 @@
+"""Attention kernels against the einsum reference: structured masks, flash memory, splash."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from t2t_jax import sharding
+from t2t_jax.model import ModelConfig, attention, build_model
+from t2t_jax.model.masks import AttentionMask
+from t2t_jax.model.splash import splash_attention
+
+TINY = dict(
+    vocab_size=20, num_encoder_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+    num_heads=4, dropout_rate=0.0,
+)
+
+
+def interpreted_splash(query, key, value, mask):
+    """The TPU kernel run by the Pallas interpreter, which works on CPU."""
+    return splash_attention(query, key, value, mask, interpret=True)
+
+
+def qkv(q_len, k_len, seed=0, batch=2, heads=2, depth=8):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(keys[0], (batch, q_len, heads, depth)),
+        jax.random.normal(keys[1], (batch, k_len, heads, depth)),
+        jax.random.normal(keys[2], (batch, k_len, heads, depth)),
+    )
+
+
+def masks(q_len, k_len, causal, packed):
+    """Row 0 full, row 1 padded; packed rows hold two examples each."""
+    def tokens_and_segments(length):
+        tokens = np.ones((2, length), np.int32)
+        tokens[1, length - length // 4:] = 0
+        segments = np.where(np.arange(length) < length // 2, 1, 2)[None].repeat(2, 0) * tokens
+        return jnp.asarray(tokens), jnp.asarray(segments)
+
+    q_tokens, q_segments = tokens_and_segments(q_len)
+    k_tokens, k_segments = tokens_and_segments(k_len)
+    if not packed:
+        q_segments = k_segments = None
+    return AttentionMask.from_tokens(q_tokens, k_tokens, q_segments, k_segments, causal=causal)
+
+
+def test_dense_mask_is_padding_and_segments_and_causality():
+    tokens = jnp.array([[5, 6, 7, 8, 0]])
+    segments = jnp.array([[1, 1, 2, 2, 0]])
+    dense = AttentionMask.from_tokens(tokens, tokens, segments, segments, causal=True).dense()
+    expected = np.array([
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0],
+    ], bool)
+    np.testing.assert_array_equal(dense[0, 0], expected)
+    unpacked = AttentionMask.from_tokens(tokens, tokens)
+    assert not unpacked.packed and not unpacked.causal
+    np.testing.assert_array_equal(unpacked.lengths()[0], [4])
+    np.testing.assert_array_equal(unpacked.dense()[0, 0], np.outer([1, 1, 1, 1, 0], [1] * 4 + [0]))
+
+
+KERNELS = {
+    "dot_product_attention": attention.fused_attention,
+    "blockwise": lambda q, k, v, m: attention.flash_attention(q, k, v, m, block=16),
+    "splash_interpreted": interpreted_splash,
+}
+SHAPES = {"self": (40, 40, False), "causal": (40, 40, True), "cross": (30, 50, False)}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernels_match_the_einsum_reference_forward_and_backward(kernel, shape, packed):
+    q_len, k_len, causal = SHAPES[shape]
+    query, key, value = qkv(q_len, k_len)
+    mask = masks(q_len, k_len, causal, packed)
+    real = np.asarray(mask.query_segments > 0)  # padding queries' outputs are never used
+    cotangent = jax.random.normal(jax.random.key(9), query.shape) * real[..., None, None]
+
+    def loss(fn, *qkv_):
+        return jnp.sum(fn(*qkv_, mask) * cotangent)
+
+    expected = attention.xla_attention(query, key, value, mask)
+    out = jax.jit(lambda *a: KERNELS[kernel](*a, mask))(query, key, value)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=2e-5)
+    grads = jax.jit(jax.grad(lambda *a: loss(KERNELS[kernel], *a), (0, 1, 2)))(query, key, value)
+    expected_grads = jax.grad(lambda *a: loss(attention.xla_attention, *a), (0, 1, 2))(
+        query, key, value
+    )
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-5, err_msg=f"d{name}")
+
+
+def _temp_bytes(kernel, length):
+    """XLA's temporary memory for the gradient of causal self-attention at `length`."""
+    x = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def loss(q, k, v, t):
+        return kernel(q, k, v, AttentionMask.from_tokens(t, t, causal=True)).sum()
+
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_training_memory_grows_linearly_with_length():
+    blockwise = [_temp_bytes(attention.blockwise_attention, n) for n in (1024, 4096)]
+    einsum = [_temp_bytes(attention.xla_attention, n) for n in (1024, 4096)]
+    # 4x the length: ~4x the memory for the flash kernel, ~16x for materialised weights.
+    assert blockwise[1] / blockwise[0] < 5, blockwise
+    assert einsum[1] / einsum[0] > 9, einsum
+    assert blockwise[1] < einsum[1] / 4
+
+
+def test_cudnn_gets_lengths_and_a_causal_flag_not_a_dense_mask(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw))
+    query, key, value = qkv(6, 6)
+    attention._jax_dot_product_attention(query, key, value, masks(6, 6, True, False), "cudnn")
+    assert "mask" not in calls[0]
+    assert calls[0]["is_causal"] and calls[0]["implementation"] == "cudnn"
+    np.testing.assert_array_equal(calls[0]["query_seq_lengths"], [6, 5])
+    attention._jax_dot_product_attention(query, key, value, masks(6, 6, True, True), "cudnn")
+    assert calls[1]["mask"].shape == (2, 1, 6, 6)  # packed rows: the segment mask, densely
+
+
+def test_splash_falls_back_to_the_einsum_path_off_tpu(caplog):
+    query, key, value = qkv(8, 8)
+    mask = masks(8, 8, True, False)
+    with caplog.at_level(logging.WARNING):
+        out = attention.splash_tpu_attention(query, key, value, mask)
+    np.testing.assert_array_equal(out, attention.xla_attention(query, key, value, mask))
+    assert "splash kernel is for TPU, this is cpu" in caplog.text
+    assert attention.splash_unsupported(query, mask, "tpu") is None
+    assert "incremental decoding" in attention.splash_unsupported(query[:, :1], mask, "tpu")
+    assert "dense mask" in attention.splash_unsupported(query, mask.dense(), "tpu")
+
+
+def _logits_and_grads(config, params, batch):
+    model = build_model(config)
+
+    def loss(p):
+        logits = model.apply({"params": p}, **batch)
+        # Padding positions' outputs differ between kernels and never reach a real loss.
+        return jnp.mean(logits**2 * (batch["targets"] > 0)[..., None]), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "splash"])
+def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
+    """Packed and padded rows through the whole model on 8 devices (data 2, fsdp 2, tensor 2):
+    the splash kernel runs per shard under shard_map (interpreted on CPU)."""
+    monkeypatch.setitem(attention.KERNELS, "splash", interpreted_splash)
+    tokens = jax.random.randint(jax.random.key(1), (4, 24), 3, 20).at[1, 20:].set(0)
+    segments = jnp.where(jnp.arange(24) < 10, 1, 2)[None].repeat(4, 0) * (tokens > 0)
+    positions = jnp.where(jnp.arange(24) < 10, jnp.arange(24), jnp.arange(24) - 10)[None]
+    batch = dict(
+        inputs=tokens, targets=tokens, inputs_segmentation=segments,
+        targets_segmentation=segments, inputs_positions=positions.repeat(4, 0),
+        targets_positions=positions.repeat(4, 0),
+    )
+    reference = ModelConfig(**TINY, attention="xla")
+    params = nn.meta.unbox(build_model(reference).init(jax.random.key(0), tokens, tokens))
+    params = params["params"]
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(
+        {"ici": {"data": 2, "fsdp": 2, "tensor": 2}, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}}
+    ))
+    with sharding.activate(mesh):
+        expected = _logits_and_grads(reference, params, batch)
+        got = _logits_and_grads(ModelConfig(**TINY, attention=implementation), params, batch)
+    real = np.asarray(tokens > 0)
+    np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(expected[0])[real], atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got[1], expected[1])
