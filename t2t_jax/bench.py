@@ -22,6 +22,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -100,11 +101,9 @@ def _fake_batch(config: ModelConfig, rows: int, seq_len: int, seed: int) -> dict
 
 
 def _memory_bytes(compiled: Any) -> int:
-    """Peak device memory of the step: the allocator's own figure where the device reports it,
-    else the compiled program's arguments + outputs + temporaries."""
-    stats = jax.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"])
+    """Device memory the step needs: the compiled program's arguments + outputs + temporaries
+    (XLA's buffer assignment, fused kernels' workspaces included). Not the allocator's
+    `peak_bytes_in_use`: that never resets, so every later point would inherit the largest."""
     memory = compiled.memory_analysis()
     return int(
         memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -219,10 +218,12 @@ def run_bench(
     mode: str,
     batch_tokens: int,
     steps: int = 3,
+    on_point: Callable[[Point], None] | None = None,
 ) -> tuple[list[Point], str]:
     """All points (lengths ascending; an implementation stops at its first out-of-memory
     length), and where the peak FLOP/s figure comes from. Each point has about `batch_tokens`
-    tokens a side: batch_tokens // seq_len rows, a multiple of the device count."""
+    tokens a side: batch_tokens // seq_len rows, a multiple of the device count. `on_point` sees
+    each point as it is measured (progress on long runs)."""
     if mode not in ("train", "forward", "decode"):
         raise ValueError(f"--mode must be train, forward or decode, got {mode!r}")
     peak, peak_source = device_peak_flops()
@@ -237,6 +238,8 @@ def run_bench(
             point = measure_point(config, model_config, seq_len, rows, mode, steps, peak)
             logging.info("bench %s", point)
             points.append(point)
+            if on_point:
+                on_point(point)
             if point.error:  # longer sequences will not fit either
                 break
     return points, peak_source

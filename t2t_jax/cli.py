@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +35,8 @@ commands:
   evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
+  check-attention [--attention cudnn,blockwise,...] [--dtype bfloat16] [--length 256]: each
+          attention kernel against the float32 einsum reference on this device
   experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional, scaling,
           heads, attention_maps, rnn_vs_transformer, residual_norm, hparams); JSON, PNG in DIR
   attention --workdir DIR [--input "3 1 4"] [--output DIR2]: attention heat maps per head
@@ -43,7 +46,11 @@ commands:
 
 
 def _hide_gpus_from_tensorflow() -> None:
-    import tensorflow as tf
+    """The input pipeline's TensorFlow must leave the GPUs to JAX."""
+    try:
+        import tensorflow as tf
+    except ImportError:  # the model-only commands (bench, check-attention) run without it
+        return
 
     tf.config.set_visible_devices([], "GPU")
 
@@ -236,19 +243,31 @@ _MODE = flags.DEFINE_string("mode", "train", "bench: train (step), forward (eval
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 8192, "bench: tokens a side per step.")
 
 
-def bench_command() -> None:
-    from t2t_jax import bench
+def _expected_vocab_size(config) -> int:
     from t2t_jax.data import tasks
 
+    return tasks.expected_vocab_size(config)
+
+
+def bench_command() -> None:
+    from t2t_jax import bench
+
     config = _require(_CONFIG.value, "config")
+
+    def progress(point: bench.Point) -> None:  # rows as they come, on stderr
+        print(bench.format_table([point])[-1], file=sys.stderr, flush=True)
+
+    print(bench.format_table([])[0], file=sys.stderr, flush=True)
     points, peak_source = bench.run_bench(
         config,
-        tasks.expected_vocab_size(config),
+        # The data modules (TensorFlow) load only where the config leaves the vocabulary open.
+        config.model.vocab_size or _expected_vocab_size(config),
         [int(s) for s in _SEQ_LENS.value],
         _ATTENTION.value,
         _MODE.value,
         _BATCH_TOKENS.value,
         _STEPS.value,
+        progress,
     )
     print(f"devices: {jax_device_summary()}; peak: {peak_source}")
     print("\n".join(bench.format_table(points)))
@@ -256,6 +275,27 @@ def bench_command() -> None:
         for path in bench.write_outputs(points, _OUTPUT.value, f"{config.model.type}, "
                                         f"d_model {config.model.d_model}, {jax_device_summary()}"):
             print(f"wrote {path}")
+
+
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", ["bfloat16", "float16", "float32"], "check-attention: input dtype."
+)
+_LENGTH = flags.DEFINE_integer("length", 256, "check-attention: query and key length.")
+
+
+def check_attention_command() -> None:
+    from t2t_jax import kernel_check
+
+    implementations = [a for a in _ATTENTION.value if a != "auto"]
+    checks = kernel_check.check_kernels(implementations, _DTYPE.value, _LENGTH.value)
+    print(f"devices: {jax_device_summary()}; errors relative to the float32 einsum reference")
+    print("\n".join(kernel_check.format_checks(checks)))
+    if _OUTPUT.value:
+        os.makedirs(_OUTPUT.value, exist_ok=True)
+        path = os.path.join(_OUTPUT.value, "check_attention.json")
+        with open(path, "w") as f:
+            json.dump([dataclasses.asdict(c) for c in checks], f, indent=1)
+        print(f"wrote {path}")
 
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "experiment: a seconds-long reduced run (tests).")
@@ -311,6 +351,7 @@ COMMANDS = {
     "evaluate": evaluate_command,
     "average": average_command,
     "bench": bench_command,
+    "check-attention": check_attention_command,
     "experiment": experiment_command,
     "attention": attention_command,
 }

@@ -35,9 +35,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.share_embeddings = True  # source, target and pre-softmax weights tied (3.4)
     config.model.norm = "post"  # "post" as in the paper, "pre" for pre-LN
     config.model.layer_norm_epsilon = 1e-6
-    # "auto": cuDNN's fused flash kernel on GPUs with bf16/fp16, else the XLA einsum path.
-    # Or name one: "xla" (einsum), "dot_product_attention" (jax.nn.dot_product_attention's
-    # default, XLA), "cudnn" (forced; falls back to einsum, logged, where it cannot run).
+    # "auto": cuDNN's fused flash kernel on GPUs with bf16/fp16, the Pallas splash kernel on
+    # TPU, the blockwise kernel on CPU, else the XLA einsum path. Or name one: "xla" (einsum),
+    # "dot_product_attention" (jax.nn.dot_product_attention's default), "cudnn" or "splash"
+    # (forced; einsum, logged, where they cannot run), "blockwise" (flash attention in plain
+    # JAX: memory linear in length on any backend; slower than cuDNN's kernel on GPU).
     config.model.attention = "auto"
     config.model.dtype = "float32"  # compute dtype, "bfloat16" for speed; params stay f32
     # Recompute each layer in the backward pass: "none", "full" or "dots" (keep matmul outputs).

@@ -181,3 +181,20 @@ def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
     real = np.asarray(tokens > 0)
     np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(expected[0])[real], atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got[1], expected[1])
+
+
+def test_check_attention_reports_small_errors_and_names_fallbacks():
+    from t2t_jax import kernel_check
+
+    checks = kernel_check.check_kernels(["blockwise", "cudnn"], "float32", length=32)
+    assert {(c.case, c.rows) for c in checks} == {
+        (case, rows) for case in ("self", "causal", "cross") for rows in ("padded", "packed")
+    }
+    for check in checks:
+        assert check.output_error < 1e-5 and check.gradient_error < 1e-5
+        if check.implementation == "blockwise":
+            assert check.fallback == ""
+        else:  # no GPU here: the einsum path ran, and the check says so
+            assert "needs an NVIDIA GPU" in check.fallback
+    lines = kernel_check.format_checks(checks)
+    assert len(lines) == 1 + len(checks) and "fell back" in lines[-1]

@@ -156,8 +156,9 @@ def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, st
     """(implementation, why) for `model.attention` on `platform` with compute `dtype`.
 
     "auto": on GPU with bfloat16/float16 the cuDNN flash kernel, on TPU the Pallas splash
-    kernel (both fall back per call for shapes they do not take), elsewhere the XLA einsum
-    path, which on CPU measured fastest up to 2048 tokens (docs/benchmarks.md). An explicit
+    kernel (both fall back per call for shapes they do not take), on GPU with float32 the XLA
+    einsum path, and on CPU the blockwise kernel, which measured as fast as einsum at 32 tokens
+    and 1.2-2.4x faster from 256 to 4096 with linear memory (docs/benchmarks.md). An explicit
     choice is kept.
     """
     if requested not in ATTENTION_IMPLEMENTATIONS:
@@ -173,6 +174,8 @@ def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, st
         return "xla", f"auto: cuDNN flash attention needs bfloat16 or float16, not {dtype}"
     if platform == "tpu":
         return "splash", "auto: TPU"
+    if platform == "cpu":
+        return "blockwise", "auto: CPU"
     return "xla", f"auto: {platform}"
 
 
