@@ -36,7 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.norm = "post"  # "post" as in the paper, "pre" for pre-LN
     config.model.layer_norm_epsilon = 1e-6
     # "auto": cuDNN's fused flash kernel on GPUs with bf16/fp16, the Pallas splash kernel on
-    # TPU, the blockwise kernel on CPU, else the XLA einsum path. Or name one: "xla" (einsum),
+    # TPU, on CPU einsum below 256 keys and the blockwise kernel from there on (both measured
+    # fastest there), else the XLA einsum path. Or name one: "xla" (einsum),
     # "dot_product_attention" (jax.nn.dot_product_attention's default), "cudnn" or "splash"
     # (forced; einsum, logged, where they cannot run), "blockwise" (flash attention in plain
     # JAX: memory linear in length on any backend; slower than cuDNN's kernel on GPU).

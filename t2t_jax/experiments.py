@@ -344,6 +344,8 @@ def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) ->
         step = bench.measure_point(config, model_config, length, config.data.batch_size,
                                    "train", 3, 1.0).step_time_s
         config.train.num_steps = max(4, int(budget_s / step))
+        if smoke:  # a tiny step would fill even 3 s with hundreds of steps
+            config.train.num_steps = min(config.train.num_steps, 8)
         config.train.warmup_steps = max(1, config.train.num_steps // 5)
         config.train.eval_every = config.train.checkpoint_every = config.train.num_steps
         config.train.log_every = max(config.train.num_steps // 20, 1)

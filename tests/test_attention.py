@@ -169,7 +169,8 @@ def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
         targets_segmentation=segments, inputs_positions=positions.repeat(4, 0),
         targets_positions=positions.repeat(4, 0),
     )
-    reference = ModelConfig(**TINY, attention="xla")
+    one_layer = TINY | dict(num_encoder_layers=1, num_decoder_layers=1)  # every attention kind
+    reference = ModelConfig(**one_layer, attention="xla")
     params = nn.meta.unbox(build_model(reference).init(jax.random.key(0), tokens, tokens))
     params = params["params"]
     mesh = sharding.make_mesh(ml_collections.ConfigDict(
@@ -177,7 +178,7 @@ def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
     ))
     with sharding.activate(mesh):
         expected = _logits_and_grads(reference, params, batch)
-        got = _logits_and_grads(ModelConfig(**TINY, attention=implementation), params, batch)
+        got = _logits_and_grads(ModelConfig(**one_layer, attention=implementation), params, batch)
     real = np.asarray(tokens > 0)
     np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(expected[0])[real], atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got[1], expected[1])
@@ -186,15 +187,24 @@ def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
 def test_check_attention_reports_small_errors_and_names_fallbacks():
     from t2t_jax import kernel_check
 
-    checks = kernel_check.check_kernels(["blockwise", "cudnn"], "float32", length=32)
+    checks = kernel_check.check_kernels(["blockwise"], "float32", length=16)
     assert {(c.case, c.rows) for c in checks} == {
         (case, rows) for case in ("self", "causal", "cross") for rows in ("padded", "packed")
     }
-    for check in checks:
-        assert check.output_error < 1e-5 and check.gradient_error < 1e-5
-        if check.implementation == "blockwise":
-            assert check.fallback == ""
-        else:  # no GPU here: the einsum path ran, and the check says so
-            assert "needs an NVIDIA GPU" in check.fallback
+    assert all(c.output_error < 1e-5 and c.gradient_error < 1e-5 and not c.fallback for c in checks)
+    # No GPU here: the einsum path ran in cuDNN's place, and the check says so.
+    checks.append(kernel_check.check_kernel("cudnn", "causal", True, "float32", length=16))
+    assert checks[-1].output_error < 1e-6 and "needs an NVIDIA GPU" in checks[-1].fallback
     lines = kernel_check.format_checks(checks)
     assert len(lines) == 1 + len(checks) and "fell back" in lines[-1]
+
+
+def test_cpu_auto_uses_einsum_for_short_keys_and_blockwise_from_256():
+    for length, reference in ((255, attention.xla_attention), (256, attention.blockwise_attention)):
+        q, k, v = qkv(4, length, batch=1, heads=1, depth=4)
+        ones = jnp.ones((1, 4), jnp.int32), jnp.ones((1, length), jnp.int32)
+        mask = AttentionMask.from_tokens(*ones)
+        np.testing.assert_array_equal(
+            attention.xla_or_blockwise_attention(q, k, v, mask), reference(q, k, v, mask)
+        )
+    assert attention.select_attention("auto", "cpu", "float32")[0] == "xla_or_blockwise"

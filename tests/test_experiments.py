@@ -72,8 +72,9 @@ def test_each_experiment_writes_sane_json_and_plots(name, tmp_path, data_dir):
         finite_runs(results)
         lstm, transformer = results["runs"]["lstm"], results["runs"]["transformer"]
         assert 0.8 < lstm["parameters"] / transformer["parameters"] < 1.25  # a fair match
-        for run in (lstm, transformer):  # both trained for the same budget
-            assert run["steps"] == max(4, int(results["budget_s"] / run["step_time_s"]))
+        for run in (lstm, transformer):  # both trained for the same budget (capped in smoke)
+            budget_steps = max(4, int(results["budget_s"] / run["step_time_s"]))
+            assert run["steps"] == min(budget_steps, 8)
         assert all(t > 0 for times in results["step_time_s"].values() for t in times)
     elif name == "residual_norm":
         assert set(results["runs"]) == {"post-LN", "no residual"}  # smoke: 2 of the 6

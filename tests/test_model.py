@@ -248,7 +248,7 @@ def test_scanned_layers_compute_what_the_unrolled_layers_do(model_type):
         ("auto", "gpu", "bfloat16", "cudnn"),
         ("auto", "gpu", "float32", "xla"),
         ("auto", "tpu", "bfloat16", "splash"),
-        ("auto", "cpu", "float32", "blockwise"),
+        ("auto", "cpu", "float32", "xla_or_blockwise"),
         ("dot_product_attention", "gpu", "bfloat16", "dot_product_attention"),
     ],
 )

@@ -18,8 +18,12 @@ Array = jax.Array
 
 # "auto" picks per platform (`select_attention`); the others name one implementation.
 ATTENTION_IMPLEMENTATIONS = (
-    "auto", "xla", "dot_product_attention", "cudnn", "splash", "blockwise",
+    "auto", "xla", "dot_product_attention", "cudnn", "splash", "blockwise", "xla_or_blockwise",
 )
+
+# Below this many keys the einsum path is as fast as the blockwise kernel on CPU, and the model
+# trains faster with it (docs/benchmarks.md); from here on blockwise wins and keeps memory flat.
+BLOCKWISE_FROM_KEYS = 256
 
 # Masks travel through the model as `AttentionMask` (segment ids and a causal flag, linear in
 # length); incremental decoding passes small dense arrays. Kernels take either.
@@ -152,14 +156,22 @@ def _log_fallback_once(kernel: str, reason: str) -> None:
     logging.warning("model.attention=%s: %s; using the XLA einsum path", kernel, reason)
 
 
+def xla_or_blockwise_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
+    """CPU's `auto`: the einsum path for fewer than `BLOCKWISE_FROM_KEYS` keys, the blockwise
+    kernel from there on (shapes are static: the choice costs nothing per step)."""
+    if key.shape[1] < BLOCKWISE_FROM_KEYS:
+        return xla_attention(query, key, value, mask)
+    return blockwise_attention(query, key, value, mask)
+
+
 def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, str]:
     """(implementation, why) for `model.attention` on `platform` with compute `dtype`.
 
     "auto": on GPU with bfloat16/float16 the cuDNN flash kernel, on TPU the Pallas splash
     kernel (both fall back per call for shapes they do not take), on GPU with float32 the XLA
-    einsum path, and on CPU the blockwise kernel, which measured as fast as einsum at 32 tokens
-    and 1.2-2.4x faster from 256 to 4096 with linear memory (docs/benchmarks.md). An explicit
-    choice is kept.
+    einsum path, and on CPU einsum below 256 keys and the blockwise kernel from there on, which
+    measured 1.2-2.4x faster than einsum from 256 to 4096 with linear memory but makes short
+    sequences' training slower (docs/benchmarks.md). An explicit choice is kept.
     """
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -175,7 +187,7 @@ def select_attention(requested: str, platform: str, dtype: str) -> tuple[str, st
     if platform == "tpu":
         return "splash", "auto: TPU"
     if platform == "cpu":
-        return "blockwise", "auto: CPU"
+        return "xla_or_blockwise", f"auto: CPU, blockwise from {BLOCKWISE_FROM_KEYS} keys"
     return "xla", f"auto: {platform}"
 
 
@@ -186,6 +198,7 @@ KERNELS: dict[str, Callable[[Array, Array, Array, Mask], Array]] = {
     "cudnn": cudnn_attention,
     "splash": splash_tpu_attention,
     "blockwise": blockwise_attention,
+    "xla_or_blockwise": xla_or_blockwise_attention,
 }
 
 
