@@ -20,7 +20,7 @@ import numpy as np
 from t2t_jax.model import attention
 from t2t_jax.model.masks import AttentionMask
 
-# (query length, key length, causal) per case; rows may be padded or packed on top.
+# (causal, cross) per case: cross attends from half as many queries; rows are padded or packed.
 CASES = {"self": (False, False), "causal": (True, False), "cross": (False, True)}
 
 
@@ -55,15 +55,6 @@ def _mask(q_len: int, k_len: int, causal: bool, packed: bool, batch: int) -> Att
     return AttentionMask.from_tokens(q_tokens, k_tokens, q_segments, k_segments, causal=causal)
 
 
-def _fallback(implementation: str, query: jax.Array, key: jax.Array, mask: AttentionMask) -> str:
-    platform = jax.devices()[0].platform
-    if implementation == "cudnn":
-        return attention.cudnn_unsupported(query, key, platform) or ""
-    if implementation == "splash":
-        return attention.splash_unsupported(query, mask, platform) or ""
-    return ""
-
-
 def _custom_calls(function, *args) -> str:
     text = jax.jit(function).lower(*args).compile().as_text()
     return ",".join(sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))))
@@ -85,7 +76,7 @@ def check_kernel(
     mask = _mask(q_len, k_len, causal, packed, batch)
     keys = jax.random.split(jax.random.key(0), 4)
     shapes = [(batch, q_len, heads, depth)] + 2 * [(batch, k_len, heads, depth)]
-    qkv = [jax.random.normal(k, s).astype(dtype) for k, s in zip(keys, shapes, strict=False)]
+    qkv = [jax.random.normal(k, s).astype(dtype) for k, s in zip(keys[:3], shapes, strict=True)]
     cotangent = jax.random.normal(keys[3], shapes[0])
     real_queries = (mask.query_segments > 0)[:, :, None, None]
     real_keys = (mask.key_segments > 0)[:, :, None, None]
@@ -121,7 +112,9 @@ def check_kernel(
         error(result[0], reference[0], real_queries),
         gradient_error,
         _custom_calls(lambda q, k, v: kernel(q, k, v, mask), *qkv),
-        _fallback(implementation, qkv[0], qkv[1], mask),
+        attention.fallback_reason(
+            implementation, qkv[0], qkv[1], mask, jax.devices()[0].platform
+        ) or "",
     )
 
 

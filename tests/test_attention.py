@@ -200,11 +200,16 @@ def test_check_attention_reports_small_errors_and_names_fallbacks():
 
 
 def test_cpu_auto_uses_einsum_for_short_keys_and_blockwise_from_256():
-    for length, reference in ((255, attention.xla_attention), (256, attention.blockwise_attention)):
+    for length, blockwise in ((255, False), (256, True)):
         q, k, v = qkv(4, length, batch=1, heads=1, depth=4)
         ones = jnp.ones((1, 4), jnp.int32), jnp.ones((1, length), jnp.int32)
         mask = AttentionMask.from_tokens(*ones)
+        program = str(jax.make_jaxpr(attention.xla_or_blockwise_attention)(q, k, v, mask))
+        assert ("custom_vjp_call" in program and "scan" in program) is blockwise
+        reference = attention.blockwise_attention if blockwise else attention.xla_attention
         np.testing.assert_array_equal(
             attention.xla_or_blockwise_attention(q, k, v, mask), reference(q, k, v, mask)
         )
+        reason = attention.fallback_reason("xla_or_blockwise", q, k, mask, "cpu")
+        assert (reason is None) is blockwise
     assert attention.select_attention("auto", "cpu", "float32")[0] == "xla_or_blockwise"

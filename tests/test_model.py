@@ -11,6 +11,7 @@ from flax import linen as nn
 from t2t_jax.model import ModelConfig, attention, build_model, shift_right, unrolled_for_decoding
 from t2t_jax.model.attention import xla_attention
 from t2t_jax.model.embedding import sinusoidal_encoding
+from t2t_jax.model.masks import AttentionMask
 from t2t_jax.model.transformer import unstack_layers
 
 TINY = dict(
@@ -265,7 +266,7 @@ def test_cudnn_falls_back_to_the_einsum_path_where_it_cannot_run(caplog):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32) for _ in range(3))
     tokens = jnp.array([[1, 1, 1, 0, 0], [1] * 5])
-    mask = attention.padding_mask(tokens, tokens)
+    mask = AttentionMask.from_tokens(tokens, tokens)
     with caplog.at_level("WARNING"):
         out = attention.cudnn_attention(q, k, v, mask)
     np.testing.assert_allclose(out, attention.xla_attention(q, k, v, mask), atol=1e-6)

@@ -30,17 +30,6 @@ BLOCKWISE_FROM_KEYS = 256
 Mask = AttentionMask | Array | None
 
 
-def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
-    """Boolean mask [batch, 1, q_len, k_len]: True where both query and key are real tokens."""
-    return (query_tokens[:, None, :, None] > 0) & (key_tokens[:, None, None, :] > 0)
-
-
-def causal_mask(length: int) -> Array:
-    """Boolean mask [1, 1, length, length]: position i may attend to positions j <= i."""
-    idx = jnp.arange(length)
-    return (idx[:, None] >= idx[None, :])[None, None]
-
-
 def attention_weights(query: Array, key: Array, mask: Mask) -> Array:
     """softmax(Q K^T / sqrt(d_k)) in float32: [batch, heads, q_len, k_len].
 
@@ -154,6 +143,23 @@ def blockwise_attention(query: Array, key: Array, value: Array, mask: Mask) -> A
 @functools.cache
 def _log_fallback_once(kernel: str, reason: str) -> None:
     logging.warning("model.attention=%s: %s; using the XLA einsum path", kernel, reason)
+
+
+def fallback_reason(
+    implementation: str, query: Array, key: Array, mask: Mask, platform: str
+) -> str | None:
+    """Why `implementation` would hand these inputs to the einsum path on `platform`, or None
+    when its own kernel runs (the question `t2t-jax check-attention` reports on)."""
+    if implementation == "cudnn":
+        return cudnn_unsupported(query, key, platform)
+    if implementation == "splash":
+        return splash_unsupported(query, mask, platform)
+    if implementation == "xla_or_blockwise" and key.shape[1] < BLOCKWISE_FROM_KEYS:
+        return f"fewer than {BLOCKWISE_FROM_KEYS} keys"
+    dense = mask is not None and not isinstance(mask, AttentionMask)
+    if implementation in ("blockwise", "xla_or_blockwise") and dense:
+        return "a dense mask array (incremental decoding) is not a blockwise mask"
+    return None
 
 
 def xla_or_blockwise_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
