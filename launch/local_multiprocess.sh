@@ -75,8 +75,10 @@ while ((remaining > 0)); do
   finished=""
   rc=0
   wait -n -p finished "${pids[@]}" || rc=$?
-  if [[ -z $finished ]]; then
-    continue  # woken by a trapped signal, not by a process ending
+  # A trapped signal wakes `wait` with no process ended, and bash 5.2 then leaves `finished`
+  # unset (not empty): under `set -u` only the ${...:-} form may read it.
+  if [[ -z ${finished:-} ]]; then
+    continue  # the trap forwarded the signal; keep waiting for every process to save and exit
   fi
   remaining=$((remaining - 1))
   if ((rc != 0 && status == 0)); then

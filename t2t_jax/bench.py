@@ -30,19 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from t2t_jax import sharding
+from t2t_jax import sharding, topology
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.attention import select_attention
 from t2t_jax.train_step import Stepper, eval_step, make_step_fns
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
+# Dense bf16 peak FLOP/s per GPU, from the vendors' data sheets (no sparsity); TPUs' are in
+# `topology.CHIPS`.
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
     "A100": 312e12,
     "H100": 989e12,
     "H200": 989e12,
@@ -54,22 +49,28 @@ COLUMNS = (
 )
 
 
-def model_flops_per_step(config: ModelConfig, batch: int, seq_len: int, mode: str) -> float:
-    """FLOPs of one step on `batch` rows of `seq_len` tokens (source = target length for the
-    encoder-decoder), by the formula in the module docstring."""
+def model_flops_per_step(
+    config: ModelConfig, batch: int, seq_len: int, mode: str, source_len: int | None = None
+) -> float:
+    """FLOPs of one step on `batch` rows of `seq_len` target tokens and `source_len` source
+    tokens (default: seq_len) for the encoder-decoder, by the formula in the module docstring."""
     d, f, v = config.d_model, config.d_ff, config.vocab_size
-    # Multiply-adds per token (doubled to FLOPs below): Q, K, V and output projections, then
-    # the scores Q K^T and the weighted sum over seq_len positions.
-    attention_block = 4 * d * d + 2 * d * seq_len
+    source_len = seq_len if source_len is None else source_len
+
+    def attention_block(attended: int) -> int:
+        # Multiply-adds per token (doubled to FLOPs below): Q, K, V and output projections,
+        # then the scores Q K^T and the weighted sum over the attended positions.
+        return 4 * d * d + 2 * d * attended
+
     ffn = 2 * d * f
-    decoder_layer = attention_block + ffn + (attention_block if config.type != "decoder_only"
-                                             else 0)
-    per_target_token = 2 * (config.num_decoder_layers * decoder_layer + d * v)
-    per_source_token = 2 * config.num_encoder_layers * (attention_block + ffn)
-    tokens = batch * seq_len
-    forward = tokens * per_target_token
+    decoder_layer = attention_block(seq_len) + ffn
     if config.type != "decoder_only":
-        forward += tokens * per_source_token
+        decoder_layer += attention_block(source_len)
+    per_target_token = 2 * (config.num_decoder_layers * decoder_layer + d * v)
+    per_source_token = 2 * config.num_encoder_layers * (attention_block(source_len) + ffn)
+    forward = batch * seq_len * per_target_token
+    if config.type != "decoder_only":
+        forward += batch * source_len * per_source_token
     return float(forward * (3 if mode == "train" else 1))
 
 
@@ -77,6 +78,9 @@ def device_peak_flops(matmul_size: int = 2048) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from): the table for known
     accelerators; on anything else, a float32 matmul measured now."""
     kind = jax.devices()[0].device_kind
+    chip = topology.chip_of(kind)
+    if chip is not None:
+        return chip.peak_flops, f"{kind}: data-sheet bf16 peak"
     for name, peak in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
             return peak, f"{kind}: data-sheet bf16 peak"

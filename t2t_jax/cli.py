@@ -42,6 +42,10 @@ commands:
   attention --workdir DIR [--input "3 1 4"] [--output DIR2]: attention heat maps per head
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
                (on a generated WMT-like corpus when --config is parallel_text without files)
+  compile --config X --topology v5e:4x4 [--num_slices N] [--mode train|decode]
+          [--rows_per_chip N] [--search] [--seq_lens 4096,...] [--attention auto,xla]
+          [--output DIR]: compile the train step (or decode loop) for a TPU topology on this
+          machine (libtpu, no TPU needed): per-chip memory, FLOPs, collectives, estimated speed
 """
 
 
@@ -145,8 +149,10 @@ def bench_input_command() -> None:
 _STEP = flags.DEFINE_integer("step", None, "decode/evaluate: checkpoint step (default: latest).")
 _INPUT = flags.DEFINE_string("input", "-", "decode: file of source lines, or - for stdin.")
 _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdout); "
-                              "average: the new workdir; bench: folder for json, csv, png.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch.")
+                              "average: the new workdir; bench: folder for json, csv, png; "
+                              "compile: folder for compile.json.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch; "
+                                  "compile --mode decode: per host.")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy.")
 _ALPHA = flags.DEFINE_float("alpha", 0.6, "decode/evaluate: GNMT length penalty exponent.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode, decoder-only models: >0 samples "
@@ -239,7 +245,8 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", "128,256,512,1024,2048,4096,8192",
 _ATTENTION = flags.DEFINE_list("attention", "xla,dot_product_attention",
                                "bench: attention implementations.")
 _MODE = flags.DEFINE_string("mode", "train", "bench: train (step), forward (eval step) or "
-                            "decode (greedy, key/value cache).")
+                            "decode (greedy, key/value cache); compile: train or decode (the "
+                            "beam search loop).")
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 8192, "bench: tokens a side per step.")
 
 
@@ -298,6 +305,48 @@ def check_attention_command() -> None:
         print(f"wrote {path}")
 
 
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: a TPU topology (v5e:4x4, v5p:4x4x4, "
+                                "v4:2x2x1) or accelerator type (v5e-16, v5p-128, v4-8).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "compile: slices joined over DCN.")
+_ROWS_PER_CHIP = flags.DEFINE_integer("rows_per_chip", None, "compile: rows per data-parallel "
+                                      "shard (the global batch is this x data x fsdp); "
+                                      "default: the config's data.batch_size.")
+_SEARCH = flags.DEFINE_bool("search", False, "compile: compile candidate meshes and remat "
+                            "policies, rank those that fit by estimated tokens/s.")
+
+
+def compile_command() -> None:
+    from t2t_jax import aot
+
+    config = _require(_CONFIG.value, "config")
+    topology = _require(_TOPOLOGY.value, "topology")
+
+    def progress(row) -> None:  # rows as they come, on stderr: compiles take minutes
+        print(aot.format_table([row])[-1], file=sys.stderr, flush=True)
+
+    print(aot.format_table([])[0], file=sys.stderr, flush=True)
+    rows = aot.run(
+        config, topology, config.model.vocab_size or _expected_vocab_size(config),
+        num_slices=_NUM_SLICES.value, mode=_MODE.value, rows_per_chip=_ROWS_PER_CHIP.value,
+        seq_lens=[int(s) for s in _SEQ_LENS.value] if FLAGS["seq_lens"].present else None,
+        attentions=_ATTENTION.value if FLAGS["attention"].present else None,
+        find_mesh=_SEARCH.value, decode_rows=_BATCH_SIZE.value, beam_size=_BEAM_SIZE.value,
+        alpha=_ALPHA.value, extra_length=_EXTRA_LENGTH.value, on_row=progress,
+    )
+    print(f"{rows[0].model}; {rows[0].mode} step; estimates are a roofline, not a measurement:"
+          f" {rows[0].estimate_method or 'none'}")
+    print("\n".join(aot.format_table(rows)))
+    fitting = [r for r in rows if r.fits and r.estimated_tokens_per_s]
+    if _SEARCH.value:
+        if fitting:
+            print(f"best: {aot.mesh_flags(fitting[0])}")
+        else:
+            print("no candidate fits: use a larger topology, fewer --rows_per_chip, or "
+                  "shorter sequences")
+    if _OUTPUT.value:
+        print(f"wrote {aot.write_json(rows, _OUTPUT.value)}")
+
+
 _SMOKE = flags.DEFINE_bool("smoke", False, "experiment: a seconds-long reduced run (tests).")
 _TEXT = flags.DEFINE_string("text", "3 1 4 1 5 9 2 6", "attention: the input sentence "
                             "(or give it as --input).")
@@ -352,6 +401,7 @@ COMMANDS = {
     "average": average_command,
     "bench": bench_command,
     "check-attention": check_attention_command,
+    "compile": compile_command,
     "experiment": experiment_command,
     "attention": attention_command,
 }

@@ -403,24 +403,27 @@ def translate(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[list[int]] = [[] for _ in encoded]
     start = time.perf_counter()
-    for begin in tqdm.trange(0, len(order), batch_size, disable=not progress, unit="batch"):
-        rows = order[begin : begin + batch_size]
-        source_length = _bucket(max(len(encoded[i]) for i in rows), cap)
-        batch = [encoded[i] for i in rows] + [[EOS_ID]] * (batch_size - len(rows))
-        ids = _decode_batch(
-            translator.model,
-            translator.params,
-            batch,
-            translator.config.model.type,
-            source_length,
-            source_length + extra_length,
-            beam_size,
-            alpha,
-            None if sampling is None else dataclasses.replace(sampling, seed=sampling.seed + begin),
-            translator.place_batch,
-        )
-        for i, row in zip(rows, ids, strict=False):
-            outputs[i] = row
+    # Under this host's mesh, as training's decoding runs: kernels such as splash shard over it.
+    with sharding.activate(translator.mesh):
+        for begin in tqdm.trange(0, len(order), batch_size, disable=not progress, unit="batch"):
+            rows = order[begin : begin + batch_size]
+            source_length = _bucket(max(len(encoded[i]) for i in rows), cap)
+            batch = [encoded[i] for i in rows] + [[EOS_ID]] * (batch_size - len(rows))
+            ids = _decode_batch(
+                translator.model,
+                translator.params,
+                batch,
+                translator.config.model.type,
+                source_length,
+                source_length + extra_length,
+                beam_size,
+                alpha,
+                None if sampling is None
+                else dataclasses.replace(sampling, seed=sampling.seed + begin),
+                translator.place_batch,
+            )
+            for i, row in zip(rows, ids, strict=False):
+                outputs[i] = row
     seconds = max(time.perf_counter() - start, 1e-9)
     stats = {
         "sentences_per_s": len(lines) / seconds,

@@ -109,10 +109,15 @@ def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def local_mesh() -> Mesh:
-    """This process's devices alone, all on `data`: for work each host does by itself, such as
-    decoding samples during training."""
-    grid = np.asarray(jax.local_devices()).reshape(-1, 1, 1)
+def platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("tpu" for a topology compiled for ahead of time)."""
+    return mesh.devices.flat[0].platform
+
+
+def local_mesh(devices: list | None = None) -> Mesh:
+    """This process's devices (or one host's `devices`) alone, all on `data`: for work each host
+    does by itself, such as decoding."""
+    grid = np.asarray(jax.local_devices() if devices is None else devices).reshape(-1, 1, 1)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -164,6 +169,16 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
         for (path, spec), leaf in zip(paths_and_specs, shape_leaves, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(shapes), shardings)
+
+
+def spec_table(shardings: Any) -> dict[str, str]:
+    """{"encoder/layer_0/ffn/wi/kernel": "PartitionSpec('fsdp', 'tensor')", ...} for a tree of
+    NamedShardings (e.g. a Stepper's param shardings): the layout to read, diff or keep as a
+    golden file."""
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): str(s.spec) for path, s in flat
+    }
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -64,11 +64,18 @@ def build_experiment(
     test_builder = tasks.builder_from_config(config.data, split="test")
     tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
     model_config = ModelConfig.from_config(config.model, tokenizer.vocab_size)
-    model = build_model(model_config)
-    fns = make_step_fns(config, model, model_config.d_model)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    stepper = Stepper(fns, mesh, config.train.mode, train_lengths(config))
+    model, stepper = build_stepper(config, model_config, sharding.make_mesh(config.mesh, devices))
     return Experiment(config, builder, test_builder, tokenizer, model_config, model, stepper)
+
+
+def build_stepper(
+    config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: jax.sharding.Mesh
+) -> tuple[nn.Module, Stepper]:
+    """The model, built for the platform of `mesh`'s devices, and the compiled steps over
+    `mesh`: what training runs, and what `t2t-jax compile` compiles for a TPU topology."""
+    model = build_model(model_config, sharding.platform(mesh))
+    fns = make_step_fns(config, model, model_config.d_model)
+    return model, Stepper(fns, mesh, config.train.mode, train_lengths(config))
 
 
 class TrainingDiverged(RuntimeError):

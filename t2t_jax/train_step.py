@@ -203,11 +203,6 @@ class Stepper:
         if mode not in ("jit", "pmap"):
             raise ValueError(f"train.mode must be 'jit' or 'pmap', got {mode!r}")
         self.fns, self.mesh, self.mode, self.lengths = fns, mesh, mode, lengths
-        # Which block of each global batch this process feeds: (index, count).
-        self.batch_shard = (
-            sharding.batch_shard(mesh) if mode == "jit"
-            else (jax.process_index(), jax.process_count())
-        )
         self.abstract_state, self.state_shardings = self._abstract_state()
         if mode == "jit":
             batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -233,6 +228,15 @@ class Stepper:
                 lambda p, b: jax.lax.psum(eval_step(fns, p, b), "batch"), axis_name="batch"
             )
 
+    @functools.cached_property
+    def batch_shard(self) -> tuple[int, int]:
+        """Which block of each global batch this process feeds: (index, count). Asked only when
+        feeding, so that a mesh of devices this process does not own (a TPU topology compiled
+        for ahead of time) still builds the steps."""
+        if self.mode == "jit":
+            return sharding.batch_shard(self.mesh)
+        return jax.process_index(), jax.process_count()
+
     def activate(self) -> contextlib.AbstractContextManager:
         """The context the steps run in: the mesh and axis rules under jit; none under pmap,
         which makes its own device axis."""
@@ -240,9 +244,10 @@ class Stepper:
 
     def _abstract_state(self) -> tuple[TrainState, TrainState]:
         """Shapes of the state, and the shardings its params' logical axes ask for."""
-        boxed = jax.eval_shape(
-            lambda: init_boxed_params(self.fns.model, jax.random.key(0), self.lengths)
-        )
+        with sharding.activate(self.mesh):  # traced for the mesh's platform, as the steps are
+            boxed = jax.eval_shape(
+                lambda: init_boxed_params(self.fns.model, jax.random.key(0), self.lengths)
+            )
         param_shardings = sharding.logical_to_sharding(boxed, self.mesh)
         abstract = jax.eval_shape(lambda: self._state_from_params(nn.meta.unbox(boxed)))
         repl = sharding.replicated(self.mesh)

@@ -80,3 +80,38 @@ def test_tpu_pod_script_names_the_missing_parameter():
         capture_output=True, text=True, env=env, timeout=30,
     )
     assert result.returncode == 2 and "set PROJECT" in result.stderr
+
+
+# A stand-in for `t2t-jax train`: on SIGTERM it takes a moment to "save", writes where it
+# stopped, and exits 0, as a real process does after its preemption checkpoint.
+FAKE_TRAINER = """
+trap 'sleep 1; echo saved > "$WORKDIR_OUT/saved_$$"; exit 0' TERM
+echo started > "$WORKDIR_OUT/started_$$"
+while true; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "INT"])
+def test_a_signal_to_the_launcher_reaches_every_process_which_save_and_exit_0(
+    tmp_path, signal_name
+):
+    import signal
+    import time
+
+    trainer = tmp_path / "fake_trainer.sh"
+    trainer.write_text(FAKE_TRAINER)
+    env = dict(os.environ, T2T_JAX=f"bash {trainer}", WORKDIR_OUT=str(tmp_path), PORT="1")
+    popen = subprocess.Popen(
+        ["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "3", "configs/tiny.py",
+         str(tmp_path / "run")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("started_*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    popen.send_signal(getattr(signal, f"SIG{signal_name}"))  # the script, not a process
+    _, err = popen.communicate(timeout=60)
+    assert "unbound variable" not in err
+    assert popen.returncode == 0, err
+    # Every process got the signal and finished saving before the script returned.
+    assert len(list(tmp_path.glob("saved_*"))) == 3

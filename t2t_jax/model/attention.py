@@ -83,6 +83,14 @@ def fused_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array
     return _jax_dot_product_attention(query, key, value, mask, None)
 
 
+def current_platform() -> str:
+    """The platform the computation being traced is for: that of the mesh made current by
+    `jax.set_mesh` (`sharding.activate`), which may be a TPU topology compiled for ahead of time
+    on a CPU machine, else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def cudnn_unsupported(query: Array, key: Array, platform: str) -> str | None:
     """Why cuDNN's fused flash attention cannot run these shapes here, or None if it can."""
     if platform != "gpu":
@@ -101,7 +109,7 @@ def cudnn_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array
     """`jax.nn.dot_product_attention` forced onto cuDNN's fused (flash) kernel, which never
     materialises the [q_len, k_len] weights; falls back to `xla_attention`, with the reason
     logged, for shapes, dtypes or platforms the kernel does not take."""
-    reason = cudnn_unsupported(query, key, jax.devices()[0].platform)
+    reason = cudnn_unsupported(query, key, current_platform())
     if reason:
         _log_fallback_once("cudnn", reason)
         return xla_attention(query, key, value, mask)
@@ -122,7 +130,7 @@ def splash_unsupported(query: Array, mask: Mask, platform: str) -> str | None:
 def splash_tpu_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     """The Pallas splash kernel (`model.splash`) on TPU; elsewhere, or for incremental decoding,
     the XLA einsum path with the reason logged."""
-    reason = splash_unsupported(query, mask, jax.devices()[0].platform)
+    reason = splash_unsupported(query, mask, current_platform())
     if reason:
         _log_fallback_once("splash", reason)
         return xla_attention(query, key, value, mask)
@@ -211,7 +219,7 @@ KERNELS: dict[str, Callable[[Array, Array, Array, Mask], Array]] = {
 def attention_fn(name: str) -> Callable[[Array, Array, Array, Mask], Array]:
     """The attention kernel called `name` ("auto" resolved to this platform's choice)."""
     if name == "auto":
-        name = select_attention(name, jax.devices()[0].platform, "float32")[0]
+        name = select_attention(name, current_platform(), "float32")[0]
     if name not in KERNELS:
         select_attention(name, "", "")  # raises naming the choices
     return KERNELS[name]

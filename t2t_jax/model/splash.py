@@ -45,7 +45,7 @@ def splash_attention(
     query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     run = functools.partial(_splash_batch, causal=mask.causal, interpret=interpret)
-    spec, segment_spec = _sharded_specs()
+    spec, segment_spec = _sharded_specs(query.shape[0], query.shape[2])
     if spec is not None:
         run = jax.shard_map(
             run,
@@ -86,11 +86,20 @@ def _block(length: int) -> int:
     return max(b for b in range(LANES, MAX_BLOCK + 1, LANES) if length % b == 0)
 
 
-def _sharded_specs() -> tuple[P | None, P | None]:
+def _sharded_specs(batch: int, heads: int) -> tuple[P | None, P | None]:
     """(spec of [batch, heads, length, d_k], spec of [batch, length]) on the current mesh, from
-    the logical axis rules; (None, None) outside a mesh (one device, or under pmap)."""
+    the logical axis rules, leaving unsplit a dimension the mesh does not divide (a one-row
+    batch that only traces shapes); (None, None) outside a mesh (one device, or under pmap)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.axis_sizes) == 1:
         return None, None
-    batch, _, heads, _ = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", None))
-    return P(batch, heads, None, None), P(batch, None)
+
+    def divisible(axes, size):
+        group = (axes,) if isinstance(axes, str) else (axes or ())
+        return axes if size % math.prod(mesh.shape[a] for a in group) == 0 else None
+
+    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(
+        ("act_batch", "act_length", "act_heads", None)
+    )
+    batch_axes, head_axes = divisible(batch_axes, batch), divisible(head_axes, heads)
+    return P(batch_axes, head_axes, None, None), P(batch_axes, None)

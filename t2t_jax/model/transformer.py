@@ -546,11 +546,13 @@ class DecoderOnlyLM(nn.Module):
         )
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The module that `config.type` names, with `attention="auto"` resolved for this
-    platform (logged)."""
+def build_model(config: ModelConfig, platform: str | None = None) -> nn.Module:
+    """The module that `config.type` names, with `attention="auto"` resolved (logged) for
+    `platform`: the devices it will run on, by default the current mesh's or JAX's default
+    backend's (`attention.current_platform`)."""
     if config.attention == "auto":
-        chosen, why = attn.select_attention("auto", jax.devices()[0].platform, config.dtype)
+        platform = platform or attn.current_platform()
+        chosen, why = attn.select_attention("auto", platform, config.dtype)
         logging.info("model.attention=auto -> %s (%s)", chosen, why)
         config = dataclasses.replace(config, attention=chosen)
     if config.type == "decoder_only":

@@ -1,0 +1,164 @@
+"""TPU slices without a TPU: the chips' data sheets, and a topology's devices for the compiler.
+
+`devices("v5e:16x16", num_slices=2)` returns the 512 devices of two v5e-256 slices as JAX's
+ahead-of-time compiler sees them (`jax.experimental.topologies`, through libtpu), so a mesh over
+them compiles the real TPU program on any machine. Names are either a topology
+(`v5e:4x4`, `v5p:4x4x4`, `v4:2x2x1`) or an accelerator type as Cloud TPU sells it (`v5e-16`,
+`v5p-128`, `v4-8`: TensorCores for v4 and v5p, chips for v5e and v6e).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import re
+
+import jax
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation, from Cloud TPU's published specifications (per chip)."""
+
+    name: str  # "v5e"
+    compiler_name: str  # the generation as libtpu's topology names spell it ("v5" for v5p)
+    device_kind: str  # as `jax.Device.device_kind` reports it
+    chip_config: str  # "megacore": the chip's two TensorCores are one JAX device
+    torus_dims: int  # 2 (v5e, v6e) or 3 (v4, v5p)
+    cores_per_chip: int  # what the accelerator type's number counts per chip
+    hbm_bytes: int
+    peak_flops: float  # dense bfloat16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    ici_link_bandwidth: float  # bytes/s, one direction, one link
+    dcn_bandwidth: float  # bytes/s per chip, between slices
+
+
+# v5e, v5p, v6e: docs.cloud.google.com/tpu/docs/<generation> (ICI per link = the chip's
+# bidirectional ICI bandwidth / ports / 2; DCN per chip from the pod's or host's figure).
+# v4: the same page gives no ICI or DCN figure: 45 GB/s a link is the v4 paper's, and DCN is
+# taken as v5e's (25 Gb/s a chip).
+CHIPS = {
+    "v4": Chip("v4", "v4", "TPU v4", "megacore", 3, 2, 32 * GIB, 275e12, 1.2e12, 45e9, 3.125e9),
+    "v5e": Chip("v5e", "v5e", "TPU v5 lite", "default", 2, 1, 16 * GIB, 197e12, 8.19e11, 50e9,
+                3.125e9),
+    "v5p": Chip("v5p", "v5", "TPU v5", "megacore", 3, 2, 95 * GIB, 459e12, 2.765e12, 100e9,
+                6.25e9),
+    "v6e": Chip("v6e", "v6e", "TPU v6 lite", "default", 2, 1, 32 * GIB, 918e12, 1.638e12, 100e9,
+                12.5e9),
+}
+
+_FORMS = "GEN:AxB (v5e, v6e), GEN:AxBxC (v4, v5p) or GEN-N (v5e-16, v5p-128, v4-8)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A slice's chip generation and shape (chips along each torus dimension)."""
+
+    chip: Chip
+    shape: tuple[int, ...]
+    num_slices: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def chips(self) -> int:
+        """Chips in all slices."""
+        return math.prod(self.shape) * self.num_slices
+
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud TPU's name for one slice, e.g. v5litepod-16, v5p-128."""
+        count = math.prod(self.shape) * self.chip.cores_per_chip
+        return f"{'v5litepod' if self.chip.name == 'v5e' else self.chip.name}-{count}"
+
+    def wraparound(self) -> tuple[bool, bool, bool]:
+        """Which dimensions close into a torus: full 4x4x4 cubes for v4/v5p, 16-chip rows for
+        v5e/v6e (smaller slices are meshes)."""
+        dims = (*self.shape, 1, 1)[:3]
+        if self.chip.torus_dims == 3:
+            cube = all(d % 4 == 0 for d in dims)
+            return (cube, cube, cube)
+        return tuple(d == 16 for d in dims[:2]) + (False,)
+
+
+def parse(name: str, num_slices: int = 1) -> Topology:
+    """`Topology` from a topology or accelerator-type name; a clear error for others."""
+    if num_slices < 1:
+        raise ValueError(f"--num_slices must be at least 1, got {num_slices}")
+    match = re.fullmatch(r"(v\d[a-z]?):(\d+(?:x\d+){1,2})|(v\d[a-z]?|v5litepod)-(\d+)", name)
+    generation = (match.group(1) or match.group(3)) if match else None
+    generation = "v5e" if generation == "v5litepod" else generation
+    if generation not in CHIPS:
+        raise ValueError(
+            f"unknown TPU topology {name!r}; name one as {_FORMS}, with GEN one of "
+            f"{', '.join(CHIPS)}"
+        )
+    chip = CHIPS[generation]
+    if match.group(2):
+        shape = tuple(int(d) for d in match.group(2).split("x"))
+    else:
+        shape = _standard_shape(chip, int(match.group(4)), name)
+    if len(shape) != chip.torus_dims or min(shape) < 1:
+        raise ValueError(
+            f"TPU topology {name!r}: {chip.name} slices have {chip.torus_dims} dimensions, "
+            f"e.g. {chip.name}:{'x'.join(['4'] * chip.torus_dims)}"
+        )
+    return Topology(chip, shape, num_slices)
+
+
+def _standard_shape(chip: Chip, count: int, name: str) -> tuple[int, ...]:
+    """The shape Cloud TPU gives an accelerator type: v5e-16 -> 4x4, v5p-128 -> 4x4x4."""
+    chips, remainder = divmod(count, chip.cores_per_chip)
+    if remainder or chips < 1 or chips & (chips - 1):
+        raise ValueError(
+            f"unknown TPU topology {name!r}: the number counts "
+            f"{'TensorCores (2 a chip)' if chip.cores_per_chip == 2 else 'chips'} and must "
+            f"be a power of two; or name the shape, e.g. {chip.name}:4x4"
+        )
+    exponent = chips.bit_length() - 1
+    if chip.torus_dims == 2:
+        return (2 ** (exponent // 2), 2 ** (exponent - exponent // 2))
+    if exponent < 3:  # 1, 2 or 4 chips: one host's 2x2x1 at most
+        return tuple(2 ** e for e in ((0, 0, 0), (0, 1, 0), (1, 1, 0))[exponent])
+    base, extra = divmod(exponent, 3)
+    return tuple(2 ** (base + (i >= 3 - extra)) for i in range(3))
+
+
+def require_libtpu() -> None:
+    """A clear error when the TPU compiler (libtpu) is not installed."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(
+            f"compiling for a TPU topology needs libtpu, the TPU compiler: pip install "
+            f"'jax[tpu]=={jax.__version__}' (or pip install -e '.[tpu]'); it runs on any "
+            "machine, no TPU needed"
+        )
+
+
+def devices(topology: Topology) -> list:
+    """The topology's devices (all slices), for meshes and ahead-of-time compilation only."""
+    require_libtpu()
+    from jax.experimental import topologies
+
+    chips_per_host = tuple(min(2, d) for d in (*topology.shape, 1, 1)[:2]) + (1,)
+    description = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=f"{topology.chip.compiler_name}:{'x'.join(map(str, topology.shape))}",
+        chip_config_name=topology.chip.chip_config,
+        chips_per_host_bounds=chips_per_host,
+        num_slices=topology.num_slices,
+        wrap=topology.wraparound(),
+    )
+    return list(description.devices)
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The `Chip` whose `device_kind` this is (e.g. of a real TPU's devices), if any."""
+    for chip in CHIPS.values():
+        if chip.device_kind.lower() == device_kind.lower():
+            return chip
+    return None
