@@ -249,7 +249,10 @@ def _new_row(topo, mesh, mode, model_config, model, params, rows, lengths, token
     )
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+# The TPU compiler's ways of saying a program does not fit: "Used 21.4G of 15.75G hbm", or
+# "the total memory required for HLO temporaries (20.28G) exceeds available HBM (15.75G)".
+_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm|\(([\d.]+)([KMGT])\) exceeds "
+                  r"available HBM")
 
 
 def _compile(row: Row, lower: Callable[[], Any]) -> Any:
@@ -264,15 +267,22 @@ def _compile(row: Row, lower: Callable[[], Any]) -> Any:
         used = _OOM.search(message)
         if "RESOURCE_EXHAUSTED" in message or used:
             row.fits = False
-            if used:
+            if used:  # what the compiler names: all of it, or the temporaries alone
+                number, unit = used.group(1) or used.group(3), used.group(2) or used.group(4)
                 scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-                row.memory_per_chip_bytes = int(float(used.group(1)) * scale[used.group(2)])
-            row.error = "does not fit: " + (used.group(0) if used else message[:300])
+                row.memory_per_chip_bytes = int(float(number) * scale[unit])
+            row.error = "does not fit: " + _oom_sentence(message)
         else:
             row.error = f"{type(error).__name__}: {message[:300]}"
         return None
     row.compile_time_s = time.perf_counter() - start
     return compiled
+
+
+def _oom_sentence(message: str) -> str:
+    """The compiler's out-of-memory message, from "Ran out of memory" on, at most 200 chars."""
+    start = message.find("Ran out of memory")
+    return message[start if start >= 0 else 0:][:200]
 
 
 def memory_breakdown(compiled: Any) -> dict[str, int]:
@@ -301,7 +311,7 @@ def _analyse(row: Row, compiled: Any, mesh, chip: topology.Chip, loop_steps: int
              once: Any = None) -> None:
     """Fills the row from the compiled program (see the module docstring for the estimate).
     `loop_steps` > 0: the program is a decode loop whose body XLA's cost analysis counts once,
-    and `once` the compiled part that runs once (the encoder): the estimate is that part plus
+    and `once` the compiled part that runs once (the encoder): costs are that part plus
     `loop_steps` times the rest."""
     row.memory_breakdown = memory_breakdown(compiled)
     row.memory_per_chip_bytes = row.memory_breakdown["total"]
@@ -309,27 +319,28 @@ def _analyse(row: Row, compiled: Any, mesh, chip: topology.Chip, loop_steps: int
     text = compiled.as_text()
     row.tpu_kernels = text.count('custom_call_target="tpu_custom_call"')
     found = collectives(text, list(mesh.devices.flat))
-    row.collectives = {kind: {k: v for k, v in c.items() if k != "seconds"}
+    row.collectives = {kind: {k: v for k, v in c.items() if not k.endswith("seconds")}
                        for kind, c in found.items()}
+    repeats = max(loop_steps, 1)
+    ici = repeats * sum(c["ici_seconds"] for c in found.values())
+    dcn = repeats * sum(c["dcn_seconds"] for c in found.values())
     cost = _cost(compiled)
-    terms = _roofline(cost, chip)
-    ici = sum(c["seconds"] for c in found.values() if c["link"] == "ici")
-    dcn = sum(c["seconds"] for c in found.values() if c["link"] == "dcn")
     if loop_steps:
-        first = _roofline(_cost(once), chip) if once is not None else {"core": 0.0}
-        per_step = max(terms["core"] - first["core"], 0.0)
-        terms["core"] = first["core"] + loop_steps * per_step
-        ici, dcn = ici * loop_steps, dcn * loop_steps
+        first = _cost(once) if once is not None else dict.fromkeys(cost, 0.0)
+        cost = {k: first[k] + loop_steps * max(cost[k] - first[k], 0.0) for k in cost}
     chips = math.prod(row.mesh.values())
-    row.flops_per_chip = cost["flops"] * (loop_steps or 1)
+    row.flops_per_chip, row.hbm_bytes_per_chip = cost["flops"], cost["bytes accessed"]
     row.flops_per_step = row.flops_per_chip * chips
-    row.hbm_bytes_per_chip = cost["bytes accessed"] * (loop_steps or 1)
+    # XLA does not count inside Pallas kernels (splash attention); the model formula does.
+    cost["flops"] = max(cost["flops"], row.model_flops_per_step / chips)
+    terms = _roofline(cost, chip)
     row.estimate = {"compute_or_memory_s": terms["core"], "ici_s": ici, "dcn_s": dcn,
                     "compute_s": terms["compute"], "memory_s": terms["memory"]}
     row.estimated_step_time_s = terms["core"] + ici + dcn
     row.estimate_method = (
         ("XLA optimal_seconds" if terms["xla"] else "roofline max(FLOPs / peak, HBM bytes / "
-         "bandwidth)") + " + collectives over ICI/DCN, not overlapped"
+         "bandwidth)") + " + collectives over ICI/DCN, not overlapped; FLOPs: XLA's count or "
+        "the model formula's, whichever is larger (XLA does not count inside Pallas kernels)"
         + (f"; decode: encoder + {loop_steps} x loop body, no early stop" if loop_steps else ""))
     if row.estimated_step_time_s > 0:
         row.estimated_tokens_per_s = row.tokens_per_step / row.estimated_step_time_s
@@ -371,10 +382,9 @@ _DCN_SEND = re.compile(
 
 def collectives(hlo_text: str, devices: list) -> dict[str, dict[str, Any]]:
     """Collectives of a compiled SPMD program, per kind: `count`, `bytes` (the buffers each
-    produces on one chip), `dcn_count` and `dcn_bytes` (those between slices), and `seconds`
-    (their time by ring algorithms over the links they use); `link` is "dcn" when any of the
-    kind crosses slices. `devices`: the program's devices in partition order (the mesh's,
-    flattened)."""
+    produces on one chip), `dcn_count` and `dcn_bytes` (those between slices), `ici_seconds`
+    and `dcn_seconds` (their time by ring algorithms over the links they use). `devices`: the
+    program's devices in partition order (the mesh's, flattened)."""
     chip = topology.chip_of(devices[0].device_kind) if devices else None
     slices = np.array([getattr(d, "slice_index", 0) for d in devices])
     found: dict[str, dict[str, Any]] = {}
@@ -384,16 +394,15 @@ def collectives(hlo_text: str, devices: list) -> dict[str, dict[str, Any]]:
                  "reduce-scatter": (n - 1) * out, "all-to-all": (n - 1) / n * out,
                  "collective-permute": out}.get(op, out)
         entry = found.setdefault(op, {"count": 0, "bytes": 0, "dcn_count": 0, "dcn_bytes": 0,
-                                      "seconds": 0.0, "link": "ici"})
+                                      "ici_seconds": 0.0, "dcn_seconds": 0.0})
         entry["count"] += 1
         entry["bytes"] += out
         if crosses:
             entry["dcn_count"] += 1
             entry["dcn_bytes"] += out
-            entry["link"] = "dcn"
         if chip is not None:
             bandwidth = chip.dcn_bandwidth if crosses else 2 * chip.ici_link_bandwidth
-            entry["seconds"] += moved / bandwidth
+            entry["dcn_seconds" if crosses else "ici_seconds"] += moved / bandwidth
 
     for line in hlo_text.splitlines():
         if match := _DCN_SEND.search(line):
@@ -559,13 +568,18 @@ def run(
     return rows
 
 
-def write_json(rows: list[Row], output: str) -> str:
-    """OUTPUT/compile.json: the rows as a list of objects."""
+def write_outputs(rows: list[Row], output: str) -> list[str]:
+    """OUTPUT/compile.json (the rows as a list of objects) and OUTPUT/compile.md (the Markdown
+    table, with the model and the estimate's method above it)."""
     os.makedirs(output, exist_ok=True)
-    path = os.path.join(output, "compile.json")
-    with open(path, "w") as f:
+    paths = [os.path.join(output, name) for name in ("compile.json", "compile.md")]
+    with open(paths[0], "w") as f:
         json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
-    return path
+    with open(paths[1], "w") as f:
+        notes = sorted({f"{r.model}, {r.mode}; estimate: {r.estimate_method}"
+                        for r in rows if r.estimate_method})
+        f.write("\n".join([*notes, "", *markdown_table(rows)]) + "\n")
+    return paths
 
 
 def _gib(num_bytes: float | None) -> str:
@@ -595,5 +609,37 @@ def format_table(rows: list[Row]) -> list[str]:
             f"{head} {r.flops_per_chip / 1e12:>10.2f} {r.estimated_step_time_s:>8.4f} "
             f"{r.estimated_tokens_per_s_per_chip:>14,.0f} {r.estimated_mfu:>7.1%} "
             f"{collective:>22} {r.compile_time_s:>9.1f}"
+        )
+    return lines
+
+
+def markdown_table(rows: list[Row]) -> list[str]:
+    """The rows as a Markdown table (what docs/tpu.md shows), written beside compile.json."""
+    lines = [
+        "| topology | chips | mesh (data, fsdp, tensor) | remat | rows x tokens | GiB per chip "
+        "(of HBM) | fits | est. tokens/s per chip | est. MFU | collectives per step, GiB per "
+        "chip: all-gather / reduce-scatter / all-reduce / all-to-all (DCN) | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
+        mesh = ", ".join(str(r.mesh.get(a, "?")) for a in sharding.MESH_AXES)
+        tokens = max(r.lengths.values(), default=0)
+        memory = f"{_gib(r.memory_per_chip_bytes)} ({r.hbm_per_chip_bytes / 2**30:.0f})"
+        kinds = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+        collective = " / ".join(
+            f"{r.collectives.get(k, {}).get('bytes', 0) / 2**30:.2f}" for k in kinds)
+        dcn = sum(c.get("dcn_bytes", 0) for c in r.collectives.values())
+        if dcn:
+            collective += f" ({dcn / 2**30:.2f} over DCN)"
+        speed = ("-" if r.estimated_tokens_per_s_per_chip is None
+                 else f"{r.estimated_tokens_per_s_per_chip:,.0f}")
+        mfu = "-" if r.estimated_mfu is None else f"{r.estimated_mfu:.1%}"
+        if r.error and r.estimated_step_time_s is None:
+            collective = r.error[:80]
+        lines.append(
+            f"| {r.topology}{slices} | {r.chips} | {mesh} | {r.remat} | {r.batch_rows} x "
+            f"{tokens} | {memory} | {'yes' if r.fits else 'no'} | {speed} | {mfu} | "
+            f"{collective} | {r.compile_time_s or 0:.0f} |"
         )
     return lines

@@ -344,7 +344,8 @@ def compile_command() -> None:
             print("no candidate fits: use a larger topology, fewer --rows_per_chip, or "
                   "shorter sequences")
     if _OUTPUT.value:
-        print(f"wrote {aot.write_json(rows, _OUTPUT.value)}")
+        for path in aot.write_outputs(rows, _OUTPUT.value):
+            print(f"wrote {path}")
 
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "experiment: a seconds-long reduced run (tests).")

@@ -244,7 +244,10 @@ def test_collectives_count_bytes_and_dcn_crossings():
     assert gather["dcn_count"] == 1 and gather["dcn_bytes"] == 4096
     chip = topology.CHIPS["v5e"]
     ring = 2 * (4 - 1) / 4 * 2**20 / (2 * chip.ici_link_bandwidth)
-    assert found["all-reduce"]["seconds"] == pytest.approx(ring)
+    assert found["all-reduce"]["ici_seconds"] == pytest.approx(ring)
+    assert found["all-reduce"]["dcn_seconds"] == 0
+    assert found["all-gather"]["dcn_seconds"] == pytest.approx(
+        (2 - 1) / 2 * 4096 / chip.dcn_bandwidth)
 
 
 def test_compile_command_writes_the_table_and_json(tmp_path):
@@ -289,3 +292,22 @@ def test_the_roofline_takes_the_slower_of_compute_and_memory_unless_xla_knows_be
     assert aot._roofline(cost, v5e)["core"] == pytest.approx(3.0)  # three seconds of HBM
     cost["optimal_seconds"] = 2.0  # positive: XLA's own figure is used
     assert aot._roofline(cost, v5e)["core"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "message, gib",
+    [("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+      "hbm. Used 21.42G of 15.48G hbm. Exceeded hbm capacity by 5.94G.", 21.42),
+     ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (20.28G) exceeds available HBM (15.75G).", 20.28)],
+)
+def test_a_program_the_compiler_refuses_for_memory_is_a_row_that_does_not_fit(message, gib):
+    row = aot.Row("v5e:4x4", 1, 16, {}, "train", "", "splash", "none", 64, {}, 0, 16 * 2**30)
+
+    def lower():
+        raise jax.errors.JaxRuntimeError(message)
+
+    assert aot._compile(row, lower) is None
+    assert row.fits is False and row.memory_per_chip_bytes == int(gib * 2**30)
+    assert row.error.startswith("does not fit: Ran out of memory")
+    assert aot.format_table([row])[-1].endswith(row.error)
