@@ -98,6 +98,7 @@ def test_tiny_train_step_compiles_for_v5e_under_each_mesh(v5e_2x2, layout, expec
     # XLA's FLOPs of the whole step are near the model formula's (attention is padded to 128).
     assert 0.5 < row.flops_per_step / row.model_flops_per_step < 4
     assert row.estimated_step_time_s > 0 and 0 < row.estimated_mfu < 1
+    assert row.estimated_mfu <= row.estimated_mfu_compute_bound
     assert row.estimated_tokens_per_s == pytest.approx(
         row.tokens_per_step / row.estimated_step_time_s)
 
@@ -229,12 +230,12 @@ def test_collectives_count_bytes_and_dcn_crossings():
     devices = topology.devices(topology.parse("v5e:2x2", num_slices=2))
     text = "\n".join([
         # 1 MiB of bf16 summed within slice 0's chips: ICI.
-        "%a = bf16[512,1024]{1,0} all-reduce(%p), replica_groups={{0,1,2,3},{4,5,6,7}}",
+        "  %a = bf16[512,1024]{1,0} all-reduce(%p), replica_groups={{0,1,2,3},{4,5,6,7}}",
         # Gathered across the slices: DCN.
-        "%b = f32[1024]{0} all-gather(%q), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}",
+        "  %b = f32[1024]{0} all-gather(%q), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}",
         # An async gather: (operand, result); only the result counts.
-        "%c = (f32[256]{0}, f32[1024]{0}) all-gather-start(%r), replica_groups={{0,1,2,3}}",
-        "%d = f32[1024]{0} all-gather-done(%c)",
+        "  %c = (f32[256]{0}, f32[1024]{0}) all-gather-start(%r), replica_groups={{0,1,2,3}}",
+        "  %d = f32[1024]{0} all-gather-done(%c)",
     ])
     found = aot.collectives(text, devices)
     assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 2**20
@@ -311,3 +312,24 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_row_that_does_not_fit(me
     assert row.fits is False and row.memory_per_chip_bytes == int(gib * 2**30)
     assert row.error.startswith("does not fit: Ran out of memory")
     assert aot.format_table([row])[-1].endswith(row.error)
+
+
+def test_the_tpu_compilers_reduce_scatter_is_counted_as_one():
+    """XLA:TPU writes a reduce-scatter as a computation holding an all-reduce of the whole
+    buffer, which each chip then slices: counted as a reduce-scatter of the slice."""
+    devices = topology.devices(topology.parse("v5e:2x2"))
+    text = "\n".join([
+        "%all-reduce-scatter.5 (input.5: bf16[4096,1024]) -> bf16[4096,256] {",
+        "  %input.5 = bf16[4096,1024]{1,0} parameter(0)",
+        "  %all-reduce.7 = bf16[4096,1024]{1,0} all-reduce(%input.5), "
+        "replica_groups={{0,1,2,3}}, to_apply=%add",
+        "  ROOT %dynamic-slice.1 = bf16[4096,256]{1,0} dynamic-slice(%all-reduce.7, %p)",
+        "}",
+        "ENTRY %main (p: f32[8]) -> f32[8] {",
+        "  %all-reduce.9 = f32[8]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add",
+        "}",
+    ])
+    found = aot.collectives(text, devices)
+    assert found["reduce-scatter"]["count"] == 1
+    assert found["reduce-scatter"]["bytes"] == 4096 * 256 * 2  # the slice each chip keeps
+    assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 32
