@@ -327,22 +327,24 @@ def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) ->
     configs["lstm"] = task_config("reverse", smoke, 0, data_dir)
     configs["lstm"].model.type, configs["lstm"].model.d_model = "lstm_seq2seq", 80
     vocab = expected_vocab_size(configs["transformer"])
-    lengths = [8] if smoke else [16, 32, 64, 128, 256]
+    # Smoke runs time the training length alone, which then also sets the budget's steps.
+    training_length = configs["transformer"].data.max_source_length
+    lengths = [training_length] if smoke else [16, 32, 64, 128, 256]
     timing: dict[str, list] = {}
     for name, config in configs.items():
         model_config = ModelConfig.from_config(config.model, vocab)
         timing[name] = []
         for length in lengths:
-            rows = max(1, (256 if smoke else 2048) // length)
+            rows = config.data.batch_size if smoke else max(1, 2048 // length)
             point = bench.measure_point(config, model_config, length, rows, "train", 2, 1.0)
             timing[name].append(point.step_time_s)
     budget_s = 3.0 if smoke else 150.0
     runs = {}
     for name, config in configs.items():
-        length = config.data.max_source_length
         model_config = ModelConfig.from_config(config.model, vocab)
-        step = bench.measure_point(config, model_config, length, config.data.batch_size,
-                                   "train", 3, 1.0).step_time_s
+        step = timing[name][0] if smoke else bench.measure_point(
+            config, model_config, training_length, config.data.batch_size, "train", 3, 1.0
+        ).step_time_s
         config.train.num_steps = max(4, int(budget_s / step))
         if smoke:  # a tiny step would fill even 3 s with hundreds of steps
             config.train.num_steps = min(config.train.num_steps, 8)
@@ -384,7 +386,8 @@ def residual_norm(output: str, smoke: bool, data_dir: str | None = None) -> dict
     for norm, residual in variants:
         for warmup in (True,) if smoke else (True, False):
             config = task_config("sort", smoke, 400, data_dir)
-            config.model.num_encoder_layers = config.model.num_decoder_layers = 3
+            if not smoke:  # smoke runs check the plumbing: one layer a side compiles faster
+                config.model.num_encoder_layers = config.model.num_decoder_layers = 3
             config.model.norm, config.model.residual = norm, residual
             if not warmup:
                 config.train.warmup_steps = 1

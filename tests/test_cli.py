@@ -60,6 +60,7 @@ def test_train_prints_metrics_and_samples(tmp_path, data_dir):
         f"--config.data.data_dir={data_dir}", "--config.data.algorithmic.num_train=64",
         "--config.data.algorithmic.num_validation=16", "--config.data.algorithmic.num_test=16",
         "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.num_steps=2",
+        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
         "--config.train.log_every=1", "--config.train.num_decode_examples=2",
     )
     assert result.returncode == 0, result.stderr[-2000:]
