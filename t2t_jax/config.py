@@ -189,12 +189,6 @@ def wmt_config(task: str, big: bool = False) -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 5
     config.train.bleu_every = 10_000
     config.train.bleu_examples = -1
-    # Pod-scale runs: fully sharded within each TPU slice or GPU host (params, gradients and
-    # Adam's moments split over its chips), data parallel across slices or hosts. `t2t-jax
-    # compile --search` ranked this first for the big model on a v5e-16, at half the memory of
-    # pure data parallelism, and the 1.5B model (configs/wmt14_ende_xl.py) fits no other way on
-    # 16 GiB chips (docs/tpu.md).
-    config.mesh.ici.update(data=1, fsdp=-1, tensor=1)
     return make_big(config) if big else config
 
 
