@@ -2,7 +2,11 @@
 # A t2t-jax training run on a Cloud TPU pod slice (TPU VMs): create the slice, install this
 # project on every worker, start the same `t2t-jax train` on all of them, read their logs, delete.
 #
-#   launch/tpu_pod.sh create | setup | train | logs | stop | delete
+#   launch/tpu_pod.sh check | create | setup | train | logs | stop | delete
+#
+# `check` (no cloud project needed, run it first) compiles the train step for $ACCELERATOR on
+# this machine with the TPU compiler and prints the mesh, per-chip memory and whether it fits
+# (`t2t-jax compile`, see docs/tpu.md): what you would otherwise learn from an OOM on the pod.
 #
 # Parameters (environment):
 #   PROJECT      Google Cloud project                    (required)
@@ -24,6 +28,7 @@
 #   export PROJECT=my-project ZONE=us-central2-b ACCELERATOR=v4-32 WORKDIR=gs://my-bucket/ende
 #   .venv/bin/t2t-jax prepare --config configs/wmt14_ende_base.py --workdir "$WORKDIR" \
 #       --config.data.data_dir="$WORKDIR/tfds"          # once, from any machine
+#   launch/tpu_pod.sh check         # fits? on this machine, before paying for the slice
 #   launch/tpu_pod.sh create && launch/tpu_pod.sh setup && launch/tpu_pod.sh train
 #   launch/tpu_pod.sh logs          # the last lines of every worker's log
 #   launch/tpu_pod.sh delete        # when done; checkpoints stay in $WORKDIR
@@ -46,6 +51,12 @@ on_all_workers() {
     --worker=all --command "$1"
 }
 
+if [[ ${1:-} == check ]]; then
+  # EXTRA_ARGS is a list of flags: split it into words on purpose.
+  # shellcheck disable=SC2086
+  exec "${T2T_JAX:-.venv/bin/t2t-jax}" compile --config "$CONFIG" --topology "$ACCELERATOR" \
+    $EXTRA_ARGS
+fi
 need PROJECT
 case "${1:-}" in
   create)
@@ -61,7 +72,7 @@ case "${1:-}" in
     gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:~/t2t_jax.tar.gz" --project "$PROJECT" \
       --zone "$ZONE" --worker=all
     rm -f "$tarball"
-    on_all_workers "rm -rf ~/$repo_dir && mkdir -p ~/$repo_dir && tar -xzf ~/t2t_jax.tar.gz -C ~/$repo_dir && cd ~/$repo_dir && python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e . 'jax[tpu]' && .venv/bin/python -c 'import jax, t2t_jax; print(jax.__version__, t2t_jax.__version__)'"
+    on_all_workers "rm -rf ~/$repo_dir && mkdir -p ~/$repo_dir && tar -xzf ~/t2t_jax.tar.gz -C ~/$repo_dir && cd ~/$repo_dir && python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[tpu]' && .venv/bin/python -c 'import jax, t2t_jax; print(jax.__version__, t2t_jax.__version__)'"
     ;;
   train)
     need WORKDIR
@@ -82,7 +93,7 @@ case "${1:-}" in
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --project "$PROJECT" --zone "$ZONE" --quiet
     ;;
   *)
-    echo "usage: $0 create|setup|train|logs|stop|delete (parameters: see the top of $0)" >&2
+    echo "usage: $0 check|create|setup|train|logs|stop|delete (parameters: see the top of $0)" >&2
     exit 2
     ;;
 esac

@@ -115,3 +115,18 @@ def test_a_signal_to_the_launcher_reaches_every_process_which_save_and_exit_0(
     assert popen.returncode == 0, err
     # Every process got the signal and finished saving before the script returned.
     assert len(list(tmp_path.glob("saved_*"))) == 3
+
+
+def test_tpu_pod_check_compiles_for_the_slice_here_without_a_cloud_project():
+    env = {k: v for k, v in os.environ.items() if k != "PROJECT"}
+    env.update(T2T_JAX="echo", ACCELERATOR="v5e-16", CONFIG="configs/wmt14_ende_big.py",
+               EXTRA_ARGS="--rows_per_chip 4 --config.model.dtype=bfloat16")
+    result = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "check"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "compile", "--config", "configs/wmt14_ende_big.py", "--topology", "v5e-16",
+        "--rows_per_chip", "4", "--config.model.dtype=bfloat16",
+    ]
