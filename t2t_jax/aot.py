@@ -101,14 +101,13 @@ def batch_shapes(
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """The abstract global batch the train step takes: the pipeline's features, [rows, len]
     int32, with segment ids and positions when rows are packed."""
-    names = dict.fromkeys(lengths)
+    features = dict(lengths)
     if packed:
-        names.update({f"{k}_{s}": k for k in lengths if k != "loss_mask"
-                      for s in ("segmentation", "position")})
+        for key in (k for k in lengths if k != "loss_mask"):
+            features[f"{key}_segmentation"] = features[f"{key}_position"] = lengths[key]
     return {
-        name: jax.ShapeDtypeStruct((rows, lengths[name if base is None else base]), jnp.int32,
-                                   sharding=batch_sharding)
-        for name, base in names.items()
+        name: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding)
+        for name, length in features.items()
     }
 
 
@@ -201,8 +200,6 @@ def compile_decode(
     on a data axis, params replicated, `rows` sources of `data.max_source_length` tokens decoded
     up to `extra_length` tokens longer (beam search, or greedy for beam_size 1; the decoder-only
     model continues prompts greedily)."""
-    from t2t_jax import decode
-
     host = [d for d in devices if d.process_index == devices[0].process_index]
     mesh = sharding.local_mesh(host)
     model_config = dataclasses.replace(
@@ -220,30 +217,40 @@ def compile_decode(
     row = _new_row(topo, mesh, "decode", model_config, model, shapes, rows, lengths,
                    rows * max_length)
     row.chips = len(host)
-    split = NamedSharding(mesh, P("data"))
-    if model_config.type == "decoder_only":
-        tokens = jax.ShapeDtypeStruct((rows, max_length), jnp.int32, sharding=split)
-        starts = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split)
-        lower = lambda: decode.greedy_continue.lower(model, params, tokens, starts)  # noqa: E731
-        encoder = None
-    else:
-        inputs = jax.ShapeDtypeStruct((rows, source_len), jnp.int32, sharding=split)
-        if beam_size > 1:
-            lower = lambda: decode.beam_translate.lower(  # noqa: E731
-                model, params, inputs, beam_size, max_length, alpha)
-        else:
-            lower = lambda: decode.greedy_translate.lower(model, params, inputs, max_length)  # noqa: E731
-        encoder = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
+    beams = 1 if model_config.type == "decoder_only" else beam_size
+    program, encoder = _decode_programs(model, params, mesh, rows, source_len, max_length,
+                                        beams, alpha)
     with sharding.activate(mesh):
-        compiled = _compile(row, lower)
+        compiled = _compile(row, program)
         # The part that runs once, for the estimate (see `_analyse`).
-        once = None if compiled is None or encoder is None else (
-            encoder.lower(params, inputs).compile())
+        once = None if compiled is None or encoder is None else encoder().compile()
     if compiled is not None:
         row.model_flops_per_step = model_flops_per_step(
-            model_config, rows * beam_size, max_length, "forward", source_len)
+            model_config, rows * beams, max_length, "forward", source_len)
         _analyse(row, compiled, mesh, topo.chip, loop_steps=max_length, once=once)
     return row
+
+
+def _decode_programs(model, params, mesh, rows, source_len, max_length, beam_size, alpha):
+    """(lowering of the decode loop, lowering of the encoder or None), over abstract inputs
+    split over the host's data axis: beam search, greedy for beam_size 1, and for the
+    decoder-only model greedy continuation of prompts."""
+    from t2t_jax import decode
+
+    split = NamedSharding(mesh, P("data"))
+    if model.config.type == "decoder_only":
+        tokens = jax.ShapeDtypeStruct((rows, max_length), jnp.int32, sharding=split)
+        starts = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split)
+        return lambda: decode.greedy_continue.lower(model, params, tokens, starts), None
+    inputs = jax.ShapeDtypeStruct((rows, source_len), jnp.int32, sharding=split)
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
+    if beam_size > 1:
+        def program():
+            return decode.beam_translate.lower(model, params, inputs, beam_size, max_length, alpha)
+    else:
+        def program():
+            return decode.greedy_translate.lower(model, params, inputs, max_length)
+    return program, lambda: encode.lower(params, inputs)
 
 
 def _new_row(topo, mesh, mode, model_config, model, params, rows, lengths, tokens) -> Row:
