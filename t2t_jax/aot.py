@@ -168,6 +168,11 @@ def compile_train(
     rows_per_chip: int | None = None,
 ) -> Row:
     """Compiles the train step of `config` over `config.mesh` on the topology's `devices`."""
+    if config.train.mode != "jit":
+        raise ValueError(
+            f"t2t-jax compile compiles the sharded jit step, not train.mode={config.train.mode!r}"
+            "; drop --config.train.mode (pmap is data parallel over one host's devices)"
+        )
     mesh = sharding.make_mesh(config.mesh, devices)
     model_config = ModelConfig.from_config(config.model, vocab_size)
     model, stepper = build_stepper(config, model_config, mesh)

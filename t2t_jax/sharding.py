@@ -172,7 +172,7 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
 
 
 def spec_table(shardings: Any) -> dict[str, str]:
-    """{"encoder/layer_0/ffn/wi/kernel": "PartitionSpec('fsdp', 'tensor')", ...} for a tree of
+    """{"encoder/layer_0/ffn/wi/kernel": "P('fsdp', 'tensor')", ...} for a tree of
     NamedShardings (e.g. a Stepper's param shardings): the layout to read, diff or keep as a
     golden file."""
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
