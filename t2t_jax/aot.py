@@ -648,10 +648,10 @@ def markdown_table(rows: list[Row]) -> list[str]:
     """The rows as a Markdown table (what docs/tpu.md shows), written beside compile.json."""
     lines = [
         "| topology | chips | mesh (data, fsdp, tensor) | remat | rows x tokens | GiB per chip "
-        "(of HBM) | fits | est. tokens/s per chip | est. MFU (compute-bound) | collectives per "
-        "step, GiB per "
-        "chip: all-gather / reduce-scatter / all-reduce / all-to-all (DCN) | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "(of HBM) | fits | est. tokens/s per chip | est. MFU (compute-bound) | estimate from "
+        "| collectives per step, GiB per chip: all-gather / reduce-scatter / all-reduce / "
+        "all-to-all (over DCN) | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
@@ -663,7 +663,9 @@ def markdown_table(rows: list[Row]) -> list[str]:
             f"{r.collectives.get(k, {}).get('bytes', 0) / 2**30:.2f}" for k in kinds)
         dcn = sum(c.get("dcn_bytes", 0) for c in r.collectives.values())
         if dcn:
-            collective += f" ({dcn / 2**30:.2f} over DCN)"
+            collective += f" ({dcn / 2**20:.1f} MiB over DCN)"
+        source = "-" if not r.estimate_method else (
+            "XLA" if r.estimate_method.startswith("XLA") else "roofline")
         speed = ("-" if r.estimated_tokens_per_s_per_chip is None
                  else f"{r.estimated_tokens_per_s_per_chip:,.0f}")
         mfu = "-" if r.estimated_mfu is None else (
@@ -672,7 +674,7 @@ def markdown_table(rows: list[Row]) -> list[str]:
             collective = r.error[:80]
         lines.append(
             f"| {r.topology}{slices} | {r.chips} | {mesh} | {r.remat} | {r.batch_rows} x "
-            f"{tokens} | {memory} | {'yes' if r.fits else 'no'} | {speed} | {mfu} | "
+            f"{tokens} | {memory} | {'yes' if r.fits else 'no'} | {speed} | {mfu} | {source} | "
             f"{collective} | {r.compile_time_s or 0:.0f} |"
         )
     return lines
