@@ -204,8 +204,12 @@ def compile_decode(
     """Compiles the decode loop `t2t-jax decode` runs, for one host of the topology: its chips
     on a data axis, params replicated, `rows` sources of `data.max_source_length` tokens decoded
     up to `extra_length` tokens longer (beam search, or greedy for beam_size 1; the decoder-only
-    model continues prompts greedily)."""
+    model continues prompts greedily). `devices`: the topology's, of which the first host's
+    (the compiler takes a one-host slice of the same chips: it rejects a subset of a larger
+    slice's device ids)."""
     host = [d for d in devices if d.process_index == devices[0].process_index]
+    if len(host) < len(devices):
+        host = topology.devices(topology.host_slice(topo))
     mesh = sharding.local_mesh(host)
     model_config = dataclasses.replace(
         ModelConfig.from_config(config.model, vocab_size), scan_layers=False
@@ -647,11 +651,11 @@ def format_table(rows: list[Row]) -> list[str]:
 def markdown_table(rows: list[Row]) -> list[str]:
     """The rows as a Markdown table (what docs/tpu.md shows), written beside compile.json."""
     lines = [
-        "| topology | chips | mesh (data, fsdp, tensor) | remat | rows x tokens | GiB per chip "
-        "(of HBM) | fits | est. tokens/s per chip | est. MFU (compute-bound) | estimate from "
-        "| collectives per step, GiB per chip: all-gather / reduce-scatter / all-reduce / "
-        "all-to-all (over DCN) | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| topology | chips | mesh (data, fsdp, tensor) | attention | remat | rows x tokens "
+        "| GiB per chip (of HBM) | fits | est. tokens/s per chip | est. MFU (compute-bound) "
+        "| estimate from | collectives per step, GiB per chip: all-gather / reduce-scatter / "
+        "all-reduce / all-to-all (over DCN) | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
@@ -673,7 +677,8 @@ def markdown_table(rows: list[Row]) -> list[str]:
         if r.error and r.estimated_step_time_s is None:
             collective = r.error[:80]
         lines.append(
-            f"| {r.topology}{slices} | {r.chips} | {mesh} | {r.remat} | {r.batch_rows} x "
+            f"| {r.topology}{slices} | {r.chips} | {mesh} | {r.attention} | {r.remat} | "
+            f"{r.batch_rows} x "
             f"{tokens} | {memory} | {'yes' if r.fits else 'no'} | {speed} | {mfu} | {source} | "
             f"{collective} | {r.compile_time_s or 0:.0f} |"
         )

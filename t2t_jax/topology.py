@@ -129,6 +129,12 @@ def _standard_shape(chip: Chip, count: int, name: str) -> tuple[int, ...]:
     return tuple(2 ** (base + (i >= 3 - extra)) for i in range(3))
 
 
+def host_slice(topology: Topology) -> Topology:
+    """The slice one host's chips form on their own (2x2 for v5e, 2x2x1 for v4 and v5p)."""
+    return Topology(topology.chip, tuple(min(2, d) if i < 2 else 1
+                                         for i, d in enumerate(topology.shape)))
+
+
 def require_libtpu() -> None:
     """A clear error when the TPU compiler (libtpu) is not installed."""
     if importlib.util.find_spec("libtpu") is None:
@@ -144,7 +150,7 @@ def devices(topology: Topology) -> list:
     require_libtpu()
     from jax.experimental import topologies
 
-    chips_per_host = tuple(min(2, d) for d in (*topology.shape, 1, 1)[:2]) + (1,)
+    chips_per_host = (*host_slice(topology).shape, 1, 1)[:2] + (1,)
     description = topologies.get_topology_desc(
         platform="tpu",
         topology_name=f"{topology.chip.compiler_name}:{'x'.join(map(str, topology.shape))}",

@@ -170,11 +170,12 @@ def test_two_slices_reduce_gradients_over_dcn(tmp_path):
     assert row.estimate["dcn_s"] > 0
 
 
-def test_the_decode_loop_compiles_for_one_host(v5e_2x2):
-    row = aot.compile_decode(tiny_config(), *v5e_2x2, TINY_VOCAB, rows=8, beam_size=4,
-                             extra_length=5)
+def test_the_decode_loop_compiles_for_one_host():
+    topo = topology.parse("v5e:4x4")  # four hosts of 2x2 chips: each decodes on its own
+    row = aot.compile_decode(tiny_config(), topo, topology.devices(topo), TINY_VOCAB, rows=8,
+                             beam_size=4, extra_length=5)
     assert row.error is None and row.fits and row.mode == "decode"
-    assert row.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert row.mesh == {"data": 4, "fsdp": 1, "tensor": 1} and row.chips == 4
     assert row.lengths == {"inputs": 8, "targets": 13} and row.tokens_per_step == 8 * 13
     # XLA counts the loop body once; the estimate runs it once per output position.
     assert row.estimated_step_time_s > row.estimate["ici_s"] and "13 x loop body" in (
