@@ -293,6 +293,8 @@ def _compile(row: Row, lower: Callable[[], Any]) -> Any:
                 number, unit = used.group(1) or used.group(3), used.group(2) or used.group(4)
                 scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
                 row.memory_per_chip_bytes = int(float(number) * scale[unit])
+                if used.group(3):
+                    row.memory_breakdown = {"temporaries": row.memory_per_chip_bytes}
             row.error = "does not fit: " + _oom_sentence(message)
         else:
             row.error = f"{type(error).__name__}: {message[:300]}"
@@ -619,11 +621,22 @@ def _gib(num_bytes: float | None) -> str:
     return "-" if num_bytes is None else f"{num_bytes / 2**30:.2f}"
 
 
+def _memory(row: Row) -> str:
+    """"arguments/temporaries/total" GiB per chip (the compiler's total alone for a program
+    it refused)."""
+    parts = row.memory_breakdown or {}
+    total = _gib(row.memory_per_chip_bytes)
+    if "arguments" not in parts and "temporaries" in parts:  # refused: temporaries alone known
+        total = ">" + total
+    return "/".join([_gib(parts.get("arguments")), _gib(parts.get("temporaries")), total])
+
+
 def format_table(rows: list[Row]) -> list[str]:
     """The terminal table: one line per row (the header alone for no rows)."""
     lines = [
         f"{'topology':>12} {'mesh d,f,t':>11} {'attention':>9} {'remat':>5} {'rows':>5} "
-        f"{'len':>5} {'GiB/chip':>8} {'HBM':>5} {'fits':>4} {'TFLOP/chip':>10} {'est s':>8} "
+        f"{'len':>5} {'GiB/chip args/temp/total':>24} {'HBM':>4} {'fits':>4} {'TFLOP/chip':>10} "
+        f"{'est s':>8} "
         f"{'est tok/s/chip':>14} {'est MFU (compute)':>17} {'AG/RS/AR/A2A GiB':>22} "
         f"{'compile s':>9}"
     ]
@@ -631,8 +644,8 @@ def format_table(rows: list[Row]) -> list[str]:
         mesh = ",".join(str(r.mesh.get(a, "?")) for a in sharding.MESH_AXES)
         head = (f"{r.topology + ('x' + str(r.num_slices) if r.num_slices > 1 else ''):>12} "
                 f"{mesh:>11} {r.attention:>9} {r.remat:>5} {r.batch_rows:>5} "
-                f"{max(r.lengths.values(), default=0):>5} {_gib(r.memory_per_chip_bytes):>8} "
-                f"{r.hbm_per_chip_bytes / 2**30:>5.0f} {'yes' if r.fits else 'no':>4}")
+                f"{max(r.lengths.values(), default=0):>5} {_memory(r):>24} "
+                f"{r.hbm_per_chip_bytes / 2**30:>4.0f} {'yes' if r.fits else 'no':>4}")
         if r.estimated_step_time_s is None:
             lines.append(f"{head}  {r.error or ''}")
             continue
@@ -652,16 +665,16 @@ def markdown_table(rows: list[Row]) -> list[str]:
     """The rows as a Markdown table (what docs/tpu.md shows), written beside compile.json."""
     lines = [
         "| topology | chips | mesh (data, fsdp, tensor) | attention | remat | rows x tokens "
-        "| GiB per chip (of HBM) | fits | est. tokens/s per chip | est. MFU (compute-bound) "
-        "| estimate from | collectives per step, GiB per chip: all-gather / reduce-scatter / "
-        "all-reduce / all-to-all (over DCN) | compile s |",
+        "| GiB per chip: arguments / temporaries / total (HBM) | fits | est. tokens/s per chip "
+        "| est. MFU (compute-bound) | estimate from | collectives per step, GiB per chip: "
+        "all-gather / reduce-scatter / all-reduce / all-to-all (over DCN) | compile s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
         mesh = ", ".join(str(r.mesh.get(a, "?")) for a in sharding.MESH_AXES)
         tokens = max(r.lengths.values(), default=0)
-        memory = f"{_gib(r.memory_per_chip_bytes)} ({r.hbm_per_chip_bytes / 2**30:.0f})"
+        memory = f"{_memory(r).replace('/', ' / ')} ({r.hbm_per_chip_bytes / 2**30:.0f})"
         kinds = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
         collective = " / ".join(
             f"{r.collectives.get(k, {}).get('bytes', 0) / 2**30:.2f}" for k in kinds)
@@ -675,7 +688,7 @@ def markdown_table(rows: list[Row]) -> list[str]:
         mfu = "-" if r.estimated_mfu is None else (
             f"{r.estimated_mfu:.1%} ({r.estimated_mfu_compute_bound:.0%})")
         if r.error and r.estimated_step_time_s is None:
-            collective = r.error[:80]
+            collective = "does not fit" if r.fits is False else r.error[:80]
         lines.append(
             f"| {r.topology}{slices} | {r.chips} | {mesh} | {r.attention} | {r.remat} | "
             f"{r.batch_rows} x "
