@@ -31,3 +31,5 @@ for model in base big xl; do
 done
 run search_big_v5e_16x16 --config configs/wmt14_ende_big.py --topology v5e:16x16 \
   --rows_per_chip 4 --search "$bf16"
+# What `CONFIG=configs/wmt14_ende_big.py ACCELERATOR=v4-32 launch/tpu_pod.sh check` compiles.
+run tpu_pod_check_big_v4-32 --config configs/wmt14_ende_big.py --topology v4-32
