@@ -537,9 +537,10 @@ def search(
             try:
                 row = compile_train(candidate, topo, devices, vocab_size, rows_per_chip)
             except ValueError as error:  # e.g. a batch that does not divide over this mesh
-                row = Row(topo.name, topo.num_slices, topo.chips, mesh, "train", "",
-                          candidate.model.attention, remat, 0, {}, 0, topo.chip.hbm_bytes,
-                          error=str(error))
+                row = Row(topology=topo.name, num_slices=topo.num_slices, chips=topo.chips,
+                          mesh=mesh, mode="train", model="", attention=candidate.model.attention,
+                          remat=remat, batch_rows=0, lengths={}, tokens_per_step=0,
+                          hbm_per_chip_bytes=topo.chip.hbm_bytes, error=str(error))
             rows.append(row)
             if on_row:
                 on_row(row)

@@ -1,8 +1,8 @@
 """TPU slices without a TPU: the chips' data sheets, and a topology's devices for the compiler.
 
-`devices("v5e:16x16", num_slices=2)` returns the 512 devices of two v5e-256 slices as JAX's
-ahead-of-time compiler sees them (`jax.experimental.topologies`, through libtpu), so a mesh over
-them compiles the real TPU program on any machine. Names are either a topology
+`devices(parse("v5e:16x16", num_slices=2))` returns the 512 devices of two v5e-256 slices as
+JAX's ahead-of-time compiler sees them (`jax.experimental.topologies`, through libtpu), so a
+mesh over them compiles the real TPU program on any machine. Names are either a topology
 (`v5e:4x4`, `v5p:4x4x4`, `v4:2x2x1`) or an accelerator type as Cloud TPU sells it (`v5e-16`,
 `v5p-128`, `v4-8`: TensorCores for v4 and v5p, chips for v5e and v6e).
 """
@@ -69,12 +69,6 @@ class Topology:
     def chips(self) -> int:
         """Chips in all slices."""
         return math.prod(self.shape) * self.num_slices
-
-    @property
-    def accelerator_type(self) -> str:
-        """Cloud TPU's name for one slice, e.g. v5litepod-16, v5p-128."""
-        count = math.prod(self.shape) * self.chip.cores_per_chip
-        return f"{'v5litepod' if self.chip.name == 'v5e' else self.chip.name}-{count}"
 
     def wraparound(self) -> tuple[bool, bool, bool]:
         """Which dimensions close into a torus: full 4x4x4 cubes for v4/v5p, 16-chip rows for
