@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from t2t_jax import sharding, topology
+from t2t_jax import profiling, sharding, topology
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.attention import select_attention
-from t2t_jax.train_step import Stepper, eval_step, make_step_fns
+from t2t_jax.train_step import Stepper, eval_step, make_rngs, make_step_fns
 
 # Dense bf16 peak FLOP/s per GPU, from the vendors' data sheets (no sparsity); TPUs' are in
 # `topology.CHIPS`.
@@ -45,7 +45,7 @@ PEAK_FLOPS = {
 
 COLUMNS = (
     "seq_len", "attention", "mode", "tokens_per_s", "step_time_s", "flops_per_step",
-    "xla_flops_per_step", "mfu", "peak_memory_bytes", "compile_time_s", "error",
+    "xla_flops_per_step", "mfu", "peak_memory_bytes", "compile_time_s", "error", "beam_size",
 )
 
 
@@ -130,6 +130,8 @@ class Point:
     peak_memory_bytes: int | None = None
     compile_time_s: float | None = None
     error: str | None = None
+    beam_size: int = 1  # decode mode: beams per row (1: greedy)
+    profile: dict | None = None  # `profiling.Breakdown` as a dict, with --profile
 
 
 def measure_point(
@@ -140,13 +142,17 @@ def measure_point(
     mode: str,
     steps: int,
     peak_flops: float,
+    profile_dir: str | None = None,
+    beam_size: int = 1,
 ) -> Point:
-    """Times `steps` steps at one sequence length; out-of-memory becomes the row's error."""
+    """Times `steps` steps at one sequence length; out-of-memory becomes the row's error.
+    With `profile_dir`, up to 3 more steps run under the profiler: their trace goes to a
+    folder of it named after the point, their device time by category to `point.profile`."""
     label = model_config.attention
     if label == "auto":  # name what auto chose on this device
         chosen = select_attention("auto", jax.devices()[0].platform, model_config.dtype)[0]
         label = f"auto:{chosen}"
-    point = Point(seq_len, label, mode)
+    point = Point(seq_len, label, mode, beam_size=beam_size if mode == "decode" else 1)
     lengths = {"targets": seq_len} | ({} if model_config.type == "decoder_only"
                                       else {"inputs": seq_len})
     model = build_model(model_config)
@@ -158,11 +164,11 @@ def measure_point(
         with stepper.activate():
             state = stepper.init_state(jax.random.key(0))
             batch = stepper.put_batch(_fake_batch(model_config, rows, seq_len, 0))
-            rng = jax.random.key(1)
+            rng = make_rngs(config.seed, config.train.dropout_rng)[1]
             if mode == "train":
                 function, args = stepper.jitted_train_step, (state, batch, rng)
             elif mode == "decode":
-                function, args = _greedy_decoder(model, model_config, batch, seq_len)
+                function, args = _decoder(model, model_config, batch, seq_len, point.beam_size)
                 args = (state.params, *args)
             else:
                 function = jax.jit(lambda p, b: eval_step(fns, p, b))
@@ -175,15 +181,24 @@ def measure_point(
             # XLA analyses the per-device SPMD program: scale to the whole step.
             device_flops = float(cost.get("flops", 0.0)) if cost else 0.0
             point.xla_flops_per_step = device_flops * stepper.mesh.devices.size or None
+
+            def run_step():
+                nonlocal args
+                out = compiled(*args)
+                if mode == "train":  # the state was donated: go on from the new one
+                    args = (out[0], batch, rng)
+                jax.block_until_ready(out)
+
             times = []
             for _ in range(steps + 1):
                 start = time.perf_counter()
-                out = compiled(*args)
-                if mode == "train":
-                    args = (out[0], batch, rng)
-                jax.block_until_ready(out)
+                run_step()
                 times.append(time.perf_counter() - start)
             point.peak_memory_bytes = _memory_bytes(compiled)
+            if profile_dir:
+                log_dir = os.path.join(profile_dir, f"{mode}_{label}_{seq_len}".replace(":", "_"))
+                result = profiling.profile(run_step, compiled.as_text(), log_dir, min(steps, 3))
+                point.profile = dataclasses.asdict(result)
     except Exception as error:  # XLA reports out-of-memory as several exception types.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
@@ -192,21 +207,29 @@ def measure_point(
         return point
     point.step_time_s = statistics.median(times[1:])
     point.tokens_per_s = rows * seq_len / point.step_time_s
-    # Decoding does a forward pass's useful work, token by token.
+    # Decoding does a forward pass's useful work, token by token, on every beam.
     point.flops_per_step = model_flops_per_step(
-        model_config, rows, seq_len, "forward" if mode == "decode" else mode
+        model_config, rows * point.beam_size, seq_len, "forward" if mode == "decode" else mode
     )
     point.mfu = point.flops_per_step / point.step_time_s / (peak_flops * jax.device_count())
     return point
 
 
-def _greedy_decoder(model, model_config: ModelConfig, batch: dict, seq_len: int):
-    """(jittable function of (params, *args), args) generating seq_len tokens per row greedily
-    with the key/value cache: from a seq_len-token source for the encoder-decoder, from a
-    one-token prompt for the decoder-only model (no cache there yet: each step reruns the
-    prefix)."""
+def _decoder(model, model_config: ModelConfig, batch: dict, seq_len: int, beam_size: int):
+    """(jittable function of (params, *args), args) generating seq_len tokens per row with the
+    key/value cache, greedily or by beam search: from a seq_len-token source for the
+    encoder-decoder, from a one-token prompt for the decoder-only model (greedy only; no cache
+    there yet: each step reruns the prefix). Random weights seldom end a sentence, so every
+    row runs to seq_len tokens."""
     from t2t_jax import decode
 
+    if beam_size > 1:
+        if model_config.type == "decoder_only":
+            raise ValueError("bench --mode decode --beam_size N: beam search is for the "
+                             "encoder-decoder; leave --beam_size out for the language model")
+        return jax.jit(
+            lambda p, x: decode.beam_translate(model, p, x, beam_size, seq_len)
+        ), (batch["inputs"],)
     if model_config.type == "decoder_only":
         tokens = batch["targets"].at[:, 1:].set(0)
         starts = jnp.ones((tokens.shape[0],), jnp.int32)
@@ -223,11 +246,14 @@ def run_bench(
     batch_tokens: int,
     steps: int = 3,
     on_point: Callable[[Point], None] | None = None,
+    profile_dir: str | None = None,
+    beam_size: int = 1,
 ) -> tuple[list[Point], str]:
     """All points (lengths ascending; an implementation stops at its first out-of-memory
     length), and where the peak FLOP/s figure comes from. Each point has about `batch_tokens`
     tokens a side: batch_tokens // seq_len rows, a multiple of the device count. `on_point` sees
-    each point as it is measured (progress on long runs)."""
+    each point as it is measured (progress on long runs); `profile_dir`: see `measure_point`;
+    `beam_size` > 1: decode mode searches with that many beams."""
     if mode not in ("train", "forward", "decode"):
         raise ValueError(f"--mode must be train, forward or decode, got {mode!r}")
     peak, peak_source = device_peak_flops()
@@ -239,7 +265,9 @@ def run_bench(
         for seq_len in sorted(seq_lens):
             rows = max(jax.device_count(), batch_tokens // seq_len // jax.device_count()
                        * jax.device_count())
-            point = measure_point(config, model_config, seq_len, rows, mode, steps, peak)
+            point = measure_point(
+                config, model_config, seq_len, rows, mode, steps, peak, profile_dir, beam_size
+            )
             logging.info("bench %s", point)
             points.append(point)
             if on_point:
@@ -264,7 +292,7 @@ def write_outputs(points: list[Point], output: str, title: str) -> list[str]:
     with open(paths[0], "w") as f:
         json.dump(rows, f, indent=2)
     with open(paths[1], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
@@ -294,11 +322,12 @@ def format_table(points: list[Point]) -> list[str]:
         f"{'GFLOP/step':>11} {'XLA GFLOP':>10} {'MFU':>7} {'mem MiB':>9} {'compile s':>9}"
     ]
     for p in points:
+        mode = p.mode if p.beam_size == 1 else f"beam{p.beam_size}"
         if p.error:
-            lines.append(f"{p.seq_len:>8} {p.attention:>22} {p.mode:>7}  {p.error}")
+            lines.append(f"{p.seq_len:>8} {p.attention:>22} {mode:>7}  {p.error}")
             continue
         lines.append(
-            f"{p.seq_len:>8} {p.attention:>22} {p.mode:>7} {p.tokens_per_s:>11,.0f} "
+            f"{p.seq_len:>8} {p.attention:>22} {mode:>7} {p.tokens_per_s:>11,.0f} "
             f"{p.step_time_s:>9.4f} {p.flops_per_step / 1e9:>11.2f} "
             f"{(p.xla_flops_per_step or 0) / 1e9:>10.2f} {p.mfu:>7.2%} "
             f"{p.peak_memory_bytes / 2**20:>9.1f} {p.compile_time_s:>9.2f}"

@@ -35,6 +35,7 @@ commands:
   evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
+          [--profile DIR]: device time by kind (matmul, attention, loss, dropout, idle...)
   check-attention [--attention cudnn,blockwise,...] [--dtype bfloat16] [--length 256]: each
           attention kernel against the float32 einsum reference on this device
   experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional, scaling,
@@ -153,7 +154,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdo
                               "compile: folder for compile.json.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch; "
                                   "compile --mode decode: per host.")
-_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy.")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy. bench "
+                                  "--mode decode: greedy unless given.")
 _ALPHA = flags.DEFINE_float("alpha", 0.6, "decode/evaluate: GNMT length penalty exponent.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode, decoder-only models: >0 samples "
                                    "at this temperature instead of greedy decoding.")
@@ -248,6 +250,8 @@ _MODE = flags.DEFINE_string("mode", "train", "bench: train (step), forward (eval
                             "decode (greedy, key/value cache); compile: train or decode (the "
                             "beam search loop).")
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 8192, "bench: tokens a side per step.")
+_PROFILE = flags.DEFINE_string("profile", None, "bench: profile each point into this folder (a "
+                               "jax.profiler trace per point) and print its device time by kind.")
 
 
 def _expected_vocab_size(config) -> int:
@@ -257,7 +261,7 @@ def _expected_vocab_size(config) -> int:
 
 
 def bench_command() -> None:
-    from t2t_jax import bench
+    from t2t_jax import bench, profiling
 
     config = _require(_CONFIG.value, "config")
 
@@ -275,9 +279,17 @@ def bench_command() -> None:
         _BATCH_TOKENS.value,
         _STEPS.value,
         progress,
+        _PROFILE.value,
+        _BEAM_SIZE.value if FLAGS["beam_size"].present else 1,  # bench decodes greedily
     )
     print(f"devices: {jax_device_summary()}; peak: {peak_source}")
     print("\n".join(bench.format_table(points)))
+    for point in points:
+        if point.profile:
+            print("\n".join(profiling.format_breakdown(
+                profiling.Breakdown(**point.profile),
+                f"\n{point.mode} {point.attention} {point.seq_len}: trace in {_PROFILE.value}",
+            )))
     if _OUTPUT.value:
         for path in bench.write_outputs(points, _OUTPUT.value, f"{config.model.type}, "
                                         f"d_model {config.model.d_model}, {jax_device_summary()}"):

@@ -111,6 +111,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.label_smoothing = 0.1  # eps_ls
     config.train.z_loss = 0.0  # weight of log(Z)^2, keeps logits from drifting; 0 is the paper
     config.train.grad_clip_norm = 0.0  # 0: no clipping (the paper)
+    # The random bit generator behind dropout masks: "threefry" (JAX's default; the same masks
+    # on any mesh), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator: far cheaper bits on GPU and
+    # TPU; the masks depend on the mesh, so a run resumed on another device layout draws other
+    # masks from there on). Every choice is deterministic for a given seed and mesh, and resumes
+    # exactly. Initial params always come from threefry.
+    config.train.dropout_rng = "threefry"
     # >1: optax.MultiSteps, one update every k batches, averaging the k batches' mean-token
     # gradients (equal weight per batch, not per token). num_steps and the *_every intervals
     # count batches; the warmup counts updates.

@@ -24,7 +24,7 @@ from t2t_jax import bleu, checkpoint, decode, metrics, sharding
 from t2t_jax.data import pipeline, tasks
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
-from t2t_jax.train_step import Stepper, TrainState, accumulate, make_step_fns
+from t2t_jax.train_step import Stepper, TrainState, accumulate, make_rngs, make_step_fns
 
 
 @dataclasses.dataclass
@@ -270,14 +270,8 @@ def train_and_evaluate(
         exp.tokenizer.save(workdir)
     manager = checkpoint.make_manager(workdir, config.train)
     writer = metrics.make_writer(workdir, is_main)
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    # Committed once, so the step does not copy it to the devices on every call (with jit
-    # across processes too, which device_put cannot do).
-    if exp.stepper.mode == "jit":
-        step_rng = jax.jit(lambda r: r, out_shardings=sharding.replicated(exp.stepper.mesh))(
-            step_rng
-        )
+    init_rng, step_rng = make_rngs(config.seed, config.train.dropout_rng)
+    step_rng = exp.stepper.put_replicated(step_rng)
     try:
         with exp.stepper.activate():
             state = restore_or_init(exp, manager, init_rng)
@@ -310,7 +304,6 @@ def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dic
     skipped = int(fetched["nonfinite"])
     if not skipped:
         return fetched
-        return
     if exp.config.train.on_nonfinite == "skip":
         logging.warning("step %d: %d steps had a NaN/Inf loss or update and were skipped",
                         step, skipped)
@@ -356,8 +349,12 @@ def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, pree
     device_batches = DevicePrefetcher(batches, put)
     sums, tick, last = None, time.perf_counter(), {}
     for step in range(start + 1, num_steps + 1):
-        state, step_metrics = stepper.train(state, next(device_batches), step_rng)
-        sums = accumulate(sums, step_metrics)
+        batch = next(device_batches)
+        # Everything the step takes is on the devices already: an implicit host transfer here
+        # would be a hidden round-trip on every step, so it is an error.
+        with jax.transfer_guard("disallow"):
+            state, step_metrics = stepper.train(state, batch, step_rng)
+            sums = accumulate(sums, step_metrics)
         progress.update()
         if preemption.reached(step):
             _check_finite(exp, sums, step, manager)

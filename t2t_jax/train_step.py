@@ -62,28 +62,58 @@ def cross_entropy_sums(
 ) -> dict[str, Array]:
     """Summed label-smoothed cross-entropy and accuracy over the weighted target tokens.
 
-    logits: [batch, length, vocab] float32. The smoothed loss has the entropy of the smoothed
-    distribution subtracted, so a perfect model scores 0 whatever eps_ls is.
+    logits: [batch, length, vocab] float32. The smoothed target puts 1 - eps_ls on the target
+    and low = eps_ls / (vocab - 1) on every other token, so its cross-entropy is
+    -(1 - eps_ls - low) * log p[target] - low * sum_v log p[v]: two reductions over the
+    vocabulary, with no one-hot or soft-target [.., vocab] array (the gradient is one fused
+    elementwise pass). The entropy of the smoothed distribution is subtracted, so a perfect
+    model scores 0 whatever eps_ls is.
     Returns sums: `loss` (with the z-loss term), `z_loss`, `correct`, `weight`.
     """
-    targets = batch["targets"]
-    weights = loss_weights(batch)
-    vocab = logits.shape[-1]
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab - 1)
-    entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
-    soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    token_loss = -jnp.sum(soft_targets * log_probs, axis=-1) - entropy
-    token_z_loss = z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {
-        "loss": jnp.sum((token_loss + token_z_loss) * weights),
-        "z_loss": jnp.sum(token_z_loss * weights),
-        "correct": jnp.sum(correct * weights),
-        "weight": jnp.sum(weights),
-    }
+    with jax.named_scope("loss"):
+        targets = batch["targets"]
+        weights = loss_weights(batch)
+        vocab = logits.shape[-1]
+        confidence = 1.0 - label_smoothing
+        low = label_smoothing / (vocab - 1)
+        entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        # A select against the vocabulary index rather than a gather: XLA fuses it into the
+        # reduction, and its gradient into the softmax's, where a gather's gradient would be a
+        # scatter into a zeroed [.., vocab] array.
+        is_target = jnp.arange(vocab, dtype=targets.dtype) == targets[..., None]
+        target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        sum_log_probs = jnp.sum(logits, axis=-1) - vocab * log_z
+        token_loss = (
+            -(confidence - low) * (target_logit - log_z) - low * sum_log_probs - entropy
+        )
+        token_z_loss = z_loss * jnp.square(log_z)
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        return {
+            "loss": jnp.sum((token_loss + token_z_loss) * weights),
+            "z_loss": jnp.sum(token_z_loss * weights),
+            "correct": jnp.sum(correct * weights),
+            "weight": jnp.sum(weights),
+        }
+
+
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def make_rngs(seed: int, dropout_rng: str = "threefry") -> tuple[Array, Array]:
+    """(params init key, dropout key) from the seed; the dropout key is of JAX's PRNG
+    implementation `dropout_rng`, drawn from the seed's threefry stream, so each choice gives
+    its own masks but the same initial params."""
+    if dropout_rng not in DROPOUT_RNGS:
+        raise ValueError(
+            f"train.dropout_rng must be one of {', '.join(DROPOUT_RNGS)}, got {dropout_rng!r}"
+        )
+    init_rng, step_rng = jax.random.split(jax.random.key(seed))
+    if dropout_rng != "threefry":
+        shape = jax.random.key_data(jax.random.key(0, impl=dropout_rng)).shape
+        key_data = jax.random.bits(step_rng, shape, jnp.uint32)
+        step_rng = jax.random.wrap_key_data(key_data, impl=dropout_rng)
+    return init_rng, step_rng
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +148,16 @@ def _apply(fns: StepFns, state: TrainState, grads: Any, sums: dict) -> tuple[Tra
     non-finite step leaves params and optimizer state as they were, counts in `nonfinite`, and
     adds nothing to the loss sums (the loop then stops or goes on, as `train.on_nonfinite`
     says)."""
-    updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
-    finite &= jnp.isfinite(optax.global_norm(updates))
-    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
-    opt_state = keep_if_finite(opt_state, state.opt_state)
+    with jax.named_scope("optimizer"):  # as profiles name it
+        updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        finite &= jnp.isfinite(optax.global_norm(updates))
+        keep_if_finite = functools.partial(
+            jax.tree.map, lambda new, old: jnp.where(finite, new, old)
+        )
+        params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
+        opt_state = keep_if_finite(opt_state, state.opt_state)
     metrics = dict(
         keep_if_finite(sums, jax.tree.map(jnp.zeros_like, sums)),
         grad_norm=jnp.where(finite, grad_norm, 0.0),
@@ -281,7 +314,11 @@ class Stepper:
         """A state in the checkpoint layout (global, sharded) -> this stepper's layout."""
         if self.mode == "jit":
             return state
-        return flax.jax_utils.replicate(jax.device_get(state))
+        count = jax.local_device_count()
+        return jax.tree.map(
+            lambda x: jax.device_put(np.broadcast_to(x, (count, *np.shape(x))), self._pmap_split),
+            jax.device_get(state),
+        )
 
     def to_checkpoint(self, state: TrainState) -> TrainState:
         """This stepper's layout -> the checkpoint layout (one global value per leaf)."""
@@ -296,7 +333,25 @@ class Stepper:
         if self.mode == "jit":
             return sharding.global_batch(local_batch, self.mesh, self.batch_shard[1])
         n = jax.local_device_count()
-        return {k: v.reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
+        return {
+            k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self._pmap_split)
+            for k, v in local_batch.items()
+        }
+
+    def put_replicated(self, value: Any) -> Any:
+        """A value every step takes whole (the dropout key), committed to all the devices once
+        so that steps do not copy it (jit across processes too, which device_put cannot do)."""
+        if self.mode == "jit":
+            return jax.jit(lambda v: v, out_shardings=sharding.replicated(self.mesh))(value)
+        everywhere = jax.sharding.NamedSharding(self._pmap_split.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(value, everywhere)
+
+    @functools.cached_property
+    def _pmap_split(self) -> jax.sharding.NamedSharding:
+        """Leading axis over the local devices: the layout of pmap's outputs (its axis name
+        included), so that inputs put there take the step's compiled path every time."""
+        mesh = Mesh(np.array(jax.local_devices()), ("batch",))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
     @property
     def jitted_train_step(self) -> Callable:

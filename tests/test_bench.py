@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from t2t_jax import bench
+from t2t_jax import bench, profiling
 from t2t_jax.model import ModelConfig
 
 
@@ -60,3 +60,86 @@ def test_bench_decode_mode_times_greedy_generation(tiny_config, model_type):
     assert p.flops_per_step == bench.model_flops_per_step(
         ModelConfig.from_config(dict(tiny_config.model), 13), rows, 8, "forward"
     )
+
+
+def test_bench_profile_breaks_device_time_down(tiny_config, tmp_path):
+    tiny_config.model.dropout_rate = 0.1
+    tiny_config.mesh.ici.data = -1  # 8 devices: the gradients' all-reduce is a collective
+    points, _ = bench.run_bench(tiny_config, 13, [16], ["xla"], "train", batch_tokens=256,
+                                steps=2, profile_dir=str(tmp_path))
+    [point] = points
+    result = profiling.Breakdown(**point.profile)
+    assert profiling.latest_trace(str(tmp_path / "train_xla_16")).endswith(".xplane.pb")
+    for category in ("matmul", "attention", "softmax and loss", "dropout RNG and masks",
+                     "optimizer", "collectives"):
+        assert result.categories[category] > 0, category
+    assert result.unmatched_ms == 0
+    assert 0 < result.busy_ms <= result.step_ms
+    assert sum(result.shares().values()) == pytest.approx(1.0)
+    assert "matmul" in "\n".join(profiling.format_breakdown(result))
+
+
+HLO = """HloModule jit_step, entry_computation_layout={()->f32[8,16]{1,0}}
+
+%fused_exp (param_0: f32[8,16]) -> f32[8,16] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  ROOT %exponential.1 = f32[8,16]{1,0} exponential(%param_0), metadata={op_name="jit(step)/transpose(jvp(loss))/exp"}
+}
+
+%fused_transpose (param_0.1: f32[16,8]) -> f32[8,16] {
+  %param_0.1 = f32[16,8]{1,0} parameter(0)
+  ROOT %transpose.2 = f32[8,16]{1,0} transpose(%param_0.1), dimensions={1,0}
+}
+
+ENTRY %main.1 (p0: bf16[8,16], p1: bf16[16,16]) -> f32[8,16] {
+  %p0 = bf16[8,16]{1,0} parameter(0)
+  %p1 = bf16[16,16]{1,0} parameter(1)
+  %gemm.1 = (f32[8,16]{1,0}, s8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/jvp(Transformer)/encoder/layer_0/ffn/wi/dot_general"}
+  %fmha.1 = (bf16[8,16]{1,0}, u8[0]{0}) custom-call(%p0, %p0, %p0), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(Transformer)/encoder/layer_0/self_attention/attention_core/dot_product_attention"}
+  %loop_exp_fusion = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_exp
+  %all-reduce.1 = f32[16,16]{1,0} all-reduce(%p1), replica_groups={}, to_apply=%add
+  %transpose_fusion = f32[8,16]{1,0} fusion(%p1), kind=kLoop, calls=%fused_transpose
+  %adam = f32[16,16]{1,0} multiply(%p1, %p1), metadata={op_name="jit(step)/optimizer/mul"}
+  ROOT %bits = f32[8,16]{1,0} rng-bit-generator(%p1), algorithm=rng_default
+}
+"""  # noqa: E501 (compiled HLO's own long lines)
+
+
+def test_ops_are_classified_by_what_they_compute_and_where_they_come_from():
+    instructions, computations = profiling.parse_hlo(HLO)
+    expected = {
+        "gemm.1": "matmul", "fmha.1": "attention", "loop_exp_fusion": "softmax and loss",
+        "all-reduce.1": "collectives", "transpose_fusion": "copies and transposes",
+        "adam": "optimizer", "bits": "dropout RNG and masks",
+    }
+    for name, category in expected.items():
+        assert profiling.classify(instructions[name], computations) == category, name
+    # 1 ms of gemm, 0.5 ms of attention under a kernel name only, a 0.5 ms gap, 1 ms of loss:
+    # two steps of 3 ms each.
+    events = [
+        profiling.OpEvent("gemm.1", 0, 1e6),
+        profiling.OpEvent("sm90_xmma_gemm_bf16", 1e6, 0.5e6),
+        profiling.OpEvent("loop_exp_fusion", 2e6, 1e6),
+        profiling.OpEvent("unknown_kernel", 3e6, 1e6),
+        profiling.OpEvent("fmha.1", 4e6, 2e6),
+    ]
+    result = profiling.breakdown(events, HLO, steps=2)
+    assert result.step_ms == pytest.approx(3.0)
+    assert result.busy_ms == pytest.approx(2.75)
+    assert result.categories["matmul"] == pytest.approx(0.75)
+    assert result.categories["attention"] == pytest.approx(1.0)
+    assert result.categories["softmax and loss"] == pytest.approx(0.5)
+    assert result.categories["idle"] == pytest.approx(0.25)
+    assert result.unmatched_ms == pytest.approx(0.5)
+    assert result.top_ops[0] == ("fmha.1", "attention", pytest.approx(1.0))
+
+
+def test_bench_decode_mode_times_beam_search(tiny_config):
+    points, _ = bench.run_bench(tiny_config, 13, [8], ["xla"], "decode", batch_tokens=64,
+                                steps=1, beam_size=4)
+    [p] = points
+    assert p.beam_size == 4 and p.error is None and p.step_time_s > 0
+    rows = max(jax.device_count(), 64 // 8 // jax.device_count() * jax.device_count())
+    assert p.flops_per_step == bench.model_flops_per_step(
+        ModelConfig.from_config(tiny_config.model, 13), rows * 4, 8, "forward")
+    assert "beam4" in bench.format_table(points)[1]

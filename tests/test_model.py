@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from t2t_jax.model import ModelConfig, attention, build_model, shift_right, unrolled_for_decoding
 from t2t_jax.model.attention import xla_attention
-from t2t_jax.model.embedding import sinusoidal_encoding
+from t2t_jax.model.embedding import sinusoidal_encoding, vocab_logits
 from t2t_jax.model.masks import AttentionMask
 from t2t_jax.model.transformer import unstack_layers
 
@@ -177,6 +177,45 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits():
     b = bf16.apply({"params": params}, inputs, targets)
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(a, b, atol=0.1)
+
+
+def all_equations(jaxpr):
+    """The equations of a jaxpr and of every jaxpr inside it (custom_vjp, pjit, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from all_equations(inner)
+
+
+def test_bf16_output_layer_runs_bf16_matmuls_with_float32_logits_and_gradients():
+    y = jax.random.normal(jax.random.key(0), (2, 5, 64)).astype(jnp.bfloat16)
+    table = jax.random.normal(jax.random.key(1), (300, 64)) * 0.1
+    probe = jax.random.normal(jax.random.key(2), (2, 5, 300))  # a gradient for the logits
+
+    def loss(y, table, dtype):
+        return jnp.sum(vocab_logits(y, table, dtype) * probe)
+
+    reference = jnp.einsum("bld,vd->blv", y.astype(jnp.float32), table)
+    logits = vocab_logits(y, table, jnp.bfloat16)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, reference, rtol=2e-2, atol=2e-2)
+    grads = jax.grad(loss, argnums=(0, 1))(y, table, jnp.bfloat16)
+    exact = jax.grad(loss, argnums=(0, 1))(y.astype(jnp.float32), table, jnp.float32)
+    assert (grads[0].dtype, grads[1].dtype) == (jnp.bfloat16, jnp.float32)
+    for got, want in zip(grads, exact, strict=True):
+        error = jnp.linalg.norm(got.astype(jnp.float32) - want) / jnp.linalg.norm(want)
+        assert float(error) < 1e-2
+    # Forward and both backward matmuls take bf16 operands and accumulate in float32.
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+        y, table, jnp.bfloat16
+    )
+    dots = [e for e in all_equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    for dot in dots:
+        assert [v.aval.dtype for v in dot.invars] == [jnp.bfloat16, jnp.bfloat16]
+        assert dot.outvars[0].aval.dtype == jnp.float32
 
 
 def test_dropout_is_active_only_in_training():

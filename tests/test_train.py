@@ -1,7 +1,9 @@
 """Loss, schedule, accumulation, the training loop, resuming, and metrics files."""
 
+import collections
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,92 @@ def test_z_loss_adds_log_z_squared():
     assert float(with_z["loss"] - plain["loss"]) == pytest.approx(1e-2 * log_z**2, rel=1e-5)
 
 
+def one_hot_cross_entropy_sums(logits, batch, label_smoothing, z_loss):
+    """The loss as first written: a soft-target [.., vocab] array times log-softmax."""
+    targets, vocab = batch["targets"], logits.shape[-1]
+    weights = (targets > 0).astype(jnp.float32)
+    confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+    entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    token_loss = -jnp.sum(soft_targets * (logits - log_z[..., None]), axis=-1) - entropy
+    token_z_loss = z_loss * jnp.square(log_z)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "loss": jnp.sum((token_loss + token_z_loss) * weights),
+        "z_loss": jnp.sum(token_z_loss * weights),
+        "correct": jnp.sum(correct * weights),
+        "weight": jnp.sum(weights),
+    }
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 0.0), (0.1, 1e-3)])
+def test_loss_without_one_hot_equals_the_one_hot_formula(label_smoothing, z_loss):
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(4 * rng.normal(size=(3, 7, 301)), jnp.float32)
+    targets = jnp.asarray(rng.integers(1, 301, size=(3, 7)), jnp.int32).at[:, 5:].set(0)
+    batch = {"targets": targets}
+
+    def loss(fn, x):
+        sums = fn(x, batch, label_smoothing, z_loss)
+        return sums["loss"], sums
+
+    (new, new_sums), new_grad = jax.value_and_grad(
+        lambda x: loss(cross_entropy_sums, x), has_aux=True)(logits)
+    (old, old_sums), old_grad = jax.value_and_grad(
+        lambda x: loss(one_hot_cross_entropy_sums, x), has_aux=True)(logits)
+    assert float(new) == pytest.approx(float(old), rel=1e-6)
+    for key in old_sums:
+        assert float(new_sums[key]) == pytest.approx(float(old_sums[key]), rel=1e-6, abs=1e-6)
+    np.testing.assert_allclose(new_grad, old_grad, rtol=1e-5, atol=1e-7)
+
+
+def vocab_sized_broadcasts(hlo_text: str, vocab: int) -> list[str]:
+    """Arrays of [.., vocab] that the compiled program writes to memory although none of their
+    inputs is [.., vocab] sized: one-hot or soft-target arrays built from the token ids (the
+    matmul that makes the logits is a dot or a library call, not a loop fusion)."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    shapes = dict(re.findall(r"%(\S+) = (\w+\[[^\]]*\])", entry))
+    found = []
+    for match in re.finditer(
+        r"%(\S+) = (\w+\[[^\]]*\])\S* fusion\(([^)]*)\), kind=kLoop", entry
+    ):
+        name, shape, operands = match.groups()
+        if not shape.endswith(f",{vocab}]"):
+            continue
+        operand_shapes = [shapes.get(o.strip().lstrip("%"), "") for o in operands.split(",")]
+        if not any(s.endswith(f",{vocab}]") for s in operand_shapes):
+            found.append(name)
+    return found
+
+
+def compiled_train_step_text(config, vocab, rows=4, length=16):
+    from t2t_jax import sharding
+    from t2t_jax.model import ModelConfig, build_model
+    from t2t_jax.train_step import Stepper, make_step_fns
+
+    model_config = ModelConfig.from_config(config.model, vocab)
+    fns = make_step_fns(config, build_model(model_config), model_config.d_model)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    stepper = Stepper(fns, mesh, "jit", {"inputs": length, "targets": length})
+    batch = {k: jnp.ones((rows, length), jnp.int32) for k in ("inputs", "targets")}
+    with stepper.activate():
+        lowered = stepper.jitted_train_step.lower(stepper.abstract_state, batch,
+                                                  jax.random.key(1))
+    return lowered.compile().as_text()
+
+
+def test_compiled_train_step_holds_no_one_hot_array(tiny_config, monkeypatch):
+    from t2t_jax import train_step
+
+    vocab = 997  # a size no other dimension has
+    assert vocab_sized_broadcasts(compiled_train_step_text(tiny_config, vocab), vocab) == []
+    # The check does find them in the step as first written (soft targets, and their product
+    # with the loss's gradient in the backward pass).
+    monkeypatch.setattr(train_step, "cross_entropy_sums", one_hot_cross_entropy_sums)
+    assert len(vocab_sized_broadcasts(compiled_train_step_text(tiny_config, vocab), vocab)) >= 1
+
+
 def run_two_steps(config, batch):
     exp = build_experiment(config, jax.devices()[:1])
     with exp.stepper.activate():
@@ -84,6 +172,70 @@ def test_accumulating_one_batch_twice_equals_one_step_on_it(tiny_config):
     )
 
 
+def test_dropout_rngs_are_deterministic_and_distinct():
+    from t2t_jax.model import ModelConfig, build_model
+    from t2t_jax.train_step import make_rngs
+
+    model = build_model(ModelConfig(vocab_size=20, num_encoder_layers=1, num_decoder_layers=1,
+                                    d_model=32, d_ff=64, num_heads=4, dropout_rate=0.3))
+    tokens = jnp.arange(1, 15, dtype=jnp.int32).reshape(2, 7)
+    params = model.init(jax.random.key(0), tokens, tokens)["params"]
+
+    def logits(dropout_rng, step):
+        init_rng, rng = make_rngs(0, dropout_rng)
+        return model.apply({"params": params}, tokens, tokens, deterministic=False,
+                           rngs={"dropout": jax.random.fold_in(rng, step)})
+
+    outputs = {}
+    for impl in ("threefry", "rbg", "unsafe_rbg"):
+        outputs[impl] = logits(impl, 1)
+        np.testing.assert_array_equal(outputs[impl], logits(impl, 1))  # same seed and step
+        assert not np.allclose(outputs[impl], logits(impl, 2))  # a new mask every step
+    assert not np.allclose(outputs["threefry"], outputs["rbg"])
+    assert not np.allclose(outputs["rbg"], outputs["unsafe_rbg"])
+    # Initial params do not depend on the choice.
+    assert all(
+        np.array_equal(jax.random.key_data(make_rngs(0, impl)[0]),
+                       jax.random.key_data(make_rngs(0)[0]))
+        for impl in ("rbg", "unsafe_rbg")
+    )
+    with pytest.raises(ValueError, match="train.dropout_rng must be one of"):
+        make_rngs(0, "philox")
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_steps_compile_once_across_logging_eval_and_checkpoints(
+    tiny_config, tmp_path, monkeypatch, mode
+):
+    from t2t_jax import train_step
+
+    traces = collections.Counter()
+
+    def counted(name, function):
+        def traced(*args, **kwargs):
+            traces[name] += 1
+            return function(*args, **kwargs)
+        return traced
+
+    for name in ("train_step", "pmap_train_step", "eval_step"):
+        monkeypatch.setattr(train_step, name, counted(name, getattr(train_step, name)))
+    tiny_config.train.mode = mode
+    tiny_config.train.update(num_steps=6, log_every=2, eval_every=3, checkpoint_every=2)
+    # The loop runs every step under jax.transfer_guard("disallow"): finishing proves that no
+    # step copied anything from or to the host behind the program's back.
+    train_and_evaluate(tiny_config, str(tmp_path), jax.devices()[:2])
+    assert traces["train_step" if mode == "jit" else "pmap_train_step"] == 1
+    assert traces["eval_step"] == 2  # one batch shape per split: validation and test
+
+
+def test_a_host_round_trip_in_the_step_is_an_error(tiny_config, tmp_path, monkeypatch):
+    from t2t_jax.train_step import Stepper
+
+    monkeypatch.setattr(Stepper, "put_batch", lambda self, batch: batch)  # numpy, not placed
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        train_and_evaluate(tiny_config, str(tmp_path), jax.devices()[:1])
+
+
 def final_params(config, workdir):
     exp = build_experiment(config, jax.devices()[:2])
     manager = checkpoint.make_manager(workdir, config.train)
@@ -93,8 +245,10 @@ def final_params(config, workdir):
     return jax.device_get(state)
 
 
-def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path):
+@pytest.mark.parametrize("dropout_rng", ["threefry", "unsafe_rbg"])
+def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path, dropout_rng):
     tiny_config.model.dropout_rate = 0.1  # the dropout rng must resume too
+    tiny_config.train.dropout_rng = dropout_rng
     tiny_config.data.packing = True  # the packer's position must resume too
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(tiny_config, straight, jax.devices()[:2])

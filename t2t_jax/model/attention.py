@@ -315,16 +315,18 @@ class MultiHeadAttention(nn.Module):
         key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_heads", None))
         value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_heads", None))
         capture = self.is_mutable_collection("intermediates")
-        if capture or (self.dropout_rate > 0.0 and not deterministic):
-            # Dropout on the attention weights, or capturing them (attention maps), needs the
-            # weights, so it takes the einsum path.
-            weights = attention_weights(query, key, mask)
-            if capture:
-                self.sow("intermediates", "attention_weights", weights)
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
-        else:
-            out = attention_fn(self.attention)(query, key, value, mask)
+        # The scope names attention's own work (scores, softmax, weighted sum) in profiles.
+        with jax.named_scope("attention_core"):
+            if capture or (self.dropout_rate > 0.0 and not deterministic):
+                # Dropout on the attention weights, or capturing them (attention maps), needs
+                # the weights, so it takes the einsum path.
+                weights = attention_weights(query, key, mask)
+                if capture:
+                    self.sow("intermediates", "attention_weights", weights)
+                weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+                out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+            else:
+                out = attention_fn(self.attention)(query, key, value, mask)
         out = nn.Einsum(
             shape=(self.num_heads, self.d_model // self.num_heads, self.d_model),
             einsum_str="blhk,hkd->bld",

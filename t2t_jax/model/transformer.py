@@ -16,7 +16,12 @@ from flax import linen as nn
 
 from t2t_jax.model import attention as attn
 from t2t_jax.model.attention import Mask
-from t2t_jax.model.embedding import POSITIONAL_ENCODINGS, Embedder, embedding_init
+from t2t_jax.model.embedding import (
+    POSITIONAL_ENCODINGS,
+    Embedder,
+    embedding_init,
+    vocab_logits,
+)
 from t2t_jax.model.masks import AttentionMask
 
 Array = jax.Array
@@ -241,6 +246,24 @@ class DecoderLayer(nn.Module):
         return Residual(cfg, name="ffn_block")(lambda y: ffn(y, deterministic), x, deterministic)
 
 
+class OutputKernel(nn.Module):
+    """The pre-softmax weights [d_model, vocab] when they are not shared with the embeddings
+    (named as the `nn.Dense` kernel they replace, so checkpoints keep their layout)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        cfg = self.config
+        return self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
+            ),
+            (cfg.d_model, cfg.vocab_size),
+        )
+
+
 class _EncoderBody(nn.Module):
     """One encoder layer as a scan body: (x, mask) -> (x, None)."""
 
@@ -394,21 +417,10 @@ class Decoder(nn.Module):
         if cfg.norm == "pre":
             y = layer_norm(cfg, "final_norm")(y)
         if cfg.share_embeddings:
-            # In float32 even under bf16 compute: bf16 rounds logits over a 37k vocabulary.
             table = nn.meta.unbox(self.embedding.variables["params"]["embedding"])
-            logits = jnp.einsum(
-                "bld,vd->blv", y.astype(jnp.float32), table.astype(jnp.float32)
-            )
         else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                dtype=cfg.compute_dtype,
-                use_bias=False,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(cfg.d_model**-0.5), ("embed", "vocab")
-                ),
-                name="logits",
-            )(y)
+            table = OutputKernel(cfg, name="logits")().T
+        logits = vocab_logits(y, table, cfg.compute_dtype)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
         return logits.astype(jnp.float32)
 

@@ -1,0 +1,308 @@
+"""Where a compiled program's device time goes: `t2t-jax bench --profile DIR`.
+
+The program runs a few times under `jax.profiler.trace` (a trace TensorBoard and Perfetto
+read). Each op the devices ran is then matched, by the `hlo_op` name the runtime records, to
+its instruction in the compiled HLO, and put in a category by what the instruction computes
+(its opcode, the library call it makes, the ops fused into it) and by the JAX name scope it
+came from (`metadata op_name`: the model's `attention_core`, `loss` and `optimizer` scopes,
+Flax's `Dropout` modules). Time the devices spent waiting between ops is "idle".
+
+Only JAX and the standard library are used, so that this module also reads traces of other
+code. On CPU the "device" is the host threads that run XLA's compiled ops; they may run ops
+side by side, so op time can add up to more than the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+
+CATEGORIES = (
+    "matmul",
+    "attention",
+    "softmax and loss",
+    "dropout RNG and masks",
+    "normalization and elementwise",
+    "copies and transposes",
+    "optimizer",
+    "collectives",
+    "idle",
+)
+COLLECTIVE_OPCODES = (
+    "all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+    "collective-broadcast", "send", "recv",
+)
+# Instructions whose events would count their body's ops a second time.
+CONTROL_FLOW_OPCODES = ("while", "conditional", "call", "async-start", "async-done")
+LAYOUT_OPCODES = ("copy", "transpose", "copy-start", "copy-done")
+MATMUL_CALL_TARGETS = ("gemm", "matmul", "cublas", "triton")
+ATTENTION_CALL_TARGETS = ("fmha", "flash", "splash", "attention")
+RNG_SCOPES = ("_bernoulli", "_uniform", "random_bits", "threefry", "rbg", "rng_bit_generator")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """What the classifier needs of one HLO instruction."""
+
+    name: str
+    opcode: str
+    op_name: str
+    calls: tuple[str, ...]
+    call_target: str
+    root: bool
+
+
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+) = .*? ([a-z][a-z0-9\-]*)\((.*)$")
+_CALLS = re.compile(r"\b(?:calls|to_apply)=\{?%([\w.\-]+(?:, %[\w.\-]+)*)")
+
+
+def parse_hlo(text: str) -> tuple[dict[str, Instruction], dict[str, list[Instruction]]]:
+    """(instructions by name, instructions of each computation) of a compiled module's text
+    (`compiled.as_text()`)."""
+    instructions: dict[str, Instruction] = {}
+    computations: dict[str, list[Instruction]] = {}
+    current: list[Instruction] = []
+    for line in text.splitlines():
+        if line.startswith(("%", "ENTRY")):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            current = computations.setdefault(name, [])
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        root, name, opcode, rest = match.groups()
+        calls = _CALLS.search(rest)
+        target = re.search(r'custom_call_target="([^"]*)"', rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        instruction = Instruction(
+            name=name,
+            opcode=opcode,
+            op_name=op_name.group(1) if op_name else "",
+            calls=tuple(c.strip().lstrip("%") for c in calls.group(1).split(","))
+            if calls else (),
+            call_target=target.group(1) if target else "",
+            root=bool(root),
+        )
+        instructions[name] = instruction
+        current.append(instruction)
+    return instructions, computations
+
+
+def _scopes(op_name: str) -> set[str]:
+    """The name-scope parts of an op_name: "jit(f)/transpose(jvp(loss))/exp" -> {f, loss, exp}."""
+    return {re.sub(r"^(?:\w+\()+|\)+$", "", part) for part in op_name.split("/")}
+
+
+def _fused(instruction: Instruction, computations: dict) -> list[Instruction]:
+    """The instruction and, for fusions and library calls, every instruction inside."""
+    out, stack = [instruction], list(instruction.calls)
+    while stack:
+        for inner in computations.get(stack.pop(), []):
+            out.append(inner)
+            stack.extend(inner.calls)
+    return out
+
+
+def classify(instruction: Instruction, computations: dict) -> str:
+    """The category (one of CATEGORIES but idle) of one top-level instruction."""
+    parts = _fused(instruction, computations)
+    opcodes = {p.opcode for p in parts}
+    targets = " ".join(p.call_target for p in parts).lower()
+    scopes = set().union(*(_scopes(p.op_name) for p in parts))
+    if opcodes & {f"{c}{s}" for c in COLLECTIVE_OPCODES for s in ("", "-start", "-done")}:
+        return "collectives"
+    if "optimizer" in scopes:
+        return "optimizer"
+    if "attention_core" in scopes or any(t in targets for t in ATTENTION_CALL_TARGETS):
+        return "attention"
+    if opcodes & {"dot", "convolution"} or any(t in targets for t in MATMUL_CALL_TARGETS):
+        return "matmul"
+    if "rng-bit-generator" in opcodes or any(
+        s.startswith("Dropout") or any(r in s for r in RNG_SCOPES) for s in scopes
+    ):
+        return "dropout RNG and masks"
+    if "loss" in scopes:
+        return "softmax and loss"
+    root = next((p for p in parts[1:] if p.root), instruction)
+    if instruction.opcode in LAYOUT_OPCODES or root.opcode in LAYOUT_OPCODES:
+        return "copies and transposes"
+    return "normalization and elementwise"
+
+
+@dataclasses.dataclass
+class Breakdown:
+    """Device time of one profiled program, per step."""
+
+    steps: int
+    step_ms: float  # from the first op's start to the last op's end, over `steps`
+    busy_ms: float  # time at least one op ran
+    categories: dict[str, float]  # ms per step, "idle" = step_ms - busy_ms
+    top_ops: list[tuple[str, str, float]]  # (instruction, category, ms per step), largest first
+    unmatched_ms: float  # op time whose hlo_op is not in the module (other programs)
+
+    def shares(self) -> dict[str, float]:
+        """Each category's fraction of the op time plus idle (sums to 1)."""
+        total = sum(self.categories.values()) or 1.0
+        return {k: v / total for k, v in self.categories.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class OpEvent:
+    """One op the devices ran: its HLO name (or kernel name) and its interval."""
+
+    op: str
+    start_ns: float
+    duration_ns: float
+
+
+def _is_device_line(plane_name: str, line_name: str) -> bool:
+    if plane_name.startswith("/device:GPU"):
+        return line_name.startswith("Stream")
+    if plane_name.startswith("/device:TPU"):
+        return line_name == "XLA Ops"
+    return plane_name == "/host:CPU"
+
+
+def op_events(xplane_path: str, module: str) -> list[OpEvent]:
+    """The ops of programs named `module` in a trace file: GPU kernels and TPU ops from the
+    device planes, XLA's CPU ops from the host threads that ran them."""
+    from jax.profiler import ProfileData
+
+    events = []
+    for plane in ProfileData.from_file(xplane_path).planes:
+        for line in plane.lines:
+            if not _is_device_line(plane.name, line.name):
+                continue
+            for event in line.events:
+                stats = dict(event.stats)
+                op = stats.get("hlo_op")
+                if plane.name == "/host:CPU" and op is None:
+                    continue  # host work that is not an XLA op
+                if stats.get("hlo_module", module) != module:
+                    continue
+                events.append(OpEvent(op or event.name, event.start_ns, event.duration_ns))
+    return events
+
+
+def _union_ns(intervals: Iterable[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def _lookup(op: str, instructions: dict[str, Instruction]) -> Instruction | None:
+    """The instruction of an event: by its HLO name, or by the kernel name XLA gives it."""
+    if op in instructions:
+        return instructions[op]
+    return instructions.get(op.replace("_", ".")) or next(
+        (i for n, i in instructions.items() if n.replace(".", "_").replace("-", "_") == op), None
+    )
+
+
+def breakdown(events: list[OpEvent], hlo_text: str, steps: int, top: int = 12) -> Breakdown:
+    """Per-step device time by category of the ops in `events`, which ran `steps` steps of the
+    program compiled as `hlo_text`."""
+    instructions, computations = parse_hlo(hlo_text)
+    by_category = dict.fromkeys(CATEGORIES, 0.0)
+    by_op: dict[str, tuple[str, float]] = {}
+    unmatched, intervals = 0.0, []
+    categories: dict[str, str] = {}
+    for event in events:
+        instruction = _lookup(event.op, instructions)
+        if instruction is not None and instruction.opcode in CONTROL_FLOW_OPCODES:
+            continue
+        intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+        if instruction is None:
+            category = _kernel_category(event.op)
+            if category is None:
+                unmatched += event.duration_ns
+                continue
+        else:
+            if instruction.name not in categories:
+                categories[instruction.name] = classify(instruction, computations)
+            category = categories[instruction.name]
+        by_category[category] += event.duration_ns
+        name = instruction.name if instruction else event.op
+        by_op[name] = (category, by_op.get(name, (category, 0.0))[1] + event.duration_ns)
+    window = (max(b for _, b in intervals) - min(a for a, _ in intervals)) if intervals else 0.0
+    busy = _union_ns(intervals)
+    by_category["idle"] = max(window - busy, 0.0)
+    per_step = 1e-6 / steps  # ns over all steps -> ms per step
+    ranked = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]
+    return Breakdown(
+        steps=steps,
+        step_ms=window * per_step,
+        busy_ms=busy * per_step,
+        categories={k: v * per_step for k, v in by_category.items()},
+        top_ops=[(name, cat, ns * per_step) for name, (cat, ns) in ranked],
+        unmatched_ms=unmatched * per_step,
+    )
+
+
+def _kernel_category(kernel: str) -> str | None:
+    """A category from a GPU kernel's name alone (library kernels have no HLO name)."""
+    name = kernel.lower()
+    if any(t in name for t in ("fmha", "flash", "sdpa", "attn")):
+        return "attention"
+    if any(t in name for t in ("gemm", "xmma", "cutlass", "cublas", "matmul", "gmma")):
+        return "matmul"
+    if any(t in name for t in ("nccl", "allreduce", "allgather", "reducescatter")):
+        return "collectives"
+    if "memcpy" in name or "memset" in name:
+        return "copies and transposes"
+    return None
+
+
+def module_name(hlo_text: str) -> str:
+    """The name the runtime records as `hlo_module` for a compiled program."""
+    return hlo_text.split(None, 2)[1].rstrip(",")
+
+
+def latest_trace(log_dir: str) -> str:
+    """The newest trace file `jax.profiler.trace(log_dir)` wrote."""
+    paths = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb"))
+    if not paths:
+        raise FileNotFoundError(f"no trace under {log_dir}: did jax.profiler.trace run there?")
+    return max(paths, key=os.path.getmtime)
+
+
+def profile(
+    run_step: Callable[[], Any], hlo_text: str, log_dir: str, steps: int = 3
+) -> Breakdown:
+    """Runs `run_step` (one step of the program compiled as `hlo_text`, blocking until it is
+    done) `steps` times under the profiler, writing the trace into `log_dir`, and breaks its
+    device time down."""
+    os.makedirs(log_dir, exist_ok=True)
+    with jax.profiler.trace(log_dir):
+        for _ in range(steps):
+            run_step()
+    events = op_events(latest_trace(log_dir), module_name(hlo_text))
+    return breakdown(events, hlo_text, steps)
+
+
+def format_breakdown(result: Breakdown, title: str = "") -> list[str]:
+    """The terminal table: time per step by category, then the largest ops."""
+    lines = [title] if title else []
+    lines.append(
+        f"device time per step: {result.step_ms:.2f} ms, busy {result.busy_ms:.2f} ms "
+        f"({result.steps} steps profiled)"
+    )
+    shares = result.shares()
+    for category in CATEGORIES:
+        ms = result.categories[category]
+        lines.append(f"  {category:<32} {ms:>10.3f} ms {shares[category]:>7.1%}")
+    if result.unmatched_ms:
+        lines.append(f"  {'(ops of other programs)':<32} {result.unmatched_ms:>10.3f} ms")
+    lines.append("  largest ops:")
+    for name, category, ms in result.top_ops:
+        lines.append(f"    {name[:48]:<48} {category:<30} {ms:>9.3f} ms")
+    return lines
