@@ -1,10 +1,12 @@
 """Throughput and memory against sequence length: `t2t-jax bench`.
 
 For each sequence length and attention implementation the compiled train step (or forward pass,
-or greedy decoding of seq_len tokens per row with the key/value cache) is timed on random
-tokens: median step time after warm-up, tokens/s, model FLOPs per step from the formula below
-(cross-checked against XLA's cost analysis), MFU against the device's peak, peak memory and
-compile time. A point that does not fit in memory is a row with `error`.
+or decoding of seq_len tokens per row with the key/value cache, greedy or beam search) is timed
+on random tokens: the mean time of steps dispatched back to back after a warm-up step, as
+training runs them (the host queues the next step while the devices run this one); tokens/s;
+model FLOPs per step from the formula below (cross-checked against XLA's cost analysis); MFU
+against the device's peak; peak memory and compile time. A point that does not fit in memory
+is a row with `error`. `--profile` adds where the devices' time went (`t2t_jax/profiling.py`).
 
 Model FLOPs (Kaplan et al. 2020 / PaLM appendix B conventions): a matmul of an [m, k] by a
 [k, n] matrix is 2*m*k*n FLOPs; per token, the forward pass costs 2 FLOPs per weight it
@@ -20,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -182,22 +183,27 @@ def measure_point(
             device_flops = float(cost.get("flops", 0.0)) if cost else 0.0
             point.xla_flops_per_step = device_flops * stepper.mesh.devices.size or None
 
-            def run_step():
+            def run_step(wait: bool = True):
                 nonlocal args
                 out = compiled(*args)
                 if mode == "train":  # the state was donated: go on from the new one
                     args = (out[0], batch, rng)
-                jax.block_until_ready(out)
+                return jax.block_until_ready(out) if wait else out
 
-            times = []
-            for _ in range(steps + 1):
-                start = time.perf_counter()
-                run_step()
-                times.append(time.perf_counter() - start)
+            run_step()  # warm-up
+            # Dispatched back to back, as the training loop does: the host prepares the next
+            # step while the devices run this one, so its dispatch cost is not step time.
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = run_step(wait=False)
+            jax.block_until_ready(out)
+            step_time = (time.perf_counter() - start) / steps
             point.peak_memory_bytes = _memory_bytes(compiled)
             if profile_dir:
                 log_dir = os.path.join(profile_dir, f"{mode}_{label}_{seq_len}".replace(":", "_"))
-                result = profiling.profile(run_step, compiled.as_text(), log_dir, min(steps, 3))
+                result = profiling.profile(
+                    lambda: run_step(wait=False), compiled.as_text(), log_dir, min(steps, 3)
+                )
                 point.profile = dataclasses.asdict(result)
     except Exception as error:  # XLA reports out-of-memory as several exception types.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -205,7 +211,7 @@ def measure_point(
             raise
         point.error = f"out of memory: {message[:200]}"
         return point
-    point.step_time_s = statistics.median(times[1:])
+    point.step_time_s = step_time
     point.tokens_per_s = rows * seq_len / point.step_time_s
     # Decoding does a forward pass's useful work, token by token, on every beam.
     point.flops_per_step = model_flops_per_step(

@@ -15,9 +15,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 
 from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
+from t2t_jax.lazy_tf import tf
 
 CONFIG_FILENAME = "config.json"
 

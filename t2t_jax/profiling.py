@@ -5,7 +5,9 @@ read). Each op the devices ran is then matched, by the `hlo_op` name the runtime
 its instruction in the compiled HLO, and put in a category by what the instruction computes
 (its opcode, the library call it makes, the ops fused into it) and by the JAX name scope it
 came from (`metadata op_name`: the model's `attention_core`, `loss` and `optimizer` scopes,
-Flax's `Dropout` modules). Time the devices spent waiting between ops is "idle".
+Flax's `Dropout` modules). Time the devices spent waiting between ops is "idle". On GPU, XLA
+replays most of a step as CUDA graphs ("command buffers"); their kernels are matched by the
+kernel names XLA derives from instruction names, and library kernels (cuBLAS, cuDNN) by theirs.
 
 Only JAX and the standard library are used, so that this module also reads traces of other
 code. On CPU the "device" is the host threads that run XLA's compiled ops; they may run ops
@@ -154,11 +156,13 @@ class Breakdown:
 
 @dataclasses.dataclass(frozen=True)
 class OpEvent:
-    """One op the devices ran: its HLO name (or kernel name) and its interval."""
+    """One op the devices ran: the HLO instruction the runtime names (`hlo_op`), the kernel's
+    own name, and its interval."""
 
     op: str
     start_ns: float
     duration_ns: float
+    kernel: str = ""
 
 
 def _is_device_line(plane_name: str, line_name: str) -> bool:
@@ -186,7 +190,9 @@ def op_events(xplane_path: str, module: str) -> list[OpEvent]:
                     continue  # host work that is not an XLA op
                 if stats.get("hlo_module", module) != module:
                     continue
-                events.append(OpEvent(op or event.name, event.start_ns, event.duration_ns))
+                events.append(
+                    OpEvent(op or event.name, event.start_ns, event.duration_ns, event.name)
+                )
     return events
 
 
@@ -199,30 +205,39 @@ def _union_ns(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def _lookup(op: str, instructions: dict[str, Instruction]) -> Instruction | None:
-    """The instruction of an event: by its HLO name, or by the kernel name XLA gives it."""
-    if op in instructions:
-        return instructions[op]
-    return instructions.get(op.replace("_", ".")) or next(
-        (i for n, i in instructions.items() if n.replace(".", "_").replace("-", "_") == op), None
-    )
+def _lookup(event: OpEvent, instructions: dict[str, Instruction],
+            kernels: dict[str, Instruction]) -> Instruction | None:
+    """The instruction an event ran. On GPU, kernels replayed from a CUDA graph (XLA's command
+    buffers) carry the command buffer's name as `hlo_op`: their own kernel name, which XLA
+    makes from the instruction's ("loop_add_fusion.2" -> "loop_add_fusion_2"), says which."""
+    instruction = instructions.get(event.op)
+    if instruction is None or instruction.opcode in CONTROL_FLOW_OPCODES or (
+        event.op.startswith("command_buffer")
+    ):
+        return kernels.get(event.kernel) or instructions.get(event.kernel)
+    return instruction
+
+
+def _kernel_names(instructions: dict[str, Instruction]) -> dict[str, Instruction]:
+    return {re.sub(r"[.\-]", "_", name): i for name, i in instructions.items()}
 
 
 def breakdown(events: list[OpEvent], hlo_text: str, steps: int, top: int = 12) -> Breakdown:
     """Per-step device time by category of the ops in `events`, which ran `steps` steps of the
     program compiled as `hlo_text`."""
     instructions, computations = parse_hlo(hlo_text)
+    kernels = _kernel_names(instructions)
     by_category = dict.fromkeys(CATEGORIES, 0.0)
     by_op: dict[str, tuple[str, float]] = {}
     unmatched, intervals = 0.0, []
     categories: dict[str, str] = {}
     for event in events:
-        instruction = _lookup(event.op, instructions)
+        instruction = _lookup(event, instructions, kernels)
         if instruction is not None and instruction.opcode in CONTROL_FLOW_OPCODES:
             continue
         intervals.append((event.start_ns, event.start_ns + event.duration_ns))
         if instruction is None:
-            category = _kernel_category(event.op)
+            category = _kernel_category(event.kernel or event.op)
             if category is None:
                 unmatched += event.duration_ns
                 continue
@@ -231,7 +246,7 @@ def breakdown(events: list[OpEvent], hlo_text: str, steps: int, top: int = 12) -
                 categories[instruction.name] = classify(instruction, computations)
             category = categories[instruction.name]
         by_category[category] += event.duration_ns
-        name = instruction.name if instruction else event.op
+        name = instruction.name if instruction else (event.kernel or event.op)
         by_op[name] = (category, by_op.get(name, (category, 0.0))[1] + event.duration_ns)
     window = (max(b for _, b in intervals) - min(a for a, _ in intervals)) if intervals else 0.0
     busy = _union_ns(intervals)
@@ -251,9 +266,9 @@ def breakdown(events: list[OpEvent], hlo_text: str, steps: int, top: int = 12) -
 def _kernel_category(kernel: str) -> str | None:
     """A category from a GPU kernel's name alone (library kernels have no HLO name)."""
     name = kernel.lower()
-    if any(t in name for t in ("fmha", "flash", "sdpa", "attn")):
-        return "attention"
-    if any(t in name for t in ("gemm", "xmma", "cutlass", "cublas", "matmul", "gmma")):
+    if any(t in name for t in ("fmha", "flash", "sdpa", "attn", "cudnn")):
+        return "attention"  # JAX calls cuDNN for fused attention alone
+    if any(t in name for t in ("gemm", "xmma", "cutlass", "cublas", "matmul", "gmma", "nvjet")):
         return "matmul"
     if any(t in name for t in ("nccl", "allreduce", "allgather", "reducescatter")):
         return "collectives"
@@ -278,13 +293,19 @@ def latest_trace(log_dir: str) -> str:
 def profile(
     run_step: Callable[[], Any], hlo_text: str, log_dir: str, steps: int = 3
 ) -> Breakdown:
-    """Runs `run_step` (one step of the program compiled as `hlo_text`, blocking until it is
-    done) `steps` times under the profiler, writing the trace into `log_dir`, and breaks its
-    device time down."""
+    """Runs `run_step` (which dispatches one step of the program compiled as `hlo_text` and
+    returns its outputs without waiting) `steps` times back to back under the profiler, as
+    training runs steps, so that "idle" is time the devices wait within that stream (for the
+    host, or between kernels), not the profiler's own pauses. Writes the trace into `log_dir`
+    with the program beside it (`program.hlo.txt`, to read the trace's op names by) and breaks
+    its device time down."""
     os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "program.hlo.txt"), "w") as f:
+        f.write(hlo_text)
     with jax.profiler.trace(log_dir):
         for _ in range(steps):
-            run_step()
+            outputs = run_step()  # earlier outputs may be donated to later steps
+        jax.block_until_ready(outputs)
     events = op_events(latest_trace(log_dir), module_name(hlo_text))
     return breakdown(events, hlo_text, steps)
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -143,3 +145,20 @@ def test_bench_decode_mode_times_beam_search(tiny_config):
     assert p.flops_per_step == bench.model_flops_per_step(
         ModelConfig.from_config(tiny_config.model, 13), rows * 4, 8, "forward")
     assert "beam4" in bench.format_table(points)[1]
+
+
+def test_bench_and_decoding_need_no_tensorflow():
+    # Accelerator images often lack TensorFlow, which only the input pipeline needs.
+    code = (
+        "import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+        "from t2t_jax import bench, decode\n"
+        "from t2t_jax.config import tiny_config\n"
+        "points, _ = bench.run_bench(tiny_config(), 13, [8], ['xla'], 'decode',"
+        " batch_tokens=16, steps=1, beam_size=2)\n"
+        "print('tokens/s', points[0].tokens_per_s)\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) > 0

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
-import tensorflow as tf
+
+from t2t_jax.lazy_tf import tf
 
 PAD_ID = 0
 EOS_ID = 1

@@ -1,0 +1,22 @@
+"""TensorFlow, imported on first use.
+
+The input pipeline and file helpers use TensorFlow (tf.data, tf.io.gfile), but decoding,
+benchmarks and checkpoint restores on an accelerator machine without TensorFlow must not need
+it just to import the modules that hold them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+class _LazyModule:
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+tf: Any = _LazyModule("tensorflow")
