@@ -338,6 +338,13 @@ def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[s
     return last
 
 
+def _write(writer, step: int, scalars: dict) -> None:
+    """Logs a row and flushes it, so that metrics.jsonl and TensorBoard show it while training
+    runs and a killed run keeps it."""
+    writer.write_scalars(step, scalars)
+    writer.flush()
+
+
 def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, preemption) -> dict:
     config, stepper = exp.config, exp.stepper
     num_steps = config.train.num_steps
@@ -364,19 +371,19 @@ def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, pree
         if step % config.train.log_every == 0 or step == num_steps:
             fetched = _check_finite(exp, sums, step, manager)
             last = metrics.summarize_train(fetched, time.perf_counter() - tick)
-            writer.write_scalars(step, last)
+            _write(writer, step, last)
             progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
             sums, tick = None, time.perf_counter()
         if step % config.train.eval_every == 0 or step == num_steps:
             evals = _run_evals(exp, state)
-            writer.write_scalars(step, evals)
+            _write(writer, step, evals)
             last = last | evals
             tick = time.perf_counter()
         bleu_every = config.train.bleu_every
         if bleu_every and (step % bleu_every == 0 or step == num_steps):
             scores, signature = bleu_on_test_split(exp, state)
-            writer.write_scalars(step, scores)
             writer.write_texts(step, {"bleu_signature": signature})
+            _write(writer, step, scores)
             last = last | scores | {"bleu_signature": signature}
             tick = time.perf_counter()
         if step % config.train.checkpoint_every == 0 or step == num_steps:

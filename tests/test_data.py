@@ -196,3 +196,12 @@ def test_saved_input_position_resumes_exactly_with_pending_batches(tiny_config, 
         assert set(got) == set(expected)
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_our_builders_do_not_print_tfds_custom_config_warnings(tiny_config, caplog):
+    from t2t_jax.data import tasks
+
+    with caplog.at_level("INFO"):
+        for split in ("train", "test"):
+            tasks.builder_from_config(tiny_config.data, split=split)
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]

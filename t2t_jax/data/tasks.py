@@ -8,6 +8,7 @@ on the training split once and saved in the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -45,15 +46,35 @@ def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.c
     processes, process 0 first and the others after it (with builders made then, which see its
     files), so that processes sharing a file system do not write the same files at once; hosts
     with their own disks each generate their copy."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    with _without_custom_config_warning():
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        if jax.process_index() == 0:
-            make_builder().download_and_prepare()
-        multihost_utils.sync_global_devices("t2t_jax dataset prepared")
-    builder = make_builder()
+            if jax.process_index() == 0:
+                make_builder().download_and_prepare()
+            multihost_utils.sync_global_devices("t2t_jax dataset prepared")
+        builder = make_builder()
     builder.download_and_prepare()
     return builder
+
+
+class _NotCustomConfigWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _without_custom_config_warning() -> Iterator[None]:
+    """TFDS warns "Using custom data configuration ..." for every builder config it was not
+    shipped with, which is every config of our own builders (one per task and file set): drop
+    that one message while they are made."""
+    quiet = _NotCustomConfigWarning()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def builder_from_config(
