@@ -215,9 +215,8 @@ def evaluate_command() -> None:
     translator = load_translator(workdir, _STEP.value)
     data = translator.config.data
     builder = tasks.builder_from_config(data, split=_SPLIT.value)
-    ds = tasks.text_pairs(builder.as_dataset(split=_SPLIT.value), data)
-    pairs = [(ex["inputs"].decode(), ex["targets"].decode()) for ex in ds.as_numpy_iterator()]
-    sources, references = zip(*pairs, strict=True) if pairs else ((), ())
+    # In the file's line order: the hypotheses file lines up with the user's test files.
+    sources, references = tasks.text_examples(builder, _SPLIT.value, data)
     outputs, stats = translate(
         translator, sources, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value,
         _ALPHA.value, extra_length=_EXTRA_LENGTH.value,
@@ -226,8 +225,8 @@ def evaluate_command() -> None:
     path = os.path.join(workdir, f"hypotheses_{_SPLIT.value}_step{translator.step}.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in outputs))
-    exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / max(len(pairs), 1)
-    print(f"BLEU {score:.2f} on {len(pairs)} {_SPLIT.value} sentences, step {translator.step}")
+    exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / max(len(sources), 1)
+    print(f"BLEU {score:.2f} on {len(sources)} {_SPLIT.value} sentences, step {translator.step}")
     print(f"signature: {signature}")
     print(f"exact matches: {exact:.4f}; {stats['sentences_per_s']:.1f} sentences/s")
     print(f"hypotheses: {path}")

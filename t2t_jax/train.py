@@ -218,9 +218,7 @@ def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) 
 
 def _text_examples(exp: Experiment, split: str, count: int) -> tuple[list[str], list[str]]:
     builder = exp.test_builder if split == "test" else exp.builder
-    ds = tasks.text_pairs(builder.as_dataset(split=split), exp.config.data)
-    examples = list(ds.take(count).as_numpy_iterator())
-    return [ex["inputs"].decode() for ex in examples], [ex["targets"].decode() for ex in examples]
+    return tasks.text_examples(builder, split, exp.config.data, count)
 
 
 def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, str]]:

@@ -145,6 +145,14 @@ def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpu
     config.train.num_steps = 6
     train_and_evaluate(config, workdir, jax.devices()[:1])
     assert os.path.getmtime(os.path.join(workdir, "spm.model")) == mtime
+    # `evaluate` decodes the test file and writes one hypothesis per line of it.
+    from tests.test_cli import t2t_jax
+
+    done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "BLEU" in done.stdout and "on 20 test sentences, step 6" in done.stdout
+    with open(os.path.join(workdir, "hypotheses_test_step6.txt")) as f:
+        assert len(f.read().splitlines()) == 20
 
 
 @pytest.mark.parametrize(
@@ -174,3 +182,18 @@ def test_wmt_is_never_downloaded_by_training(tmp_path):
     config.data.data_dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="t2t-jax prepare"):
         tasks.builder_from_config(config.data)
+
+
+def test_test_split_is_read_in_the_files_line_order(data_dir, tmp_path):
+    source = [f"sentence {i}" for i in range(40)]
+    files = {"train_source": write(tmp_path / "tr.src", source[:5]),
+             "train_target": write(tmp_path / "tr.tgt", source[:5]),
+             "test_source": write(tmp_path / "te.src", source),
+             "test_target": write(tmp_path / "te.tgt", [s.upper() for s in source])}
+    config = small_text_config(data_dir, files)
+    builder = tasks.builder_from_config(config.data, split="test")
+    stored = [ex["inputs"].decode() for ex in builder.as_dataset(split="test").as_numpy_iterator()]
+    assert sorted(stored) == sorted(source) and stored != source  # TFDS shuffled them
+    sources, targets = tasks.text_examples(builder, "test", config.data)
+    assert sources == source and targets == [s.upper() for s in source]
+    assert tasks.text_examples(builder, "test", config.data, count=3)[0] == source[:3]

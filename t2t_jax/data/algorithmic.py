@@ -85,12 +85,16 @@ def generate_examples(
         yield " ".join(map(str, source)), " ".join(map(str, target))
 
 
-def text_pair_info(builder: tfds.core.GeneratorBasedBuilder) -> tfds.core.DatasetInfo:
-    """The features of every text-pair dataset here: `inputs` and `targets` strings."""
+def text_pair_info(
+    builder: tfds.core.GeneratorBasedBuilder, with_line: bool = False
+) -> tfds.core.DatasetInfo:
+    """The features of every text-pair dataset here: `inputs` and `targets` strings, and with
+    `with_line` the example's 0-based line in its file (TFDS stores examples shuffled)."""
+    features = {"inputs": tfds.features.Text(), "targets": tfds.features.Text()}
+    if with_line:
+        features["line"] = tfds.features.Scalar(np.int64)
     return builder.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(
-            {"inputs": tfds.features.Text(), "targets": tfds.features.Text()}
-        ),
+        features=tfds.features.FeaturesDict(features),
         supervised_keys=("inputs", "targets"),
     )
 

@@ -82,11 +82,14 @@ class ParallelTextConfig(tfds.core.BuilderConfig):
 class ParallelText(tfds.core.GeneratorBasedBuilder):
     """Local parallel text; splits train, validation and test as far as files are given."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Each example keeps its line in the file (`line`).",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return text_pair_info(self)
+        return text_pair_info(self, with_line=True)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # local files
@@ -97,7 +100,7 @@ class ParallelText(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, source: str, target: str | None):
         for index, (src, tgt) in enumerate(read_pairs(source, target)):
-            yield index, {"inputs": src, "targets": tgt}
+            yield index, {"inputs": src, "targets": tgt, "line": index}
 
 
 def files_from_config(data_config) -> tuple:

@@ -121,6 +121,23 @@ def text_pairs(ds: tf.data.Dataset, data_config: Any) -> tf.data.Dataset:
     return ds
 
 
+def text_examples(
+    builder: tfds.core.DatasetBuilder, split: str, data_config: Any, count: int = -1
+) -> tuple[list[str], list[str]]:
+    """(sources, targets) of a split as text, in the order of the user's file where the data
+    came from files (TFDS stores examples shuffled; each keeps its `line`), so that outputs
+    line up with the file's sources and references; the first `count` (-1: all)."""
+    pairs = [
+        (int(example.get("line", index)), example["inputs"].decode(), example["targets"].decode())
+        for index, example in enumerate(
+            text_pairs(builder.as_dataset(split=split), data_config).as_numpy_iterator()
+        )
+    ]
+    pairs.sort(key=lambda pair: pair[0])
+    pairs = pairs if count < 0 else pairs[:count]
+    return [source for _, source, _ in pairs], [target for _, _, target in pairs]
+
+
 def _training_sentences(builder: tfds.core.DatasetBuilder, data_config: Any) -> Iterator[str]:
     """Source and target sentences of the train split, alternating, within the budget."""
     ds = text_pairs(builder.as_dataset(split="train"), data_config)
