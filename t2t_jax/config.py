@@ -103,6 +103,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 100_000
+    # >0: train this many passes over the training split instead; the steps are worked out from
+    # the split's tokens and the batch at the start of training (logged), and `epoch` is logged
+    # next to `step`.
+    config.train.num_epochs = 0.0
     config.train.learning_rate = 1.0  # scale of d_model^-0.5 * min(step^-0.5, step*warmup^-1.5)
     config.train.warmup_steps = 4000
     config.train.adam_b1 = 0.9

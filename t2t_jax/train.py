@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -38,6 +39,7 @@ class Experiment:
     model_config: ModelConfig
     model: nn.Module
     stepper: Stepper
+    steps_per_epoch: float | None = None  # worked out when training by train.num_epochs
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -76,6 +78,23 @@ def build_stepper(
     model = build_model(model_config, sharding.platform(mesh))
     fns = make_step_fns(config, model, model_config.d_model)
     return model, Stepper(fns, mesh, config.train.mode, train_lengths(config))
+
+
+def in_epochs(exp: Experiment) -> Experiment:
+    """The experiment with `train.num_steps` worked out from `train.num_epochs` (a copy of the
+    config), or unchanged when training is by steps."""
+    epochs = exp.config.train.num_epochs
+    if not epochs:
+        return exp
+    if epochs < 0:
+        raise ValueError(f"train.num_epochs must be positive (or 0 to use train.num_steps), "
+                         f"got {epochs}")
+    per_epoch = pipeline.steps_per_epoch(exp.config, exp.builder, exp.tokenizer)
+    config = exp.config.copy_and_resolve_references()
+    config.train.num_steps = max(1, math.ceil(epochs * per_epoch))
+    logging.info("train.num_epochs=%g: %.1f steps an epoch, %d steps", epochs, per_epoch,
+                 config.train.num_steps)
+    return dataclasses.replace(exp, config=config, steps_per_epoch=per_epoch)
 
 
 class TrainingDiverged(RuntimeError):
@@ -255,8 +274,9 @@ def _run_evals(exp: Experiment, state: TrainState) -> dict[str, float]:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
 ) -> dict[str, Any]:
-    """Trains to `train.num_steps` (resuming from WORKDIR/checkpoints) on `devices` (default: all)
-    and returns the last metrics, eval and test included, and decoded `samples`."""
+    """Trains to `train.num_steps`, or for `train.num_epochs` (resuming from WORKDIR/checkpoints)
+    on `devices` (default: all) and returns the last metrics, eval and test included, and decoded
+    `samples`."""
     workdir = checkpoint.absolute(workdir)
     enable_compilation_cache(config, workdir)
     is_main = jax.process_index() == 0
@@ -266,6 +286,8 @@ def train_and_evaluate(
     exp = build_experiment(config, devices, workdir)
     if is_main and not has_tokenizer(workdir):
         exp.tokenizer.save(workdir)
+    exp = in_epochs(exp)
+    config = exp.config
     manager = checkpoint.make_manager(workdir, config.train)
     writer = metrics.make_writer(workdir, is_main)
     init_rng, step_rng = make_rngs(config.seed, config.train.dropout_rng)
@@ -369,6 +391,8 @@ def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, pree
         if step % config.train.log_every == 0 or step == num_steps:
             fetched = _check_finite(exp, sums, step, manager)
             last = metrics.summarize_train(fetched, time.perf_counter() - tick)
+            if exp.steps_per_epoch:
+                last["epoch"] = step / exp.steps_per_epoch
             _write(writer, step, last)
             progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
             sums, tick = None, time.perf_counter()

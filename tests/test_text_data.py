@@ -3,6 +3,7 @@
 import gzip
 import importlib.util
 import json
+import math
 import os
 import random
 
@@ -197,3 +198,24 @@ def test_test_split_is_read_in_the_files_line_order(data_dir, tmp_path):
     sources, targets = tasks.text_examples(builder, "test", config.data)
     assert sources == source and targets == [s.upper() for s in source]
     assert tasks.text_examples(builder, "test", config.data, count=3)[0] == source[:3]
+
+
+def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
+    config = small_text_config(data_dir, corpus)
+    config.train.update(num_epochs=2.0, log_every=5, eval_every=1000, checkpoint_every=1000,
+                        bleu_every=0, num_decode_examples=0)
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir, jax.devices()[:1])
+    # The packed rows the training sentences fill, counted here from the saved tokenizer.
+    spm = load_tokenizer(workdir)
+    with gzip.open(corpus["train_source"], "rt") as s, gzip.open(corpus["train_target"], "rt") as t:
+        sizes = [(len(spm.encode(a.strip())) + 1, len(spm.encode(b.strip())) + 1)
+                 for a, b in zip(s, t, strict=True)]
+    rows = sum(max(a, b) / 16 for a, b in sizes if a <= 16 and b <= 16)
+    steps = math.ceil(2 * rows / 8)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    train_rows = [row for row in logged if "epoch" in row]
+    assert train_rows[-1]["step"] == steps
+    assert train_rows[-1]["epoch"] == pytest.approx(2.0, abs=2 / steps)
+    assert train_rows[0]["epoch"] == pytest.approx(5 * 8 / rows)

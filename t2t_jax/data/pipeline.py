@@ -241,6 +241,33 @@ def train_dataset(
     return ds.skip(skip_batches).prefetch(AUTOTUNE)
 
 
+def steps_per_epoch(config: Any, builder: tfds.core.DatasetBuilder, tokenizer: Tokenizer) -> float:
+    """Global train batches in one pass over the training split, as `train_dataset` makes them
+    (after tokenizing and the length limit): examples over `data.batch_size` for padded rows;
+    for packed rows, the rows the examples fill (each takes the larger share of a row of its
+    two sides) over the batch size, a lower bound a few percent under what the greedy packer
+    makes; for token-budget batches, the longer sides' tokens over the budget."""
+    data = config.data
+    lengths = Lengths(data.max_source_length, data.max_target_length).feature_lengths(
+        config.model.type
+    )
+    names = sorted(lengths)
+    ds = text_pairs(builder.as_dataset(split="train", shuffle_files=False), data)
+    ds = limit_length(encode(ds, tokenizer, config.model.type), lengths, data.overlong)
+    ds = ds.map(lambda ex: tf.stack([tf.size(ex[name]) for name in names]))
+    sizes = np.concatenate([np.zeros((0, len(names)), np.int32),
+                            *ds.batch(8192).as_numpy_iterator()])
+    if not len(sizes):
+        raise ValueError("no training example fits data.max_source_length and "
+                         "data.max_target_length; raise them")
+    if data.packing:
+        shares = sizes / np.array([lengths[name] for name in names])
+        return float(np.sum(np.max(shares, axis=1))) / data.batch_size
+    if data.token_budget:
+        return float(np.sum(np.max(sizes, axis=1))) / data.token_budget
+    return len(sizes) / data.batch_size
+
+
 def eval_batches(
     config: Any,
     builder: tfds.core.DatasetBuilder,
