@@ -219,3 +219,22 @@ def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     assert train_rows[-1]["step"] == steps
     assert train_rows[-1]["epoch"] == pytest.approx(2.0, abs=2 / steps)
     assert train_rows[0]["epoch"] == pytest.approx(5 * 8 / rows)
+
+
+def test_parallel_text_presets_size_the_model_for_the_corpus():
+    spec = importlib.util.spec_from_file_location("presets", "configs/parallel_text.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small, base, big = (module.get_config(preset) for preset in ("small", "base", "big"))
+    assert module.get_config().to_dict() == base.to_dict()
+    assert (small.model.num_encoder_layers, small.model.d_model, small.model.dropout_rate,
+            small.train.num_epochs, small.data.batch_size) == (3, 256, 0.3, 20.0, 32)
+    assert (base.model.d_model, base.train.num_epochs) == (512, 0.0)
+    assert (big.model.d_model, big.data.spm_vocab_size, big.data.max_target_length) == (
+        1024, 32_000, 256)
+    with pytest.raises(ValueError, match="configs/parallel_text.py:small"):
+        module.get_config("huge")
+    from tests.test_cli import t2t_jax  # the command line takes the preset after a colon
+
+    done = t2t_jax("info", "--config", "configs/parallel_text.py:small")
+    assert "total parameters: 7577600" in done.stdout, done.stderr[-2000:]
