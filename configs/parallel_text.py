@@ -9,7 +9,8 @@ Which preset (`:small`, `:base`, `:big`; none is `:base`):
 
 - `small`, for 10k-200k sentence pairs: 3+3 layers, d_model 256, d_ff 1024, 4 heads (7.6M
   parameters with 8k pieces), dropout 0.3, 8k SentencePiece pieces, 32 packed rows of 128
-  tokens a step, warmup 800, 20 epochs; dev BLEU and a checkpoint every 400 steps.
+  tokens a step, warmup 800, 20 epochs; dev BLEU and a checkpoint every 400 steps; at the end,
+  the test set by beam search with the average of 5 checkpoints from the last 10% of the run.
 - `base`, for 200k-2M pairs: the paper's base model (6+6, 512, 2048, 8 heads, dropout 0.1),
   8k pieces, 64 packed rows of 128 tokens, 100k steps.
 - `big`, for more than 2M pairs, on GPUs or TPUs: the paper's big model (6+6, 1024, 4096, 16
@@ -27,8 +28,12 @@ about 17 s a step there: for its corpora a CPU is no longer the right machine. O
 
 Files may be gzipped; `--config.data.train_tsv=train.tsv` (source<TAB>target) replaces a pair.
 A SentencePiece model of `data.spm_vocab_size` pieces is trained on the training files and kept
-in the workdir and in every checkpoint. BLEU on the test files is logged every
-`train.bleu_every` steps.
+in the workdir and in every checkpoint. Greedy BLEU on the test files, and on the eval files
+(`dev_bleu`, which keeps the best checkpoint in WORKDIR/best), is logged every
+`train.bleu_every` steps; `--config.train.early_stop_evals=K` stops after K evaluations without
+a better dev BLEU. At the end, `metrics.jsonl` gets `test_bleu` and `test_chrf` (beam 4, alpha
+0.6, with their sacreBLEU signatures), `best_test_bleu` (the best checkpoint, greedy), and
+WORKDIR/hypotheses_test_final.txt the hypotheses in the test file's line order.
 """
 
 from t2t_jax.config import default_config, make_big
@@ -61,7 +66,8 @@ def get_config(preset: str | None = None):
                             num_heads=4, dropout_rate=0.3)
         config.data.batch_size = 32
         config.train.update(num_epochs=20.0, warmup_steps=800, eval_every=400,
-                            checkpoint_every=400, bleu_every=400, keep_checkpoints=5)
+                            checkpoint_every=400, bleu_every=400, keep_checkpoints=5,
+                            average_last=5, average_span=0.1)
     elif preset == "big":
         config = make_big(config)
         config.data.spm_vocab_size = 32_000

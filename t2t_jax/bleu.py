@@ -1,4 +1,5 @@
-"""BLEU as the WMT papers report it: sacrebleu on detokenized, cased text, `13a` tokenization."""
+"""BLEU as the WMT papers report it: sacrebleu on detokenized, cased text, `13a` tokenization;
+and chrF, sacrebleu's character n-gram F-score (chrF2), which WMT reports beside it."""
 
 from __future__ import annotations
 
@@ -12,5 +13,14 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[f
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     metric = sacrebleu.metrics.BLEU(tokenize="13a")
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return score.score, str(metric.get_signature())
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """(chrF score in 0..100, sacrebleu's signature string)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    metric = sacrebleu.metrics.CHRF()
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return score.score, str(metric.get_signature())

@@ -136,8 +136,21 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 5  # the paper averages the last 5 (base) or 20 (big)
     config.train.async_checkpoints = True
     config.train.num_decode_examples = 5  # validation examples decoded greedily at the end
-    config.train.bleu_every = 0  # steps between BLEU on the test split; 0: never
-    config.train.bleu_examples = 1000  # test examples decoded for BLEU; -1: all
+    # Steps between greedy BLEU on the test split and, where there is one, the validation
+    # split (`dev_bleu`, which picks the best checkpoint: WORKDIR/best); 0: never. With BLEU
+    # on, the end of training reports `test_bleu` and `test_chrf` by beam search
+    # (final_beam_size, final_alpha; 0: not) of the averaged checkpoints (average_last), and
+    # the best checkpoint's greedy `best_test_bleu` (t2t_jax/selection.py).
+    config.train.bleu_every = 0
+    config.train.bleu_examples = 1000  # test and dev examples decoded for BLEU; -1: all
+    # >0: stop once this many dev BLEU evaluations in a row have not beaten the best.
+    config.train.early_stop_evals = 0
+    # >0: average this many checkpoints, taken at even intervals over the last average_span of
+    # the run (WORKDIR/average_pool -> WORKDIR/averaged), for the final test numbers.
+    config.train.average_last = 0
+    config.train.average_span = 0.1
+    config.train.final_beam_size = 4  # the paper's beam search for the final test numbers
+    config.train.final_alpha = 0.6
     # JAX persistent compilation cache; None: WORKDIR/jax_cache, "" turns it off.
     config.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
 

@@ -323,16 +323,20 @@ def decode_texts(
     max_source_length: int,
     max_target_length: int,
     batch_size: int = 64,
+    beam_size: int = 1,
+    alpha: float = 0.6,
 ) -> list[str]:
-    """Greedy outputs for source texts, in their order; sources longer than the model's
-    max_source_length are cut. Batches are padded to `batch_size` rows (one compilation)."""
+    """Greedy (or with `beam_size` > 1, beam search) outputs for source texts, in their order;
+    sources longer than the model's max_source_length are cut. Batches are padded to
+    `batch_size` rows (one compilation)."""
     encoded = [tokenizer.encode(s)[: max_source_length - 1] + [EOS_ID] for s in sources]
     outputs = []
     for begin in range(0, len(encoded), batch_size):
         chunk = encoded[begin : begin + batch_size]
         padded = chunk + [[EOS_ID]] * (batch_size - len(chunk))
         ids = _decode_batch(
-            model, params, padded, model_type, max_source_length, max_target_length
+            model, params, padded, model_type, max_source_length, max_target_length,
+            beam_size, alpha,
         )
         outputs += [tokenizer.decode(row) for row in ids[: len(chunk)]]
     return outputs

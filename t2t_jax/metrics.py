@@ -1,7 +1,9 @@
 """Metric writers: TensorBoard and logging through clu, plus WORKDIR/metrics.jsonl.
 
 `metrics.jsonl` holds one JSON object per logged step: `{"step": 100, "loss": ..., ...}`;
-evaluation rows carry `eval_loss`, `eval_accuracy` (and `test_*` for the longer test split).
+evaluation rows carry `eval_loss`, `eval_accuracy` (and `test_*` for the longer test split);
+BLEU rows `bleu`, `dev_bleu`, and at the end `test_bleu`, `test_chrf`, `best_test_bleu`; text
+rows hold the sacrebleu signatures (`bleu_signature`, ...) as strings.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def write_texts(self, step, texts):
-        pass
+        """Short texts (sacrebleu signatures) go in as a row of strings."""
+        row = {"step": int(step)} | {k: str(v) for k, v in texts.items()}
+        self._file.write(json.dumps(row) + "\n")
 
     def write_histograms(self, step, arrays, num_buckets=None):
         pass

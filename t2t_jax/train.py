@@ -21,7 +21,7 @@ import ml_collections
 import tqdm
 from flax import linen as nn
 
-from t2t_jax import bleu, checkpoint, decode, metrics, sharding
+from t2t_jax import bleu, checkpoint, decode, metrics, selection, sharding
 from t2t_jax.data import pipeline, tasks
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
@@ -217,10 +217,14 @@ def host_params(exp: Experiment, state: TrainState) -> Any:
     return multihost_utils.process_allgather(params, tiled=True)
 
 
-def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) -> list[str]:
+def _decode(
+    exp: Experiment, params: Any, sources: list[str], split: str, beam_size: int = 1,
+    alpha: float = 0.6,
+) -> list[str]:
+    """Outputs for `sources` of `split` from host `params` (`host_params`, or restored)."""
     data = exp.config.data
     prefix = "test_" if split == "test" else ""
-    model_config, params = unrolled_for_decoding(exp.model_config, host_params(exp, state))
+    model_config, params = unrolled_for_decoding(exp.model_config, params)
     model = exp.model if model_config is exp.model_config else build_model(model_config)
     with sharding.activate(sharding.local_mesh()):  # every host decodes alone
         return decode.decode_texts(
@@ -232,6 +236,8 @@ def _decode(exp: Experiment, state: TrainState, sources: list[str], split: str) 
             data[f"{prefix}max_source_length"],
             data[f"{prefix}max_target_length"],
             batch_size=data.eval_batch_size,
+            beam_size=beam_size,
+            alpha=alpha,
         )
 
 
@@ -246,16 +252,56 @@ def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, s
     if count <= 0:
         return []
     sources, targets = _text_examples(exp, "validation", count)
-    return list(zip(sources, targets, _decode(exp, state, sources, "validation"), strict=True))
+    outputs = _decode(exp, host_params(exp, state), sources, "validation")
+    return list(zip(sources, targets, outputs, strict=True))
 
 
-def bleu_on_test_split(exp: Experiment, state: TrainState) -> tuple[dict[str, float], str]:
-    """Greedy BLEU on the first `train.bleu_examples` of the test split (sacrebleu, 13a), and
-    sacrebleu's signature of how it was computed."""
-    sources, references = _text_examples(exp, "test", exp.config.train.bleu_examples)
-    score, signature = bleu.corpus_bleu(_decode(exp, state, sources, "test"), references)
-    logging.info("BLEU %.2f on %d test sentences (%s)", score, len(sources), signature)
-    return {"bleu": score}, signature
+def bleu_scores(exp: Experiment, state: TrainState) -> tuple[dict[str, float], dict[str, str]]:
+    """Greedy BLEU (sacrebleu, 13a) on the first `train.bleu_examples` of the test split
+    (`bleu`) and, where the data has one, of the validation split (`dev_bleu`, which selects
+    checkpoints); and sacrebleu's signatures of how they were computed."""
+    params = host_params(exp, state)
+    scores, signatures = {}, {}
+    for split, name in (("test", "bleu"), ("validation", "dev_bleu")):
+        if split == "validation" and "validation" not in exp.builder.info.splits:
+            continue
+        sources, references = _text_examples(exp, split, exp.config.train.bleu_examples)
+        score, signature = bleu.corpus_bleu(_decode(exp, params, sources, split), references)
+        logging.info("%s %.2f on %d %s sentences (%s)", name, score, len(sources), split,
+                     signature)
+        scores[name], signatures[f"{name}_signature"] = score, signature
+    return scores, signatures
+
+
+def final_report(exp: Experiment, workdir: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The numbers papers report, from checkpoints on disk: the test split by beam search
+    (`train.final_beam_size`, `final_alpha`) with the average of the pool's checkpoints
+    (`train.average_last`; else the last checkpoint): `test_bleu`, `test_chrf`; and the best
+    dev checkpoint's greedy `best_test_bleu`. Writes WORKDIR/hypotheses_test_final.txt in the
+    test file's order. ({scores}, {signatures and what was decoded})."""
+    train = exp.config.train
+    sources, references = _text_examples(exp, "test", train.bleu_examples)
+    averaged = selection.average_pool(workdir, train.average_last) if train.average_last else None
+    source = averaged[0] if averaged else workdir
+    params = checkpoint.restore_host_state(source)[0]["params"]
+    outputs = _decode(exp, params, sources, "test", train.final_beam_size, train.final_alpha)
+    with open(os.path.join(workdir, "hypotheses_test_final.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in outputs))
+    scores, texts = {}, {}
+    scores["test_bleu"], texts["test_bleu_signature"] = bleu.corpus_bleu(outputs, references)
+    scores["test_chrf"], texts["test_chrf_signature"] = bleu.corpus_chrf(outputs, references)
+    texts["test_params"] = (
+        f"average of steps {averaged[1]}" if averaged else "the last checkpoint"
+    ) + f", beam {train.final_beam_size}, alpha {train.final_alpha}"
+    best = os.path.join(workdir, selection.BEST)
+    if checkpoint.checkpoint_steps(best):
+        best_params = checkpoint.restore_host_state(best)[0]["params"]
+        scores["best_test_bleu"] = bleu.corpus_bleu(
+            _decode(exp, best_params, sources, "test"), references
+        )[0]
+    logging.info("final test BLEU %.2f, chrF %.2f (%s)", scores["test_bleu"], scores["test_chrf"],
+                 texts["test_params"])
+    return scores, texts
 
 
 def restore_or_init(exp: Experiment, manager, rng: jax.Array) -> TrainState:
@@ -374,7 +420,33 @@ def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, pree
         def put(host, index=stepper.batch_shard[0], count=stepper.batch_shard[1]):
             return stepper.put_batch(pipeline.block_of(host, index, count))
     device_batches = DevicePrefetcher(batches, put)
+    kept = selection.KeptCheckpoints(workdir, config, exp.tokenizer, jax.process_index() == 0)
+    try:
+        last = _loop(exp, state, start, step_rng, manager, writer, workdir, progress, preemption,
+                     batches, device_batches, kept)
+    finally:
+        kept.close()
+    if "preempted_at" in last:
+        return last
+    manager.wait_until_finished()
+    if config.train.bleu_every and config.train.final_beam_size > 0 and (
+        jax.process_index() == 0
+    ):
+        scores, texts = final_report(exp, workdir)
+        writer.write_texts(last.get("step", num_steps), texts)
+        _write(writer, last.get("step", num_steps), scores)
+        last = last | scores | texts
+    return last
+
+
+def _loop(exp, state, start, step_rng, manager, writer, workdir, progress, preemption, batches,
+          device_batches, kept) -> dict:
+    config, stepper = exp.config, exp.stepper
+    num_steps = config.train.num_steps
     sums, tick, last = None, time.perf_counter(), {}
+    if kept.stopped():
+        logging.info("early stopping ended this run at step %d; not training further", start)
+        start = num_steps
     for step in range(start + 1, num_steps + 1):
         batch = next(device_batches)
         # Everything the step takes is on the devices already: an implicit host transfer here
@@ -401,17 +473,29 @@ def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, pree
             _write(writer, step, evals)
             last = last | evals
             tick = time.perf_counter()
+        stop = False
         bleu_every = config.train.bleu_every
         if bleu_every and (step % bleu_every == 0 or step == num_steps):
-            scores, signature = bleu_on_test_split(exp, state)
-            writer.write_texts(step, {"bleu_signature": signature})
+            scores, signatures = bleu_scores(exp, state)
+            writer.write_texts(step, signatures)
             _write(writer, step, scores)
-            last = last | scores | {"bleu_signature": signature}
+            last = last | scores | signatures
+            if "dev_bleu" in scores:
+                stop = kept.note_dev_bleu(step, scores["dev_bleu"], stepper.to_checkpoint(state))
             tick = time.perf_counter()
-        if step % config.train.checkpoint_every == 0 or step == num_steps:
+        if kept.pool_due(step):
+            kept.save_to_pool(step, stepper.to_checkpoint(state))
+        if stop or step % config.train.checkpoint_every == 0 or step == num_steps:
             _check_finite(exp, sums, step, manager)
             _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir)
+        last["step"] = step
+        if stop:
+            logging.warning("early stop at step %d: dev BLEU has not beaten %.2f (step %d) in "
+                            "%d evaluations", step, kept.record.best_bleu, kept.record.best_step,
+                            config.train.early_stop_evals)
+            last["stopped_early_at"] = step
+            break
     if start >= num_steps:  # nothing left to train: report the restored state
-        last = _run_evals(exp, state)
+        last = _run_evals(exp, state) | {"step": start}
     last["samples"] = decode_samples(exp, state)
     return last

@@ -238,3 +238,38 @@ def test_parallel_text_presets_size_the_model_for_the_corpus():
 
     done = t2t_jax("info", "--config", "configs/parallel_text.py:small")
     assert "total parameters: 7577600" in done.stdout, done.stderr[-2000:]
+
+
+def test_best_checkpoint_early_stopping_and_final_averaged_beam_numbers(
+    data_dir, corpus, tmp_path
+):
+    from t2t_jax import selection
+
+    config = small_text_config(data_dir, corpus)
+    # A learning rate of 0 keeps the params, so dev BLEU never improves after its first value:
+    # two evaluations later the run must stop, at step 6 of 12.
+    config.train.update(num_steps=12, learning_rate=0.0, bleu_every=2, early_stop_evals=2,
+                        average_last=3, average_span=0.5, log_every=2, eval_every=100,
+                        checkpoint_every=100, num_decode_examples=0)
+    workdir = str(tmp_path / "run")
+    result = train_and_evaluate(config, workdir, jax.devices()[:1])
+    assert result["stopped_early_at"] == 6
+    assert checkpoint.checkpoint_steps(workdir) == [6]
+    record = selection.load_record(workdir)
+    assert (record.best_step, record.evals_since_best) == (2, 2)
+    assert checkpoint.checkpoint_steps(os.path.join(workdir, "best")) == [2]
+    # The pool kept a checkpoint every 0.5 * 12 / 3 = 2 steps, the newest 3 averaged.
+    assert checkpoint.checkpoint_steps(os.path.join(workdir, "average_pool")) == [2, 4, 6]
+    assert result["test_params"] == "average of steps [2, 4, 6], beam 4, alpha 0.6"
+    for key in ("test_bleu", "test_chrf", "best_test_bleu", "dev_bleu"):
+        assert 0.0 <= result[key] <= 100.0, key
+    assert "nc:6|nw:0" in result["test_chrf_signature"]  # chrF: character 6-grams
+    with open(os.path.join(workdir, "hypotheses_test_final.txt")) as f:
+        assert len(f.read().splitlines()) == 8  # train.bleu_examples
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert any("test_bleu" in row and row["step"] == 6 for row in rows)
+    assert any("test_bleu_signature" in row for row in rows)
+    # Started again, the stopped run does not train further.
+    again = train_and_evaluate(config, workdir, jax.devices()[:1])
+    assert checkpoint.checkpoint_steps(workdir) == [6] and "test_bleu" in again

@@ -1,0 +1,173 @@
+"""Which params a run reports: the best checkpoint by dev BLEU, early stopping on it, and the
+average of checkpoints from the end of training.
+
+Each kept set is a workdir of its own inside the run's (`best/`, `average_pool/`, `averaged/`:
+checkpoints, config and tokenizer), so that `t2t-jax decode` and `evaluate` take any of them.
+
+- best: whenever dev BLEU (greedy, on the validation split) beats every earlier one, the state
+  is saved into WORKDIR/best, replacing the previous best; WORKDIR/best/record.json keeps the
+  score, so that a resumed run goes on comparing against it.
+- early stopping: `train.early_stop_evals=K` ends training once K dev BLEU evaluations in a row
+  have not beaten the best.
+- averaging: with `train.average_last=K`, a checkpoint goes into WORKDIR/average_pool every
+  `train.average_span * num_steps / K` steps, the pool keeping the newest K; at the end they
+  are averaged into WORKDIR/averaged. So the average is over the final `average_span` of the
+  run, as the paper's checkpoints every 10 minutes were, whatever `checkpoint_every` is, and
+  over the newest K pool checkpoints when early stopping ends the run sooner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from typing import Any
+
+import ml_collections
+
+from t2t_jax import checkpoint
+from t2t_jax.lazy_tf import tf
+
+BEST = "best"
+POOL = "average_pool"
+AVERAGED = "averaged"
+
+
+@dataclasses.dataclass
+class DevRecord:
+    """The best dev BLEU so far, its step, and how many evaluations since beat it."""
+
+    best_bleu: float = float("-inf")
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    def update(self, step: int, bleu: float) -> bool:
+        """Notes one dev evaluation; True when it is a new best."""
+        if bleu > self.best_bleu:
+            self.best_bleu, self.best_step, self.evals_since_best = bleu, step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    def patience_spent(self, early_stop_evals: int) -> bool:
+        return early_stop_evals > 0 and self.evals_since_best >= early_stop_evals
+
+
+def _record_path(workdir: str) -> str:
+    return os.path.join(workdir, BEST, "record.json")
+
+
+def load_record(workdir: str) -> DevRecord:
+    """The record a previous run of this workdir left, or a fresh one."""
+    path = _record_path(workdir)
+    if not tf.io.gfile.exists(path):
+        return DevRecord()
+    with tf.io.gfile.GFile(path) as f:
+        return DevRecord(**json.load(f))
+
+
+def save_record(workdir: str, record: DevRecord) -> None:
+    """Writes the record whole or not at all (a new file renamed over the old)."""
+    path = _record_path(workdir)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        json.dump(dataclasses.asdict(record), f)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def open_kept(workdir: str, name: str, keep: int, asynchronous: bool) -> Any:
+    """A checkpoint manager for the kept set `name` (a workdir inside `workdir`)."""
+    options = types.SimpleNamespace(keep_checkpoints=keep, async_checkpoints=asynchronous)
+    return checkpoint.make_manager(os.path.join(workdir, name), options)
+
+
+def save_kept(
+    manager: Any, workdir: str, name: str, step: int, state: Any,
+    config: ml_collections.ConfigDict, tokenizer: Any,
+) -> None:
+    """Saves `state` as checkpoint `step` of the kept set, with what decoding it needs."""
+    checkpoint.save(manager, step, state, config, tokenizer)
+    kept = os.path.join(workdir, name)
+    if not tf.io.gfile.exists(os.path.join(kept, checkpoint.CONFIG_FILENAME)):
+        checkpoint.save_config_json(config, kept)
+        tokenizer.save(kept)
+
+
+def pool_interval(train_config: ml_collections.ConfigDict) -> int:
+    """Steps between the averaging pool's checkpoints (0: no pool)."""
+    last = train_config.average_last
+    if last <= 0:
+        return 0
+    if not 0.0 < train_config.average_span <= 1.0:
+        raise ValueError(
+            f"train.average_span must be in (0, 1], got {train_config.average_span}"
+        )
+    return max(1, round(train_config.average_span * train_config.num_steps / last))
+
+
+def average_pool(workdir: str, last: int) -> tuple[str, list[int]] | None:
+    """Averages the newest `last` pool checkpoints (fewer if the run was shorter) into
+    WORKDIR/averaged; (that workdir, the averaged steps), or None if the pool is empty."""
+    pool = os.path.join(workdir, POOL)
+    available = len(checkpoint.checkpoint_steps(pool))
+    if not available:
+        return None
+    output = os.path.join(workdir, AVERAGED)
+    if tf.io.gfile.exists(output):  # derived from the pool: made again from what it holds now
+        tf.io.gfile.rmtree(output)
+    steps = checkpoint.average_checkpoints(pool, min(last, available), output)
+    return output, steps
+
+
+class KeptCheckpoints:
+    """The run's kept sets beside its checkpoints: the best by dev BLEU and the averaging pool,
+    with the dev record that decides the best and early stopping. Every process calls the
+    saves (Orbax saves are collective); only process 0 writes the record."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict, tokenizer: Any,
+                 is_main: bool):
+        self.workdir, self.config, self.tokenizer, self.is_main = (
+            workdir, config, tokenizer, is_main
+        )
+        train = config.train
+        self.record = load_record(workdir)
+        self.pool_every = pool_interval(train)
+        self._managers: dict[str, Any] = {}
+
+    def _manager(self, name: str, keep: int) -> Any:
+        if name not in self._managers:
+            self._managers[name] = open_kept(
+                self.workdir, name, keep, self.config.train.async_checkpoints
+            )
+        return self._managers[name]
+
+    def note_dev_bleu(self, step: int, dev_bleu: float, state: Any) -> bool:
+        """Records a dev BLEU; a new best saves `state` (checkpoint layout) as the best.
+        True when training should stop early."""
+        if self.record.update(step, dev_bleu):
+            save_kept(self._manager(BEST, 1), self.workdir, BEST, step, state, self.config,
+                      self.tokenizer)
+        if self.is_main:
+            save_record(self.workdir, self.record)
+        return self.stopped()
+
+    def stopped(self) -> bool:
+        """Whether the dev record says to stop (also when a stopped run is started again)."""
+        return self.record.patience_spent(self.config.train.early_stop_evals)
+
+    def pool_due(self, step: int) -> bool:
+        """Whether `step` is one the averaging pool keeps."""
+        return bool(self.pool_every) and step % self.pool_every == 0
+
+    def save_to_pool(self, step: int, state: Any) -> None:
+        """Saves `state` (checkpoint layout) into the averaging pool."""
+        manager = self._manager(POOL, self.config.train.average_last)
+        save_kept(manager, self.workdir, POOL, step, state, self.config, self.tokenizer)
+
+    def close(self) -> None:
+        """Waits for saves in flight and closes the managers."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+            manager.close()
+        self._managers.clear()
