@@ -222,12 +222,14 @@ def evaluate_command() -> None:
         _ALPHA.value, extra_length=_EXTRA_LENGTH.value,
     )
     score, signature = bleu.corpus_bleu(outputs, references)
+    chrf, chrf_signature = bleu.corpus_chrf(outputs, references)
     path = os.path.join(workdir, f"hypotheses_{_SPLIT.value}_step{translator.step}.txt")
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in outputs))
     exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / max(len(sources), 1)
     print(f"BLEU {score:.2f} on {len(sources)} {_SPLIT.value} sentences, step {translator.step}")
     print(f"signature: {signature}")
+    print(f"chrF {chrf:.2f} ({chrf_signature})")
     print(f"exact matches: {exact:.4f}; {stats['sentences_per_s']:.1f} sentences/s")
     print(f"hypotheses: {path}")
 

@@ -118,6 +118,25 @@ def test_sentencepiece_round_trips_text_and_matches_tf(tmp_path):
     assert restored.encode("red dog") == tokenizer.encode("red dog")
 
 
+def test_subword_sampling_varies_segmentations_of_training_text_only(tiny_config):
+    tokenizer = SentencePieceTokenizer.train(iter(sentences(500, 3)), vocab_size=300)
+    sampled = tokenizer.sampled(0.2)
+    text = "the red cat sat on a mat far über Straße"
+    draws = {tuple(sampled.encode(text)) for _ in range(30)}
+    assert len(draws) > 1 and all(tokenizer.decode(list(ids)) == text for ids in draws)
+    assert {tuple(tokenizer.encode(text)) for _ in range(5)} == {tuple(tokenizer.encode(text))}
+    ds = tf.data.Dataset.from_tensors(tf.constant(text)).repeat(20).map(sampled.tf_encode)
+    assert len({tuple(ids) for ids in ds.as_numpy_iterator()}) > 1  # anew at every pass
+    with pytest.raises(ValueError, match="spm_sampling_alpha must be in"):
+        tokenizer.sampled(0.0)
+    from t2t_jax.data import pipeline
+
+    tiny_config.data.spm_sampling_alpha = 0.1  # a built-in task has no SentencePiece
+    builder = tasks.builder_from_config(tiny_config.data)
+    with pytest.raises(ValueError, match="spm_sampling_alpha samples SentencePiece"):
+        pipeline.train_dataset(tiny_config, builder, tasks.tokenizer_from_config(tiny_config.data))
+
+
 def test_bleu_is_sacrebleu_13a_cased():
     refs = ["The cat sat on the mat .", "A dog ran far ."]
     score, signature = bleu.corpus_bleu(refs, refs)
@@ -129,6 +148,7 @@ def test_bleu_is_sacrebleu_13a_cased():
 
 def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpus, tmp_path):
     config = small_text_config(data_dir, corpus)
+    config.data.spm_sampling_alpha = 0.1  # training batches through subword sampling
     workdir = str(tmp_path / "run")
     result = train_and_evaluate(config, workdir, jax.devices()[:1])
     assert 0.0 <= result["bleu"] <= 100.0 and "tok:13a" in result["bleu_signature"]
@@ -152,6 +172,7 @@ def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpu
     done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "BLEU" in done.stdout and "on 20 test sentences, step 6" in done.stdout
+    assert "chrF" in done.stdout
     with open(os.path.join(workdir, "hypotheses_test_step6.txt")) as f:
         assert len(f.read().splitlines()) == 20
 

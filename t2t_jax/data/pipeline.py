@@ -228,6 +228,11 @@ def train_dataset(
     ds = ds.repeat()
     lengths = Lengths(data.max_source_length, data.max_target_length)
     feature_lengths = lengths.feature_lengths(config.model.type)
+    if data.spm_sampling_alpha:
+        if not hasattr(tokenizer, "sampled"):
+            raise ValueError("data.spm_sampling_alpha samples SentencePiece segmentations, and "
+                             "this data has none (a built-in task): set it to 0")
+        tokenizer = tokenizer.sampled(data.spm_sampling_alpha)
     ds = limit_length(encode(ds, tokenizer, config.model.type), feature_lengths, data.overlong)
     if data.token_budget and not data.packing:
         ds = token_budget_batches(

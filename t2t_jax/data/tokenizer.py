@@ -108,10 +108,11 @@ class SentencePieceTokenizer:
 
     FILENAME = "spm.model"
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, sampling_alpha: float = 0.0):
         import sentencepiece
 
         self.model_proto = model_proto
+        self.sampling_alpha = sampling_alpha
         self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         reserved = (self._processor.pad_id(), self._processor.eos_id(), self._processor.unk_id())
         if reserved != (PAD_ID, EOS_ID, UNK_ID):
@@ -167,7 +168,19 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return self._processor.get_piece_size()
 
+    def sampled(self, alpha: float) -> SentencePieceTokenizer:
+        """This model segmenting every text anew at each encoding, by sampling from all its
+        segmentations with smoothing `alpha` (subword regularization, Kudo 2018; unigram models):
+        for training batches only, so that a small corpus is seen in many segmentations."""
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"data.spm_sampling_alpha must be in (0, 1], got {alpha}")
+        return SentencePieceTokenizer(self.model_proto, alpha)
+
     def encode(self, text: str) -> list[int]:
+        if self.sampling_alpha:
+            return self._processor.encode(
+                text, enable_sampling=True, alpha=self.sampling_alpha, nbest_size=-1
+            )
         return self._processor.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -181,10 +194,11 @@ class SentencePieceTokenizer:
         """Scalar string tensor -> int32 ids [length] (runs SentencePiece in Python)."""
 
         def encode(value) -> np.ndarray:
-            text = np.asarray(value).item().decode("utf-8")
-            return np.asarray(self._processor.encode(text), np.int32)
+            return np.asarray(self.encode(np.asarray(value).item().decode("utf-8")), np.int32)
 
-        ids = tf.numpy_function(encode, [text], tf.int32, stateful=False)
+        # Sampled segmentations differ call by call: tf.data must not reuse a result.
+        stateful = bool(self.sampling_alpha)
+        ids = tf.numpy_function(encode, [text], tf.int32, stateful=stateful)
         ids.set_shape([None])
         return ids
 
