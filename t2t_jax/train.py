@@ -444,6 +444,7 @@ def _loop(exp, state, start, step_rng, manager, writer, workdir, progress, preem
     config, stepper = exp.config, exp.stepper
     num_steps = config.train.num_steps
     sums, tick, last = None, time.perf_counter(), {}
+    restored = start
     if kept.stopped():
         logging.info("early stopping ended this run at step %d; not training further", start)
         start = num_steps
@@ -496,6 +497,6 @@ def _loop(exp, state, start, step_rng, manager, writer, workdir, progress, preem
             last["stopped_early_at"] = step
             break
     if start >= num_steps:  # nothing left to train: report the restored state
-        last = _run_evals(exp, state) | {"step": start}
+        last = _run_evals(exp, state) | {"step": restored}
     last["samples"] = decode_samples(exp, state)
     return last
