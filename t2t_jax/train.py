@@ -24,6 +24,7 @@ from flax import linen as nn
 from t2t_jax import bleu, checkpoint, decode, metrics, selection, sharding
 from t2t_jax.data import pipeline, tasks
 from t2t_jax.data.tokenizer import has_tokenizer
+from t2t_jax.lazy_tf import tf
 from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
 from t2t_jax.train_step import Stepper, TrainState, accumulate, make_rngs, make_step_fns
 
@@ -285,7 +286,7 @@ def final_report(exp: Experiment, workdir: str) -> tuple[dict[str, float], dict[
     source = averaged[0] if averaged else workdir
     params = checkpoint.restore_host_state(source)[0]["params"]
     outputs = _decode(exp, params, sources, "test", train.final_beam_size, train.final_alpha)
-    with open(os.path.join(workdir, "hypotheses_test_final.txt"), "w", encoding="utf-8") as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, "hypotheses_test_final.txt"), "w") as f:
         f.write("".join(line + "\n" for line in outputs))
     scores, texts = {}, {}
     scores["test_bleu"], texts["test_bleu_signature"] = bleu.corpus_bleu(outputs, references)
