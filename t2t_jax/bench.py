@@ -262,6 +262,8 @@ def run_bench(
     `beam_size` > 1: decode mode searches with that many beams."""
     if mode not in ("train", "forward", "decode"):
         raise ValueError(f"--mode must be train, forward or decode, got {mode!r}")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1 (steps timed after the warm-up), got {steps}")
     peak, peak_source = device_peak_flops()
     points = []
     for attention in attentions:

@@ -25,6 +25,8 @@ from t2t_jax.optimizer import make_optimizer, paper_schedule
 
 Array = jax.Array
 Batch = dict[str, Array]
+# The device axis of the pmap mode: its collectives, and the layout its inputs are put in.
+PMAP_AXIS = "batch"
 
 
 @flax.struct.dataclass
@@ -178,19 +180,19 @@ def train_step(fns: StepFns, state: TrainState, batch: Batch, rng: Array):
 
 
 def pmap_train_step(fns: StepFns, state: TrainState, batch: Batch, rng: Array):
-    """`train_step` for one device of a pmap over axis 'batch': gradients are summed across
+    """`train_step` for one device of a pmap over axis PMAP_AXIS: gradients are summed across
     devices and normalised by the global token count, as the jit step does. Dropout masks are
     drawn per device, so the two steps agree exactly only without dropout."""
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(PMAP_AXIS))
     grads, sums = _grads_and_sums(
         fns,
         state.params,
         batch,
         rng,
-        lambda w: jnp.maximum(jax.lax.psum(w, "batch"), 1.0),
+        lambda w: jnp.maximum(jax.lax.psum(w, PMAP_AXIS), 1.0),
     )
-    grads = jax.lax.psum(grads, "batch")
-    sums = jax.lax.psum(sums, "batch")
+    grads = jax.lax.psum(grads, PMAP_AXIS)
+    sums = jax.lax.psum(sums, PMAP_AXIS)
     return _apply(fns, state, grads, sums)
 
 
@@ -253,12 +255,12 @@ class Stepper:
         else:
             self._train = jax.pmap(
                 lambda s, b, r: pmap_train_step(fns, s, b, r),
-                axis_name="batch",
+                axis_name=PMAP_AXIS,
                 in_axes=(0, 0, None),
                 donate_argnums=(0,),
             )
             self._eval = jax.pmap(
-                lambda p, b: jax.lax.psum(eval_step(fns, p, b), "batch"), axis_name="batch"
+                lambda p, b: jax.lax.psum(eval_step(fns, p, b), PMAP_AXIS), axis_name=PMAP_AXIS
             )
 
     @functools.cached_property
@@ -350,8 +352,8 @@ class Stepper:
     def _pmap_split(self) -> jax.sharding.NamedSharding:
         """Leading axis over the local devices: the layout of pmap's outputs (its axis name
         included), so that inputs put there take the step's compiled path every time."""
-        mesh = Mesh(np.array(jax.local_devices()), ("batch",))
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        mesh = Mesh(np.array(jax.local_devices()), (PMAP_AXIS,))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(PMAP_AXIS))
 
     @property
     def jitted_train_step(self) -> Callable:

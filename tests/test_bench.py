@@ -134,6 +134,14 @@ def test_ops_are_classified_by_what_they_compute_and_where_they_come_from():
     assert result.categories["idle"] == pytest.approx(0.25)
     assert result.unmatched_ms == pytest.approx(0.5)
     assert result.top_ops[0] == ("fmha.1", "attention", pytest.approx(1.0))
+    # Kernels replayed from a CUDA graph name the command buffer as their op: their own kernel
+    # name, the instruction's with "." and "-" as "_", says which instruction they ran.
+    replayed = [profiling.OpEvent("command_buffer_1", 0, 1e6, kernel="loop_exp_fusion"),
+                profiling.OpEvent("command_buffer_1", 1e6, 1e6, kernel="all_reduce_1")]
+    result = profiling.breakdown(replayed, HLO, steps=1)
+    assert result.categories["softmax and loss"] == pytest.approx(1.0)
+    assert result.categories["collectives"] == pytest.approx(1.0)
+    assert result.unmatched_ms == 0
 
 
 def test_bench_decode_mode_times_beam_search(tiny_config):
@@ -141,6 +149,12 @@ def test_bench_decode_mode_times_beam_search(tiny_config):
                                 steps=1, beam_size=4)
     [p] = points
     assert p.beam_size == 4 and p.error is None and p.step_time_s > 0
+    # The program timed is the search: four beams' caches and candidates need more memory.
+    [greedy], _ = bench.run_bench(tiny_config, 13, [8], ["xla"], "decode", batch_tokens=64,
+                                  steps=1)
+    assert greedy.beam_size == 1 and p.peak_memory_bytes > greedy.peak_memory_bytes
+    with pytest.raises(ValueError, match="--steps must be at least 1"):
+        bench.run_bench(tiny_config, 13, [8], ["xla"], "decode", batch_tokens=64, steps=0)
     rows = max(jax.device_count(), 64 // 8 // jax.device_count() * jax.device_count())
     assert p.flops_per_step == bench.model_flops_per_step(
         ModelConfig.from_config(tiny_config.model, 13), rows * 4, 8, "forward")
