@@ -204,9 +204,9 @@ def compile_decode(
     """Compiles the decode loop `t2t-jax decode` runs, for one host of the topology: its chips
     on a data axis, params replicated, `rows` sources of `data.max_source_length` tokens decoded
     up to `extra_length` tokens longer (beam search, or greedy for beam_size 1; the decoder-only
-    model continues prompts greedily). `devices`: the topology's, of which the first host's
-    (the compiler takes a one-host slice of the same chips: it rejects a subset of a larger
-    slice's device ids)."""
+    model continues its prompts by the same search). `devices`: the topology's, of which the
+    first host's (the compiler takes a one-host slice of the same chips: it rejects a subset of
+    a larger slice's device ids)."""
     host = [d for d in devices if d.process_index == devices[0].process_index]
     if len(host) < len(devices):
         host = topology.devices(topology.host_slice(topo))
@@ -226,39 +226,39 @@ def compile_decode(
     row = _new_row(topo, mesh, "decode", model_config, model, shapes, rows, lengths,
                    rows * max_length)
     row.chips = len(host)
-    beams = 1 if model_config.type == "decoder_only" else beam_size
     program, encoder = _decode_programs(model, params, mesh, rows, source_len, max_length,
-                                        beams, alpha)
+                                        beam_size, alpha)
     with sharding.activate(mesh):
         compiled = _compile(row, program)
         # The part that runs once, for the estimate (see `_analyse`).
         once = None if compiled is None or encoder is None else encoder().compile()
     if compiled is not None:
         row.model_flops_per_step = model_flops_per_step(
-            model_config, rows * beams, max_length, "forward", source_len)
+            model_config, rows * beam_size, max_length, "forward", source_len)
         _analyse(row, compiled, mesh, topo.chip, loop_steps=max_length, once=once)
     return row
 
 
 def _decode_programs(model, params, mesh, rows, source_len, max_length, beam_size, alpha):
     """(lowering of the decode loop, lowering of the encoder or None), over abstract inputs
-    split over the host's data axis: beam search, greedy for beam_size 1, and for the
-    decoder-only model greedy continuation of prompts."""
+    split over the host's data axis: the decoding path's batch search (beam search, greedy
+    for beam_size 1), for either kind of model."""
     from t2t_jax import decode
 
     split = NamedSharding(mesh, P("data"))
-    if model.config.type == "decoder_only":
-        tokens = jax.ShapeDtypeStruct((rows, max_length), jnp.int32, sharding=split)
-        starts = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split)
-        return lambda: decode.greedy_continue.lower(model, params, tokens, starts), None
+    settings = decode.Search(beam_size=beam_size, alpha=alpha)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
     inputs = jax.ShapeDtypeStruct((rows, source_len), jnp.int32, sharding=split)
+    # The decoder-only model's buffer holds its prompt too: max_length tokens in all.
+    output_length = max_length - source_len if model.config.type == "decoder_only" else max_length
+
+    def program():
+        return decode.search_batch.lower((model,), (params,), inputs, rng, settings,
+                                         output_length)
+
+    if model.config.type == "decoder_only":
+        return program, None
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
-    if beam_size > 1:
-        def program():
-            return decode.beam_translate.lower(model, params, inputs, beam_size, max_length, alpha)
-    else:
-        def program():
-            return decode.greedy_translate.lower(model, params, inputs, max_length)
     return program, lambda: encode.lower(params, inputs)
 
 

@@ -222,25 +222,23 @@ def measure_point(
 
 
 def _decoder(model, model_config: ModelConfig, batch: dict, seq_len: int, beam_size: int):
-    """(jittable function of (params, *args), args) generating seq_len tokens per row with the
-    key/value cache, greedily or by beam search: from a seq_len-token source for the
-    encoder-decoder, from a one-token prompt for the decoder-only model (greedy only; no cache
-    there yet: each step reruns the prefix). Random weights seldom end a sentence, so every
-    row runs to seq_len tokens."""
+    """(jittable function of (params, *args), args): the decoding path's own batch search
+    (`decode.search_batch`), generating seq_len tokens per row over the key/value cache,
+    greedily or by beam search: from a seq_len-token source for the encoder-decoder, from a
+    one-token prompt for the decoder-only model. Random weights seldom end a sentence, so
+    every row runs to seq_len tokens."""
     from t2t_jax import decode
 
-    if beam_size > 1:
-        if model_config.type == "decoder_only":
-            raise ValueError("bench --mode decode --beam_size N: beam search is for the "
-                             "encoder-decoder; leave --beam_size out for the language model")
-        return jax.jit(
-            lambda p, x: decode.beam_translate(model, p, x, beam_size, seq_len)
-        ), (batch["inputs"],)
+    settings = decode.Search(beam_size=beam_size, alpha=0.6)
     if model_config.type == "decoder_only":
-        tokens = batch["targets"].at[:, 1:].set(0)
-        starts = jnp.ones((tokens.shape[0],), jnp.int32)
-        return jax.jit(lambda p, t, s: decode.greedy_continue(model, p, t, s)), (tokens, starts)
-    return jax.jit(lambda p, x: decode.greedy_translate(model, p, x, seq_len)), (batch["inputs"],)
+        inputs = batch["targets"][:, :1]
+        length = seq_len - 1
+    else:
+        inputs, length = batch["inputs"], seq_len
+    rng = jax.random.key(0)
+    return jax.jit(
+        lambda p, x: decode.search_batch((model,), (p,), x, rng, settings, length)
+    ), (inputs,)
 
 
 def run_bench(

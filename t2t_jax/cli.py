@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
 # Quiet TensorFlow's C++ start-up chatter; TF serves only the input pipeline here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+# XLA flags this project's measurements chose; a flag the user sets in XLA_FLAGS wins. On GPUs,
+# cuBLAS for every matmul instead of XLA's Triton GEMMs: 10-11% more train tokens/s for the base
+# and big models on an H200 (docs/benchmarks.md). Other backends ignore GPU flags.
+DEFAULT_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+
+
+def with_default_xla_flags(current: str) -> str:
+    """`current` XLA_FLAGS plus each of DEFAULT_XLA_FLAGS whose name it does not set."""
+    names = {flag.split("=")[0] for flag in current.split()}
+    extra = [flag for flag in DEFAULT_XLA_FLAGS if flag.split("=")[0] not in names]
+    return " ".join([current.strip(), *extra]).strip()
+
+
+os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -31,8 +47,13 @@ commands:
   train   train (or resume) in --workdir on --config
   prepare download and prepare --config's datasets and train its tokenizer into --workdir
   info    parameters per module, mesh, batch and memory estimate of --config
-  decode  --workdir DIR [--step N] [--input FILE|-] [--output FILE] [--beam_size 4] [--alpha 0.6]
-  evaluate --workdir DIR [--split test]: decode a split, print BLEU, write the hypotheses
+  decode  --workdir DIR[,DIR2 ensemble] [--step N] [--input FILE|-] [--output FILE]
+          [--beam_size 4] [--alpha 0.6] [--nbest N] [--format plain|nbest|jsonl]
+          [--temperature T --top_k K --top_p P]; no --input on a terminal: line by line
+  evaluate --workdir DIR[,DIR2] [--split test] [--beam_size 1,4,8] [--alpha 0.6,1.0]: decode
+          a split, print BLEU, chrF and speed per setting, write the hypotheses
+  score   --workdir DIR --source F --target F [--format jsonl]: each pair's log-prob under
+          the model (total, per token, tokens), in input order
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
           [--profile DIR]: device time by kind (matmul, attention, loss, dropout, idle...)
@@ -154,11 +175,19 @@ _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdo
                               "compile: folder for compile.json.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch; "
                                   "compile --mode decode: per host.")
-_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "decode/evaluate: beams; 1 is greedy. bench "
-                                  "--mode decode: greedy unless given.")
-_ALPHA = flags.DEFINE_float("alpha", 0.6, "decode/evaluate: GNMT length penalty exponent.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode, decoder-only models: >0 samples "
-                                   "at this temperature instead of greedy decoding.")
+_BEAM_SIZE = flags.DEFINE_list("beam_size", ["4"], "decode/evaluate: beams; 1 is greedy. "
+                               "evaluate: a list sweeps (1,4,8). bench --mode decode: greedy "
+                               "unless given.")
+_ALPHA = flags.DEFINE_list("alpha", ["0.6"], "decode/evaluate: GNMT length penalty exponent; "
+                           "evaluate: a list sweeps (0.6,1.0).")
+_NBEST = flags.DEFINE_integer("nbest", 1, "decode: the N best hypotheses per input, with scores "
+                              "(needs --beam_size N or more).")
+_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "plain", "nbest", "jsonl"],
+                            "decode/score output: plain (one line per input), nbest ('index ||| "
+                            "hypothesis ||| log_prob ||| score'), jsonl; auto: plain for "
+                            "--nbest 1, else nbest. score: tsv (auto) or jsonl.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode: >0 samples at this temperature "
+                                   "(with --beam_size 1) instead of searching.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "decode, sampling: only the k likeliest tokens.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "decode, sampling: the nucleus probability mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "decode, sampling: random seed.")
@@ -166,41 +195,95 @@ _EXTRA_LENGTH = flags.DEFINE_integer("extra_length", 50, "decode/evaluate: outpu
                                      "many tokens longer than their input.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split to decode and score.")
 _LAST = flags.DEFINE_integer("last", 5, "average: how many of the newest checkpoints.")
+_SOURCE = flags.DEFINE_string("source", None, "score: file of source lines.")
+_TARGET = flags.DEFINE_string("target", None, "score: file of target lines, one per source.")
 
 
-def _read_lines(path: str) -> list[str]:
+def _read_lines(path: str, flag: str = "input") -> list[str]:
     if path == "-":
         return [line.rstrip("\r\n") for line in sys.stdin]
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--input {path}: no such file")
+        raise FileNotFoundError(f"--{flag} {path}: no such file")
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\r\n") for line in f]
 
 
-def decode_command() -> None:
-    from t2t_jax.decode import Sampling, load_translator, translate
+def _numbers(flag, kind: type) -> list:
+    try:
+        return [kind(v) for v in flag.value]
+    except ValueError:
+        raise ValueError(f"--{flag.name} takes {kind.__name__}s separated by commas, got "
+                         f"{','.join(flag.value)!r}") from None
 
-    translator = load_translator(_require(_WORKDIR.value, "workdir"), _STEP.value)
+
+def _one(flag, kind: type):
+    values = _numbers(flag, kind)
+    if len(values) != 1:
+        raise ValueError(f"--{flag.name} takes one value here (a list sweeps only in evaluate)")
+    return values[0]
+
+
+def _workdirs() -> list[str]:
+    """--workdir A[,B,...]: several decode as an ensemble."""
+    return [w for w in _require(_WORKDIR.value, "workdir").split(",") if w]
+
+
+def _decode_options(beam_size: int, alpha: float, nbest: int = 1):
+    """decode/evaluate's flags as DecodeOptions; sampling (--temperature) searches no beams."""
+    from t2t_jax.decode import DecodeOptions, Search
+
+    sampling = _TEMPERATURE.value > 0
+    search = Search(1 if sampling else beam_size, alpha, nbest, _TEMPERATURE.value,
+                    _TOP_K.value, _TOP_P.value)
+    return DecodeOptions(search, _SEED.value, _BATCH_SIZE.value, _EXTRA_LENGTH.value)
+
+
+def format_hypotheses(index: int, hypotheses: list, form: str) -> str:
+    """One input's hypotheses as text: `plain` its best, `nbest` one
+    'index ||| hypothesis ||| log_prob ||| score' line each, `jsonl` one JSON object each."""
+    if form == "plain":
+        return hypotheses[0].text + "\n"
+    if form == "nbest":
+        return "".join(f"{index} ||| {h.text} ||| {h.log_prob:.4f} ||| {h.score:.4f}\n"
+                       for h in hypotheses)
+    return "".join(json.dumps({"index": index, "rank": rank, "text": h.text,
+                               "log_prob": round(h.log_prob, 6), "score": round(h.score, 6),
+                               "tokens": len(h.ids) + 1}) + "\n"
+                   for rank, h in enumerate(hypotheses))
+
+
+def decode_command() -> None:
+    from t2t_jax.decode import load_decoder, translate, translate_stream
+
+    decoder = load_decoder(_workdirs(), _STEP.value)
+    options = _decode_options(_one(_BEAM_SIZE, int), _one(_ALPHA, float), _NBEST.value)
+    form = _FORMAT.value if _FORMAT.value != "auto" else ("plain" if _NBEST.value == 1
+                                                           else "nbest")
+    if form not in ("plain", "nbest", "jsonl"):
+        raise ValueError(f"decode --format is plain, nbest or jsonl, got {form}")
+    what = "sampling" if options.search.temperature > 0 else f"beam {options.search.beam_size}"
+    if _INPUT.value == "-" and sys.stdin.isatty() and not _OUTPUT.value:
+        # A person typing: each line is translated as soon as it is entered.
+        print(f"step {decoder.step}, {what}: type a line, Ctrl-D to end", file=sys.stderr)
+        index = iter(range(1 << 62))
+
+        def write(hypotheses):
+            sys.stdout.write(format_hypotheses(next(index), hypotheses, form))
+            sys.stdout.flush()
+
+        translate_stream(decoder, sys.stdin, write, options)
+        return
     lines = _read_lines(_INPUT.value)
-    sampling = None
-    beam_size = _BEAM_SIZE.value
-    if translator.config.model.type == "decoder_only":
-        beam_size = 1  # the language model decodes greedily or samples
-        if _TEMPERATURE.value > 0:
-            sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
-    outputs, stats = translate(
-        translator, lines, _BATCH_SIZE.value, sys.stderr.isatty(), beam_size, _ALPHA.value,
-        sampling, _EXTRA_LENGTH.value,
-    )
-    text = "".join(line + "\n" for line in outputs)
+    results, stats = translate(decoder, lines, options, sys.stderr.isatty())
+    text = "".join(format_hypotheses(i, h, form) for i, h in enumerate(results))
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
     print(
-        f"decoded {len(lines)} lines with step {translator.step} "
-        f"({'sampling' if sampling else f'beam {beam_size}'}): "
+        f"decoded {len(lines)} lines with step {decoder.step} ({what}"
+        f"{f', ensemble of {len(decoder.models)}' if len(decoder.models) > 1 else ''}): "
         f"{stats['sentences_per_s']:.1f} sentences/s, {stats['tokens_per_s']:.1f} tokens/s",
         file=sys.stderr,
     )
@@ -209,29 +292,68 @@ def decode_command() -> None:
 def evaluate_command() -> None:
     from t2t_jax import bleu
     from t2t_jax.data import tasks
-    from t2t_jax.decode import load_translator, translate
+    from t2t_jax.decode import best_texts, load_decoder, translate
 
-    workdir = _require(_WORKDIR.value, "workdir")
-    translator = load_translator(workdir, _STEP.value)
-    data = translator.config.data
+    workdirs = _workdirs()
+    decoder = load_decoder(workdirs, _STEP.value)
+    data = decoder.config.data
     builder = tasks.builder_from_config(data, split=_SPLIT.value)
     # In the file's line order: the hypotheses file lines up with the user's test files.
     sources, references = tasks.text_examples(builder, _SPLIT.value, data)
-    outputs, stats = translate(
-        translator, sources, _BATCH_SIZE.value, sys.stderr.isatty(), _BEAM_SIZE.value,
-        _ALPHA.value, extra_length=_EXTRA_LENGTH.value,
-    )
-    score, signature = bleu.corpus_bleu(outputs, references)
-    chrf, chrf_signature = bleu.corpus_chrf(outputs, references)
-    path = os.path.join(workdir, f"hypotheses_{_SPLIT.value}_step{translator.step}.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in outputs))
-    exact = sum(o == r for o, r in zip(outputs, references, strict=True)) / max(len(sources), 1)
-    print(f"BLEU {score:.2f} on {len(sources)} {_SPLIT.value} sentences, step {translator.step}")
-    print(f"signature: {signature}")
-    print(f"chrF {chrf:.2f} ({chrf_signature})")
-    print(f"exact matches: {exact:.4f}; {stats['sentences_per_s']:.1f} sentences/s")
-    print(f"hypotheses: {path}")
+    settings = [(b, a) for b in _numbers(_BEAM_SIZE, int) for a in _numbers(_ALPHA, float)]
+    rows = []
+    for beam_size, alpha in settings:  # one compilation per setting
+        options = _decode_options(beam_size, alpha)
+        outputs, stats = translate(decoder, sources, options, sys.stderr.isatty())
+        outputs = best_texts(outputs)
+        score, signature = bleu.corpus_bleu(outputs, references)
+        chrf, chrf_signature = bleu.corpus_chrf(outputs, references)
+        exact = sum(o == r for o, r in zip(outputs, references, strict=True))
+        suffix = "" if len(settings) == 1 else f"_beam{beam_size}_alpha{alpha:g}"
+        path = os.path.join(workdirs[0], f"hypotheses_{_SPLIT.value}_step{decoder.step}"
+                            f"{'_ensemble' if len(workdirs) > 1 else ''}{suffix}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in outputs))
+        rows.append((beam_size, alpha, score, chrf, exact / max(len(sources), 1),
+                     stats["sentences_per_s"], stats["tokens_per_s"], path))
+    models = f"ensemble of {len(workdirs)}" if len(workdirs) > 1 else "one model"
+    print(f"{len(sources)} {_SPLIT.value} sentences, step {decoder.step}, {models}")
+    print(f"BLEU: {signature}")
+    print(f"chrF: {chrf_signature}")
+    print(f"{'beam':>4s} {'alpha':>5s} {'BLEU':>6s} {'chrF':>6s} {'exact':>6s} "
+          f"{'sent/s':>8s} {'tok/s':>9s}  hypotheses")
+    for beam_size, alpha, score, chrf, exact, sentences, tokens, path in rows:
+        print(f"{beam_size:4d} {alpha:5.2f} {score:6.2f} {chrf:6.2f} {exact:6.4f} "
+              f"{sentences:8.1f} {tokens:9.1f}  {path}")
+
+
+def score_command() -> None:
+    from t2t_jax.decode import load_decoder
+    from t2t_jax.scoring import score_pairs
+
+    decoder = load_decoder(_workdirs(), _STEP.value)
+    sources = _read_lines(_require(_SOURCE.value, "source"), "source")
+    targets = _read_lines(_require(_TARGET.value, "target"), "target")
+    scores, stats = score_pairs(decoder, sources, targets, _BATCH_SIZE.value)
+    if _FORMAT.value == "jsonl":
+        text = "".join(json.dumps({"index": i, "log_prob": round(s.log_prob, 6),
+                                   "per_token": round(s.per_token, 6), "tokens": s.tokens})
+                       + "\n" for i, s in enumerate(scores))
+    elif _FORMAT.value in ("auto", "plain"):
+        text = "".join(f"{s.log_prob:.6f}\t{s.per_token:.6f}\t{s.tokens}\n" for s in scores)
+    else:
+        raise ValueError(f"score --format is plain (tab-separated) or jsonl, got {_FORMAT.value}")
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    total = sum(s.log_prob for s in scores)
+    tokens = sum(s.tokens for s in scores)
+    perplexity = math.exp(-total / tokens) if tokens else float("inf")
+    print(f"scored {len(scores)} pairs, {tokens} target tokens with step {decoder.step}: "
+          f"log-prob {total:.2f}, perplexity {perplexity:.3f}; {stats['pairs_per_s']:.1f} "
+          f"pairs/s", file=sys.stderr)
 
 
 def average_command() -> None:
@@ -281,7 +403,7 @@ def bench_command() -> None:
         _STEPS.value,
         progress,
         _PROFILE.value,
-        _BEAM_SIZE.value if FLAGS["beam_size"].present else 1,  # bench decodes greedily
+        _one(_BEAM_SIZE, int) if FLAGS["beam_size"].present else 1,  # else greedy
     )
     print(f"devices: {jax_device_summary()}; peak: {peak_source}")
     print("\n".join(bench.format_table(points)))
@@ -343,8 +465,8 @@ def compile_command() -> None:
         num_slices=_NUM_SLICES.value, mode=_MODE.value, rows_per_chip=_ROWS_PER_CHIP.value,
         seq_lens=[int(s) for s in _SEQ_LENS.value] if FLAGS["seq_lens"].present else None,
         attentions=_ATTENTION.value if FLAGS["attention"].present else None,
-        find_mesh=_SEARCH.value, decode_rows=_BATCH_SIZE.value, beam_size=_BEAM_SIZE.value,
-        alpha=_ALPHA.value, extra_length=_EXTRA_LENGTH.value, on_row=progress,
+        find_mesh=_SEARCH.value, decode_rows=_BATCH_SIZE.value, beam_size=_one(_BEAM_SIZE, int),
+        alpha=_one(_ALPHA, float), extra_length=_EXTRA_LENGTH.value, on_row=progress,
     )
     print(f"{rows[0].model}; {rows[0].mode} step; estimates are a roofline, not a measurement:"
           f" {rows[0].estimate_method or 'none'}")
@@ -413,6 +535,7 @@ COMMANDS = {
     "decode": decode_command,
     "evaluate": evaluate_command,
     "average": average_command,
+    "score": score_command,
     "bench": bench_command,
     "check-attention": check_attention_command,
     "compile": compile_command,

@@ -229,15 +229,17 @@ def heads(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, An
 # --- attention maps: questions 2, 3 and 6 ----------------------------------------------------
 
 
-def capture_attention(model, params, tokenizer, text: str, max_length: int) -> dict[str, Any]:
-    """The greedy output for `text` and every attention layer's weights [heads, q, k] on it:
-    {"source": tokens, "output": tokens, "maps": {layer name: weights}}."""
-    from t2t_jax.decode import EOS_ID, decode_texts
+def capture_attention(decoder, text: str) -> dict[str, Any]:
+    """The greedy output for `text` (through the decoding path) and every attention layer's
+    weights [heads, q, k] on it: {"source": tokens, "output": tokens, "maps": {layer: weights}}."""
+    from t2t_jax.decode import EOS_ID, DecodeOptions, Search, translate
 
-    [output] = decode_texts(model, params, tokenizer, [text], model.config.type, max_length,
-                            max_length, batch_size=1)
+    model, params, tokenizer = decoder.model, decoder.params[0], decoder.tokenizer
+    max_length = decoder.config.data.max_source_length
+    options = DecodeOptions(Search(beam_size=1), batch_size=1, max_output_length=max_length)
+    [[best]] = translate(decoder, [text], options)[0]
     source = tokenizer.encode(text)[: max_length - 1] + [EOS_ID]
-    target = tokenizer.encode(output)[: max_length - 1] + [EOS_ID]
+    target = best.ids[: max_length - 1] + [EOS_ID]
     inputs, targets = jnp.asarray([source]), jnp.asarray([target])
     _, state = model.apply({"params": params}, inputs=inputs, targets=targets,
                            mutable=["intermediates"])
@@ -282,16 +284,13 @@ def attention_maps(output: str, smoke: bool, data_dir: str | None = None,
                    workdir: str | None = None, text: str = "3 1 4 1 5 9 2 6") -> dict[str, Any]:
     """Heat maps of encoder self-, decoder self- and cross-attention per head for `text`, from
     the checkpoint in `workdir` or from a reversal model trained here."""
-    from t2t_jax.decode import load_translator
+    from t2t_jax.decode import load_decoder
 
     os.makedirs(output, exist_ok=True)
     if workdir is None:
         workdir = os.path.join(output, "runs", "attention_reverse")
         train_variant(task_config("reverse", smoke, 1500, data_dir), workdir)
-    translator = load_translator(workdir)
-    length = translator.config.data.max_source_length
-    captured = capture_attention(translator.model, translator.params, translator.tokenizer,
-                                 text, length)
+    captured = capture_attention(load_decoder(workdir), text)
     plot_attention(captured, os.path.join(output, "attention_maps.png"))
     # How sharply each layer attends: the mean of each query's largest weight, per head.
     sharpness = {k: [float(np.mean(np.max(m[h], axis=-1))) for h in range(m.shape[0])]

@@ -25,7 +25,7 @@ from t2t_jax import bleu, checkpoint, decode, metrics, selection, sharding
 from t2t_jax.data import pipeline, tasks
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.lazy_tf import tf
-from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
+from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.train_step import Stepper, TrainState, accumulate, make_rngs, make_step_fns
 
 
@@ -222,24 +222,18 @@ def _decode(
     exp: Experiment, params: Any, sources: list[str], split: str, beam_size: int = 1,
     alpha: float = 0.6,
 ) -> list[str]:
-    """Outputs for `sources` of `split` from host `params` (`host_params`, or restored)."""
+    """Outputs for `sources` of `split` from host `params` (`host_params`, or restored),
+    through the one decoding path; every host decodes alone, on its own devices."""
     data = exp.config.data
     prefix = "test_" if split == "test" else ""
-    model_config, params = unrolled_for_decoding(exp.model_config, params)
-    model = exp.model if model_config is exp.model_config else build_model(model_config)
-    with sharding.activate(sharding.local_mesh()):  # every host decodes alone
-        return decode.decode_texts(
-            model,
-            params,
-            exp.tokenizer,
-            sources,
-            exp.config.model.type,
-            data[f"{prefix}max_source_length"],
-            data[f"{prefix}max_target_length"],
-            batch_size=data.eval_batch_size,
-            beam_size=beam_size,
-            alpha=alpha,
-        )
+    decoder = decode.decoder_for_params(
+        exp.model_config, params, exp.tokenizer, exp.config, data[f"{prefix}max_source_length"]
+    )
+    options = decode.DecodeOptions(
+        decode.Search(beam_size, alpha), batch_size=data.eval_batch_size,
+        max_output_length=data[f"{prefix}max_target_length"],
+    )
+    return decode.best_texts(decode.translate(decoder, sources, options)[0])
 
 
 def _text_examples(exp: Experiment, split: str, count: int) -> tuple[list[str], list[str]]:

@@ -82,3 +82,20 @@ def test_train_prints_metrics_and_samples(tmp_path, data_dir):
     assert maps.returncode == 0, maps.stderr[-2000:]
     assert maps.stdout.startswith("3 1 4 </s> -> ")
     assert os.path.getsize(tmp_path / "maps" / "attention_maps.png") > 1000
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("", "--xla_gpu_enable_triton_gemm=false"),
+        ("--xla_dump_to=/tmp/x", "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"),
+        ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm=true"),
+    ],
+)
+def test_the_command_line_adds_its_xla_flags_unless_the_user_set_them(given, expected):
+    shown = subprocess.run(
+        [sys.executable, "-c", "import os, t2t_jax.cli; print(os.environ['XLA_FLAGS'])"],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=given),
+        timeout=60,
+    )
+    assert shown.stdout.strip() == expected, shown.stderr[-1000:]

@@ -1,4 +1,5 @@
-"""Greedy decoding: the jitted loop equals step-by-step argmax over the growing prefix."""
+"""Decoding: the one path (sort, bucket, batch, input order), its searches over the key/value
+cache for both kinds of model, n-best, ensembles and teacher-forced scores."""
 
 import os
 
@@ -10,7 +11,14 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
-from t2t_jax.decode import decode_texts, greedy_continue, greedy_translate
+from t2t_jax.decode import (
+    DecodeOptions,
+    Search,
+    best_texts,
+    decoder_for_params,
+    search_batch,
+    translate,
+)
 from t2t_jax.model import ModelConfig, build_model
 
 TINY = dict(vocab_size=13, num_encoder_layers=1, num_decoder_layers=2, d_model=32, d_ff=64,
@@ -25,46 +33,75 @@ def init(model_type):
     return model, nn.meta.unbox(model.init(jax.random.key(0), **kwargs)["params"])
 
 
-def test_greedy_translate_equals_step_by_step_argmax():
+GREEDY = Search(beam_size=1)
+
+
+def run_search(model, params, inputs, length, settings=GREEDY, seed=0):
+    found = search_batch((model,), (params,), jnp.asarray(inputs), jax.random.key(seed),
+                         settings, length)
+    return jax.tree.map(np.asarray, found)
+
+
+def test_greedy_search_equals_step_by_step_argmax():
     model, params = init("encoder_decoder")
     inputs = jnp.array([[5, 6, 7, EOS_ID, 0], [8, 9, EOS_ID, 0, 0]])
-    out = np.asarray(greedy_translate(model, params, inputs, 6))
+    out = run_search(model, params, inputs, 6).tokens[:, 0]
     for row in range(2):
         prefix = []
-        for _ in range(6):
+        while len(prefix) < 6 and EOS_ID not in prefix:
             # Reference: re-run the model on the prefix plus a placeholder for the next token.
             targets = jnp.array([prefix + [EOS_ID]])
             logits = model.apply({"params": params}, inputs[row : row + 1], targets)[0, -1]
-            logits = logits.at[0].set(-jnp.inf)
-            prefix.append(int(jnp.argmax(logits)))
-        assert out[row].tolist() == prefix
+            prefix.append(int(jnp.argmax(logits.at[0].set(-jnp.inf))))
+        assert out[row].tolist() == prefix + [0] * (6 - len(prefix))  # padding after EOS
 
 
-def test_greedy_continue_keeps_the_prompt_and_matches_a_reference():
+def test_greedy_lm_keeps_the_prompt_and_matches_an_uncached_reference():
     model, params = init("decoder_only")
-    tokens = jnp.array([[5, 6, EOS_ID, 0, 0, 0, 0], [7, EOS_ID, 0, 0, 0, 0, 0]])
-    start = jnp.array([3, 2])
-    out = np.asarray(greedy_continue(model, params, tokens, start))
+    prompts = jnp.array([[5, 6, EOS_ID], [7, EOS_ID, 0]])
+    out = run_search(model, params, prompts, 5).tokens[:, 0]
     np.testing.assert_array_equal(out[0, :3], [5, 6, EOS_ID])
     np.testing.assert_array_equal(out[1, :2], [7, EOS_ID])
     prefix = [7, EOS_ID]
-    while len(prefix) < 7:
+    while len(prefix) < 7 and EOS_ID not in prefix[2:]:
         logits = model.apply({"params": params}, jnp.array([prefix + [EOS_ID]]))[0, -1]
         prefix.append(int(jnp.argmax(logits.at[0].set(-jnp.inf))))
-    assert out[1].tolist() == prefix
+    assert out[1, : len(prefix)].tolist() == prefix
 
 
-def test_decode_texts_returns_one_line_per_source_in_order():
-    model, params = init("encoder_decoder")
+def test_cached_lm_logits_equal_uncached_logits_at_every_step():
+    from t2t_jax.decode import init_lm_cache, lm_step
+
+    model, params = init("decoder_only")
+    tokens = jnp.array([[5, 6, EOS_ID, 7, 8, EOS_ID, 3], [7, EOS_ID, 4, 4, 9, 9, 9]])
+    full = model.apply({"params": params}, tokens)
+    cache = init_lm_cache(model, params, 2, tokens.shape[1])
+    last = jnp.zeros((2,), jnp.int32)
+    for i in range(tokens.shape[1]):
+        logits, cache = lm_step(model, params, cache, last)
+        np.testing.assert_allclose(logits, full[:, i], atol=1e-5)
+        last = tokens[:, i]
+
+
+def tiny_decoder(model_type="encoder_decoder", max_source_length=8):
+    model, params = init(model_type)
     tokenizer = SymbolTokenizer([str(i) for i in range(10)])
-    sources = ["1 2 3", "4", "5 6 7 8 9 0"]
-    outputs = decode_texts(model, params, tokenizer, sources, "encoder_decoder", 8, 8)
-    assert len(outputs) == 3
-    for text in outputs:
-        assert all(symbol in tokenizer.symbols for symbol in text.split())
-    # A batch of one gives the same output as the same source inside a batch.
-    single = decode_texts(model, params, tokenizer, sources[1:2], "encoder_decoder", 8, 8)
-    assert single[0] == outputs[1]
+    config = ModelConfig(**TINY, type=model_type)
+    return decoder_for_params(config, params, tokenizer, None, max_source_length)
+
+
+def test_translate_returns_one_output_per_line_in_order_whatever_the_batching():
+    decoder = tiny_decoder()
+    sources = ["1 2 3", "4", "", "5 6 7 8 9 0"]
+    results, stats = translate(decoder, sources, DecodeOptions(Search(beam_size=1),
+                                                               batch_size=2))
+    assert len(results) == 4 and stats["sentences_per_s"] > 0
+    assert results[2][0].text == "" and results[2][0].ids == []  # empty line: empty output
+    for hypotheses in results:
+        assert all(symbol in decoder.tokenizer.symbols for symbol in hypotheses[0].text.split())
+    # A batch of one, in another bucket, gives the same output as inside a sorted batch.
+    single, _ = translate(decoder, sources[1:2], DecodeOptions(Search(beam_size=1)))
+    assert single[0][0].text == results[1][0].text
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +122,25 @@ def mesh_trained_workdir(tmp_path_factory):
 
 def test_a_mesh_trained_checkpoint_decodes_on_this_machines_devices(mesh_trained_workdir):
     from t2t_jax import checkpoint
-    from t2t_jax.decode import load_translator, translate
+    from t2t_jax.decode import load_decoder
 
-    translator = load_translator(mesh_trained_workdir)
-    assert translator.step == 6
+    decoder = load_decoder(mesh_trained_workdir)
+    assert decoder.step == 6
     # Params replicated on the local devices, batches split over them (the one-device case is
     # the command-line test below, run with a single CPU device).
-    leaves = jax.tree.leaves(translator.params)
+    leaves = jax.tree.leaves(decoder.params)
     assert all(len(leaf.devices()) == jax.local_device_count() for leaf in leaves)
-    assert translator.place_batch(np.zeros((16, 4), np.int32)).sharding.spec == P("data")
+    assert decoder.place_batch(np.zeros((16, 4), np.int32)).sharding.spec == P("data")
     host, _ = checkpoint.restore_host_state(mesh_trained_workdir, 6)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(translator.params), host["params"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(decoder.params[0]),
+                 host["params"])
     sources = ["1 2 3", "4 5 6 7 8", "9"]
-    outputs, stats = translate(translator, sources, batch_size=2, progress=False)
-    expected = decode_texts(translator.model, host["params"], translator.tokenizer, sources,
-                            "encoder_decoder", 16, 16 + 50)
-    assert outputs == expected
+    options = DecodeOptions(batch_size=2)
+    outputs, stats = translate(decoder, sources, options)
+    # The same params in memory (as training decodes them) give the same outputs.
+    in_memory = decoder_for_params(decoder.model.config, host["params"], decoder.tokenizer,
+                                   decoder.config, decoder.max_source_length)
+    assert best_texts(outputs) == best_texts(translate(in_memory, sources, options)[0])
     assert stats["sentences_per_s"] > 0
 
 
@@ -149,36 +189,57 @@ def test_cached_decoding_gives_the_uncached_logits_at_every_step():
         last = targets[:, i]
 
 
-def test_beam_of_one_without_length_penalty_is_greedy():
-    from t2t_jax.decode import beam_translate
-
-    model, params = init("encoder_decoder")
+@pytest.mark.parametrize("model_type", ["encoder_decoder", "decoder_only"])
+def test_beam_of_one_without_length_penalty_is_greedy(model_type):
+    model, params = init(model_type)
     inputs = jnp.array([[5, 6, 7, EOS_ID, 0], [8, 9, EOS_ID, 0, 0], [3, EOS_ID, 0, 0, 0]])
-    greedy = np.asarray(greedy_translate(model, params, inputs, 8))
-    beam = np.asarray(beam_translate(model, params, inputs, 1, 8, 0.0))
-    for g, b in zip(greedy, beam, strict=True):
+    greedy = run_search(model, params, inputs, 8)
+    beam = run_search(model, params, inputs, 8, Search(beam_size=1, alpha=0.0))
+    for g, b in zip(greedy.tokens[:, 0], beam.tokens[:, 0], strict=True):
         g = g.tolist()
-        g = g[: g.index(EOS_ID) + 1] if EOS_ID in g else g
+        g = g[: g.index(EOS_ID, 4 if model_type == "decoder_only" else 0) + 1] if (
+            EOS_ID in g[4 if model_type == "decoder_only" else 0:]) else g
         assert b.tolist()[: len(g)] == g
+    np.testing.assert_allclose(beam.log_prob, greedy.log_prob, rtol=1e-5)
 
 
-def test_beam_search_scores_at_least_greedy():
-    from t2t_jax.decode import beam_translate
+def teacher_forced_log_prob(model, params, inputs, outputs):
+    """Sum of log-probabilities up to and including EOS of each row of outputs [rows, length]."""
+    logits = model.apply({"params": params}, inputs, jnp.asarray(outputs))
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    picked = np.take_along_axis(log_p, np.asarray(outputs)[..., None], -1)[..., 0]
+    ends = [list(o).index(EOS_ID) + 1 if EOS_ID in list(o) else len(o) for o in outputs]
+    return np.array([picked[r, :e].sum() for r, e in enumerate(ends)])
 
+
+def test_beam_search_scores_at_least_greedy_and_reports_true_log_probs():
     model, params = init("encoder_decoder")
     inputs = jnp.array([[5, 6, 7, EOS_ID, 0], [8, 9, EOS_ID, 0, 0]])
+    greedy = run_search(model, params, inputs, 8)
+    beam = run_search(model, params, inputs, 8, Search(beam_size=4, alpha=0.0, nbest=4))
+    best = teacher_forced_log_prob(model, params, inputs, beam.tokens[:, 0])
+    assert (best >= teacher_forced_log_prob(model, params, inputs, greedy.tokens[:, 0])
+            - 1e-4).all()
+    # n-best: best first by score, and every hypothesis's log-prob is its teacher-forced one.
+    assert (np.diff(beam.score, axis=1) <= 1e-6).all()
+    for n in range(4):
+        np.testing.assert_allclose(
+            beam.log_prob[:, n], teacher_forced_log_prob(model, params, inputs,
+                                                         beam.tokens[:, n]), rtol=1e-4)
 
-    def log_prob(outputs):
-        # Sum of log-probabilities up to and including EOS, under teacher forcing.
-        logits = model.apply({"params": params}, inputs, jnp.asarray(outputs))
-        log_p = jax.nn.log_softmax(logits.at[..., 0].set(-1e7))
-        picked = np.take_along_axis(np.asarray(log_p), np.asarray(outputs)[..., None], -1)[..., 0]
-        ends = [list(o).index(EOS_ID) + 1 if EOS_ID in list(o) else len(o) for o in outputs]
-        return np.array([picked[r, :e].sum() for r, e in enumerate(ends)])
 
-    greedy = np.asarray(greedy_translate(model, params, inputs, 8))
-    beam = np.asarray(beam_translate(model, params, inputs, 4, 8, 0.0))
-    assert (log_prob(beam) >= log_prob(greedy) - 1e-4).all()
+def test_ensemble_of_a_model_with_itself_is_that_model():
+    model, params = init("encoder_decoder")
+    inputs = jnp.array([[5, 6, 7, EOS_ID, 0], [8, 9, EOS_ID, 0, 0]])
+    for settings in (Search(beam_size=1), Search(beam_size=3, nbest=2)):
+        single = search_batch((model,), (params,), inputs, jax.random.key(0), settings, 6)
+        pair = search_batch((model, model), (params, params), inputs, jax.random.key(0),
+                            settings, 6)
+        # The same outputs; their scores within float rounding (XLA fuses two copies of the
+        # model's log-softmax in its own way).
+        np.testing.assert_array_equal(single.tokens, pair.tokens)
+        np.testing.assert_allclose(single.log_prob, pair.log_prob, rtol=1e-6)
+        np.testing.assert_allclose(single.score, pair.score, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -202,21 +263,140 @@ def reverse_workdir(tmp_path_factory):
 
 def test_beam_search_reverses_on_a_trained_model(reverse_workdir):
     from t2t_jax.data import tasks
-    from t2t_jax.decode import load_translator, translate
+    from t2t_jax.decode import load_decoder
 
-    translator = load_translator(reverse_workdir)
-    builder = tasks.builder_from_config(translator.config.data)
+    decoder = load_decoder(reverse_workdir)
+    builder = tasks.builder_from_config(decoder.config.data)
     pairs = [(ex["inputs"].decode(), ex["targets"].decode())
              for ex in builder.as_dataset(split="validation").as_numpy_iterator()]
     sources = [s for s, _ in pairs]
-    beam, _ = translate(translator, sources, batch_size=16, progress=False, beam_size=4)
+    beam, _ = translate(decoder, sources, DecodeOptions(Search(4, 0.6, nbest=2),
+                                                        batch_size=16))
     # A 2,000-step model: its last error or two move with float rounding in training.
-    exact = sum(b == t for b, (_, t) in zip(beam, pairs, strict=True))
+    exact = sum(b == t for b, (_, t) in zip(best_texts(beam), pairs, strict=True))
     assert exact >= len(pairs) - 1
+    # The runner-up is a different, less likely output.
+    assert all(h[0].score >= h[1].score and h[0].text != h[1].text for h in beam)
+
+
+def validation_pairs(decoder, count):
+    from t2t_jax.data import tasks
+
+    builder = tasks.builder_from_config(decoder.config.data)
+    return tasks.text_examples(builder, "validation", decoder.config.data, count)
+
+
+def test_score_equals_the_eval_steps_loss_sums_without_smoothing(reverse_workdir):
+    from t2t_jax.decode import load_decoder
+    from t2t_jax.scoring import score_pairs
+    from t2t_jax.train_step import eval_step, make_step_fns
+
+    decoder = load_decoder(reverse_workdir)
+    sources, targets = validation_pairs(decoder, 6)
+    targets[1] = targets[0]  # an unlikely pair scores low
+    scores, stats = score_pairs(decoder, sources, targets, batch_size=4)
+    config = decoder.config
+    config.train.label_smoothing = 0.0
+    fns = make_step_fns(config, decoder.model, decoder.model.config.d_model)
+    tokenizer = decoder.tokenizer
+    for source, target, score in zip(sources, targets, scores, strict=True):
+        batch = {"inputs": np.array([tokenizer.encode(source) + [EOS_ID]], np.int32),
+                 "targets": np.array([tokenizer.encode(target) + [EOS_ID]], np.int32)}
+        sums = eval_step(fns, decoder.params[0], batch)
+        assert score.tokens == int(sums["weight"]) == batch["targets"].shape[1]
+        np.testing.assert_allclose(score.log_prob, -float(sums["loss"]), rtol=1e-5, atol=1e-5)
+    assert scores[1].per_token < scores[0].per_token - 1.0 and stats["pairs_per_s"] > 0
+
+
+def test_an_ensemble_of_a_checkpoint_with_itself_decodes_as_it(reverse_workdir, tmp_path):
+    import shutil
+
+    from t2t_jax.decode import load_decoder
+
+    single, pair = load_decoder(reverse_workdir), load_decoder([reverse_workdir] * 2)
+    assert len(pair.models) == 2
+    sources, _ = validation_pairs(single, 16)
+    for options in (DecodeOptions(Search(1)), DecodeOptions(Search(4, 0.6, nbest=2))):
+        alone, _ = translate(single, sources, options)
+        together, _ = translate(pair, sources, options)
+        assert [[h.text for h in r] for r in alone] == [[h.text for h in r] for r in together]
+    # Models that read text differently cannot be ensembled.
+    other = str(tmp_path / "other")
+    shutil.copytree(reverse_workdir, other)
+    for root, _, files in os.walk(os.path.join(other, "checkpoints")):
+        if os.path.basename(root) == "tokenizer" and "metadata" in files:
+            with open(os.path.join(root, "metadata"), "w") as f:
+                f.write('{"type": "symbols", "symbols": ["a", "b", "c"]}')
+    with pytest.raises(ValueError, match="different tokenizers; an ensemble needs"):
+        load_decoder([reverse_workdir, other])
+
+
+def test_decode_and_score_commands_on_a_trained_model(reverse_workdir, tmp_path):
+    import json
+
+    from tests.test_cli import t2t_jax
+
+    source = tmp_path / "source.txt"
+    source.write_text("3 1 4\n\n5 9\n")
+    nbest = t2t_jax("decode", "--workdir", reverse_workdir, "--input", str(source),
+                    "--nbest", "2", "--beam_size", "3")
+    assert nbest.returncode == 0, nbest.stderr[-2000:]
+    rows = [line.split(" ||| ") for line in nbest.stdout.splitlines()]
+    # index ||| hypothesis ||| log_prob ||| score, best first; the empty line has one, empty.
+    assert [r[0] for r in rows] == ["0", "0", "1", "2", "2"]
+    assert rows[0][1] == "4 1 3" and rows[3][1] == "9 5" and rows[2][1] == ""
+    assert float(rows[0][3]) >= float(rows[1][3]) and float(rows[3][3]) >= float(rows[4][3])
+    target = tmp_path / "target.txt"
+    target.write_text("4 1 3\n\n9 5\n")
+    scored = t2t_jax("score", "--workdir", reverse_workdir, "--source", str(source),
+                     "--target", str(target), "--format", "jsonl")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    lines = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert [line["tokens"] for line in lines] == [4, 1, 3]
+    # The decoded best and its teacher-forced score are one number.
+    np.testing.assert_allclose(lines[0]["log_prob"], float(rows[0][2]), atol=2e-4)
+    assert "perplexity" in scored.stderr
+    mismatched = t2t_jax("score", "--workdir", reverse_workdir, "--source", str(source),
+                         "--target", str(tmp_path / "nope.txt"))
+    assert mismatched.returncode == 2 and "--target" in mismatched.stderr
+    assert "Traceback" not in mismatched.stderr
+
+
+def test_decode_on_a_terminal_answers_each_line_as_it_comes(reverse_workdir):
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    from tests.test_cli import ROOT
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "t2t_jax.cli", "decode", "--workdir", reverse_workdir,
+         "--beam_size", "1"],
+        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+        env=dict(os.environ, XLA_FLAGS=""),
+    )
+    os.close(terminal)
+    answers = []
+    try:
+        for line in ("3 1 4", "7 8 1", "5"):
+            os.write(controller, (line + "\n").encode())
+            # The answer comes before the next line is typed (and before end of input).
+            ready, _, _ = select.select([process.stdout], [], [], 120)
+            assert ready, f"no answer to {line!r}"
+            answers.append(process.stdout.readline().decode().strip())
+        os.write(controller, b"\x04")  # Ctrl-D
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        os.close(controller)
+    assert answers == ["4 1 3", "1 8 7", "5"]
 
 
 def test_sampler_respects_top_k_and_top_p():
-    from t2t_jax.decode import sampler
+    from t2t_jax.search import sampler
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
@@ -229,22 +409,23 @@ def test_sampler_respects_top_k_and_top_p():
 
 
 def test_sampling_the_lm_keeps_prompts_and_varies_with_the_seed():
-    from t2t_jax.decode import sample_continue
-
     model, params = init("decoder_only")
-    tokens = jnp.array([[5, 6, EOS_ID, 0, 0, 0, 0, 0]] * 2)
-    start = jnp.array([3, 3])
-    a = np.asarray(sample_continue(model, params, tokens, start, jax.random.key(0)))
-    b = np.asarray(sample_continue(model, params, tokens, start, jax.random.key(1)))
-    np.testing.assert_array_equal(a[:, :3], tokens[:, :3])
-    assert (a[:, 3:] != 0).all()  # never padding
+    prompts = jnp.array([[5, 6, EOS_ID]] * 8)
+    hot = Search(beam_size=1, temperature=2.0)
+    a = run_search(model, params, prompts, 5, hot, seed=0).tokens[:, 0]
+    b = run_search(model, params, prompts, 5, hot, seed=1).tokens[:, 0]
+    np.testing.assert_array_equal(a[:, :3], prompts)
+    for row in a[:, 3:]:  # padding only after the sampled EOS
+        ids = row.tolist()
+        end = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+        assert 0 not in ids[:end] and set(ids[end + 1 :]) <= {0}
     assert not np.array_equal(a, b)
 
 
 def test_corrupt_checkpoint_or_missing_tokenizer_is_a_clear_error(mesh_trained_workdir, tmp_path):
     import shutil
 
-    from t2t_jax.decode import load_translator
+    from t2t_jax.decode import load_decoder
 
     broken = str(tmp_path / "broken")
     shutil.copytree(mesh_trained_workdir, broken)
@@ -254,19 +435,19 @@ def test_corrupt_checkpoint_or_missing_tokenizer_is_a_clear_error(mesh_trained_w
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     with pytest.raises(ValueError, match="could not be read.*another --step"):
-        load_translator(broken)
+        load_decoder(broken)
     shutil.rmtree(os.path.join(broken, "checkpoints", "4", "tokenizer"))
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
-        load_translator(broken, step=4)
+        load_decoder(broken, step=4)
 
 
-def test_overlong_input_is_cut_with_a_warning(mesh_trained_workdir, caplog):
-    from t2t_jax.decode import load_translator, translate
+def test_overlong_input_is_cut_with_a_warning_naming_it(mesh_trained_workdir, caplog):
+    from t2t_jax.decode import load_decoder
 
-    translator = load_translator(mesh_trained_workdir)
+    decoder = load_decoder(mesh_trained_workdir)
     long_line = " ".join(["3"] * 40)  # over data.test_max_source_length = 10
     with caplog.at_level("WARNING"):
-        outputs, _ = translate(translator, [long_line, "1 2"], batch_size=8, progress=False,
-                               beam_size=2)
+        outputs, _ = translate(decoder, ["1 2", long_line], DecodeOptions(Search(2),
+                                                                          batch_size=8))
     assert len(outputs) == 2
-    assert "over 10 tokens and were cut" in caplog.text
+    assert "over 10 tokens and were cut (lines 2)" in caplog.text

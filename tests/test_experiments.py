@@ -97,12 +97,10 @@ def test_unknown_experiment_is_a_clear_error(tmp_path):
 
 
 def assert_attention_maps_are_distributions(workdir):
-    from t2t_jax.decode import load_translator
+    from t2t_jax.decode import load_decoder
     from t2t_jax.experiments import capture_attention
 
-    translator = load_translator(workdir)
-    captured = capture_attention(translator.model, translator.params, translator.tokenizer,
-                                 "3 1 4", 22)
+    captured = capture_attention(load_decoder(workdir), "3 1 4")
     assert len(captured["maps"]) == 3
     for name, weights in captured["maps"].items():
         np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5, err_msg=name)

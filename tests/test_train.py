@@ -366,7 +366,7 @@ def test_resuming_with_changed_data_settings_is_reported(tiny_config, tmp_path):
 
 
 def test_scanned_layers_train_sharded_and_decode_unrolled(tiny_config, tmp_path):
-    from t2t_jax.decode import load_translator, translate
+    from t2t_jax.decode import DecodeOptions, Search, best_texts, load_decoder, translate
 
     tiny_config.model.scan_layers = True
     tiny_config.model.num_encoder_layers = tiny_config.model.num_decoder_layers = 2
@@ -374,9 +374,10 @@ def test_scanned_layers_train_sharded_and_decode_unrolled(tiny_config, tmp_path)
     result = train_and_evaluate(tiny_config, str(tmp_path))
     params = checkpoint.restore_host_state(str(tmp_path))[0]["params"]
     assert params["encoder"]["layers"]["layer"]["ffn"]["wi"]["kernel"].shape == (2, 32, 64)
-    translator = load_translator(str(tmp_path))
-    assert not translator.model.config.scan_layers and "layer_1" in translator.params["decoder"]
+    decoder = load_decoder(str(tmp_path))
+    assert not decoder.model.config.scan_layers and "layer_1" in decoder.params[0]["decoder"]
     sources = [source for source, _, _ in result["samples"]]
-    outputs, _ = translate(translator, sources, progress=False, beam_size=1, extra_length=2)
+    options = DecodeOptions(Search(beam_size=1), extra_length=2)
+    outputs = best_texts(translate(decoder, sources, options)[0])
     # The training loop's greedy samples (scanned params, unstacked) match the CLI's decoder.
     assert outputs == [output for _, _, output in result["samples"]]

@@ -542,19 +542,27 @@ class DecoderOnlyLM(nn.Module):
         targets_positions: Array | None = None,
         targets_segmentation: Array | None = None,
         deterministic: bool = True,
+        cache_mode: str | None = None,
         **unused_encoder_features: Any,
     ) -> Array:
-        """targets: [batch, length] ids (0 = padding) -> next-token logits [b, length, vocab]."""
+        """targets: [batch, length] ids (0 = padding) -> next-token logits [b, length, vocab].
+
+        Incremental decoding: cache_mode "init" with a full-length dummy `targets` creates the
+        cache (apply with mutable=["cache"]); then each "step" call takes `targets` = the last
+        token [batch, 1] (0 at the start) and returns the next token's logits [batch, 1, vocab].
+        """
         embedding = _embedding(self.config, "shared_embedding")
         decoder = Decoder(self.config, embedding, cross_attention=False, name="decoder")
+        step = cache_mode == "step"
         return decoder(
-            shift_right(targets, targets_segmentation),
+            targets if step else shift_right(targets, targets_segmentation),
             targets,
             None,
             None,
             targets_positions,
             targets_segmentation,
             deterministic,
+            cache_mode,
         )
 
 
