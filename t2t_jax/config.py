@@ -114,6 +114,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.num_epochs = 0.0
     config.train.learning_rate = 1.0  # scale of d_model^-0.5 * min(step^-0.5, step*warmup^-1.5)
     config.train.warmup_steps = 4000
+    # >0: the learning rate falls linearly to 0 over this fraction of train.num_steps at the end
+    # (not in the paper; it lets short runs end on settled weights).
+    config.train.cooldown_fraction = 0.0
     config.train.adam_b1 = 0.9
     config.train.adam_b2 = 0.98
     config.train.adam_eps = 1e-9

@@ -21,7 +21,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from t2t_jax import sharding
-from t2t_jax.optimizer import make_optimizer, paper_schedule
+from t2t_jax.optimizer import make_optimizer, schedule_from_config
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -213,7 +213,7 @@ def make_step_fns(config: Any, model: nn.Module, d_model: int) -> StepFns:
     return StepFns(
         model=model,
         tx=make_optimizer(config.train, d_model),
-        schedule=paper_schedule(d_model, config.train.warmup_steps, config.train.learning_rate),
+        schedule=schedule_from_config(config.train, d_model),
         label_smoothing=config.train.label_smoothing,
         z_loss=config.train.z_loss,
         grad_accum_steps=config.train.grad_accum_steps,

@@ -169,12 +169,18 @@ def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpu
     # `evaluate` decodes the test file and writes one hypothesis per line of it.
     from tests.test_cli import t2t_jax
 
-    done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "2")
+    done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "1,2")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "BLEU" in done.stdout and "20 test sentences, step 6" in done.stdout
-    assert "chrF" in done.stdout
-    with open(os.path.join(workdir, "hypotheses_test_step6.txt")) as f:
-        assert len(f.read().splitlines()) == 20
+    assert "20 test sentences, step 6" in done.stdout
+    assert "BLEU: nrefs:1" in done.stdout and "chrF: nrefs:1" in done.stdout
+    # One row per setting: beam, alpha, BLEU, chrF, exact, sentences/s, tokens/s, file.
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in
+            (["1", "0.60"], ["2", "0.60"])]
+    assert len(rows) == 2 and all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)
+    for beam in (1, 2):
+        path = os.path.join(workdir, f"hypotheses_test_step6_beam{beam}_alpha0.6.txt")
+        with open(path) as f:
+            assert len(f.read().splitlines()) == 20
 
 
 @pytest.mark.parametrize(
@@ -224,7 +230,7 @@ def test_test_split_is_read_in_the_files_line_order(data_dir, tmp_path):
 def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     config = small_text_config(data_dir, corpus)
     config.train.update(num_epochs=2.0, log_every=5, eval_every=1000, checkpoint_every=1000,
-                        bleu_every=0, num_decode_examples=0)
+                        bleu_every=0, num_decode_examples=0, cooldown_fraction=0.25)
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir, jax.devices()[:1])
     # The packed rows the training sentences fill, counted here from the saved tokenizer.
@@ -240,6 +246,14 @@ def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     assert train_rows[-1]["step"] == steps
     assert train_rows[-1]["epoch"] == pytest.approx(2.0, abs=2 / steps)
     assert train_rows[0]["epoch"] == pytest.approx(5 * 8 / rows)
+    # The cooldown ends at the worked-out last step: the schedule was given that length.
+    from t2t_jax.optimizer import paper_schedule
+
+    cooled = paper_schedule(config.model.d_model, config.train.warmup_steps,
+                            config.train.learning_rate, steps, 0.25)
+    last_window = range(train_rows[-2]["step"], steps)
+    assert train_rows[-1]["learning_rate"] == pytest.approx(
+        np.mean([float(cooled(count)) for count in last_window]), rel=1e-4)
 
 
 def test_parallel_text_presets_size_the_model_for_the_corpus():

@@ -27,6 +27,19 @@ def test_schedule_is_the_papers_formula():
     )
 
 
+def test_cooldown_falls_linearly_to_zero_over_the_last_steps():
+    paper = paper_schedule(d_model=128, warmup_steps=300)
+    cooled = paper_schedule(128, 300, num_steps=1500, cooldown_fraction=1 / 3)
+    for count in (0, 299, 999):  # before the cooldown: the paper's rate
+        assert float(cooled(count)) == pytest.approx(float(paper(count)), rel=1e-6)
+    for count in (1000, 1250, 1499):
+        factor = (1500 - count) / 500
+        assert float(cooled(count)) == pytest.approx(factor * float(paper(count)), rel=1e-5)
+    assert float(cooled(1500)) == 0.0
+    with pytest.raises(ValueError, match="cooldown_fraction must be in"):
+        paper_schedule(128, 300, num_steps=100, cooldown_fraction=1.5)
+
+
 def test_optimizer_is_adam_with_the_papers_betas(tiny_config):
     tx = make_optimizer(tiny_config.train, d_model=32)
     params = {"w": jnp.ones(3)}
