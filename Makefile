@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/reverse.py
 WORKDIR ?= runs/reverse
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup  # tests of one xdist_group (a shared trained model) share a worker
 
 .PHONY: install train test lint clean
 

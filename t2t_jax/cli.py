@@ -331,9 +331,9 @@ def score_command() -> None:
     from t2t_jax.decode import load_decoder
     from t2t_jax.scoring import score_pairs
 
-    decoder = load_decoder(_workdirs(), _STEP.value)
     sources = _read_lines(_require(_SOURCE.value, "source"), "source")
     targets = _read_lines(_require(_TARGET.value, "target"), "target")
+    decoder = load_decoder(_workdirs(), _STEP.value)
     scores, stats = score_pairs(decoder, sources, targets, _BATCH_SIZE.value)
     if _FORMAT.value == "jsonl":
         text = "".join(json.dumps({"index": i, "log_prob": round(s.log_prob, 6),

@@ -96,7 +96,7 @@ def in_epochs(exp: Experiment) -> Experiment:
     logging.info("train.num_epochs=%g: %.1f steps an epoch, %d steps", epochs, per_epoch,
                  config.train.num_steps)
     exp = dataclasses.replace(exp, config=config, steps_per_epoch=per_epoch)
-    if config.train.cooldown_fraction:  # the schedule's cooldown needs the worked-out length
+    if config.train.get("cooldown_fraction"):  # the cooldown needs the worked-out length
         model, stepper = build_stepper(config, exp.model_config, exp.stepper.mesh)
         exp = dataclasses.replace(exp, model=model, stepper=stepper)
     return exp
