@@ -255,12 +255,11 @@ def format_hypotheses(index: int, hypotheses: list, form: str) -> str:
 def decode_command() -> None:
     from t2t_jax.decode import load_decoder, translate, translate_stream
 
-    decoder = load_decoder(_workdirs(), _STEP.value)
+    # Flags are checked before the (slow) restore: a mistake costs no wait.
     options = _decode_options(_one(_BEAM_SIZE, int), _one(_ALPHA, float), _NBEST.value)
     form = _FORMAT.value if _FORMAT.value != "auto" else ("plain" if _NBEST.value == 1
                                                            else "nbest")
-    if form not in ("plain", "nbest", "jsonl"):
-        raise ValueError(f"decode --format is plain, nbest or jsonl, got {form}")
+    decoder = load_decoder(_workdirs(), _STEP.value)
     what = "sampling" if options.search.temperature > 0 else f"beam {options.search.beam_size}"
     if _INPUT.value == "-" and sys.stdin.isatty() and not _OUTPUT.value:
         # A person typing: each line is translated as soon as it is entered.

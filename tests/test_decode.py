@@ -102,6 +102,10 @@ def test_translate_returns_one_output_per_line_in_order_whatever_the_batching():
     # A batch of one, in another bucket, gives the same output as inside a sorted batch.
     single, _ = translate(decoder, sources[1:2], DecodeOptions(Search(beam_size=1)))
     assert single[0][0].text == results[1][0].text
+    # A decoder built again (as training builds one at every eval) reuses the compiled search.
+    compiled = search_batch._cache_size()
+    translate(tiny_decoder(), sources[1:2], DecodeOptions(Search(beam_size=1)))
+    assert search_batch._cache_size() == compiled
 
 
 @pytest.fixture(scope="module")
