@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -169,27 +170,43 @@ def restore_config_and_tokenizer(workdir: str, step: int) -> tuple[ml_collection
     return ml_collections.ConfigDict(items["config"]), tokenizer_from_json(items["tokenizer"])
 
 
-def average_checkpoints(workdir: str, last: int, output: str) -> list[int]:
-    """Writes the mean of the params of the last `last` checkpoints of `workdir` as a checkpoint
-    of `output` (at the newest step, with its config and tokenizer, and its optimizer state so
-    that training could continue); returns the averaged steps. The paper averages the last 5
-    (base) or 20 (big) checkpoints, written at 10-minute intervals."""
+def newest_steps(workdir: str, last: int, up_to: int | None = None) -> list[int]:
+    """The steps of the newest `last` checkpoints of `workdir` (those up to step `up_to` if
+    given), oldest first; a clear error if there are fewer."""
     steps = checkpoint_steps(workdir)
+    if up_to is not None:
+        _step_or_latest(workdir, up_to)
+        steps = [step for step in steps if step <= up_to]
     if last < 1 or len(steps) < last:
         raise ValueError(
             f"asked to average the last {last} checkpoints but {checkpoint_dir(workdir)} has "
-            f"{len(steps)}; pass --last {len(steps)} or keep more (train.keep_checkpoints)"
+            f"{len(steps)}{f' up to step {up_to}' if up_to is not None else ''}; average fewer "
+            "or keep more (train.keep_checkpoints)"
         )
-    steps = steps[-last:]
-    total = None
+    return steps[-last:]
+
+
+def mean_params(workdir: str, steps: Sequence[int]) -> Any:
+    """The mean of the params of checkpoints `steps` (host numpy, summed in float64, in the
+    saved dtypes)."""
+    total, like = None, None
     for step in steps:
-        params = restore_host_state(workdir, step)[0]["params"]
-        params = jax.tree.map(lambda x: x.astype(np.float64), params)
+        like = restore_host_state(workdir, step)[0]["params"]
+        params = jax.tree.map(lambda x: x.astype(np.float64), like)
         total = params if total is None else jax.tree.map(np.add, total, params)
+    return jax.tree.map(lambda mean, x: (mean / len(steps)).astype(x.dtype), total, like)
+
+
+def average_checkpoints(workdir: str, last: int, output: str) -> list[int]:
+    """Writes the mean of the params of the last `last` checkpoints of `workdir` as a checkpoint
+    of `output` (at the newest step, with its config and tokenizer, and what else it holds: the
+    optimizer state of a train checkpoint, so that training could continue); returns the
+    averaged steps. The paper averages the last 5 (base) or 20 (big) checkpoints, written at
+    10-minute intervals."""
+    steps = newest_steps(workdir, last)
+    params = mean_params(workdir, steps)
     state, newest = restore_host_state(workdir, steps[-1], params_only=False)
-    state["params"] = jax.tree.map(
-        lambda mean, like: (mean / len(steps)).astype(like.dtype), total, state["params"]
-    )
+    state["params"] = params
     config, tokenizer = restore_config_and_tokenizer(workdir, newest)
     config.train.async_checkpoints = False
     manager = make_manager(output, config.train)

@@ -50,8 +50,9 @@ commands:
   decode  --workdir DIR[,DIR2 ensemble] [--step N] [--input FILE|-] [--output FILE]
           [--beam_size 4] [--alpha 0.6] [--nbest N] [--format plain|nbest|jsonl]
           [--temperature T --top_k K --top_p P]; no --input on a terminal: line by line
-  evaluate --workdir DIR[,DIR2] [--split test] [--beam_size 1,4,8] [--alpha 0.6,1.0]: decode
-          a split, print BLEU, chrF and speed per setting, write the hypotheses
+  evaluate --workdir DIR[,DIR2] [--split test] [--beam_size 1,4,8] [--alpha 0.6,1.0]
+          [--average N]: decode a split, print BLEU, chrF and speed per setting, write the
+          hypotheses; --average N (decode and score too): the mean of the newest N checkpoints
   score   --workdir DIR --source F --target F [--format jsonl]: each pair's log-prob under
           the model (total, per token, tokens), in input order
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
@@ -195,6 +196,10 @@ _EXTRA_LENGTH = flags.DEFINE_integer("extra_length", 50, "decode/evaluate: outpu
                                      "many tokens longer than their input.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split to decode and score.")
 _LAST = flags.DEFINE_integer("last", 5, "average: how many of the newest checkpoints.")
+_AVERAGE = flags.DEFINE_integer("average", 1, "decode/evaluate/score: use the mean params of "
+                                "each workdir's newest N checkpoints (up to --step), averaged "
+                                "in memory; e.g. --workdir RUN/average_pool --average 5.",
+                                lower_bound=1)
 _SOURCE = flags.DEFINE_string("source", None, "score: file of source lines.")
 _TARGET = flags.DEFINE_string("target", None, "score: file of target lines, one per source.")
 
@@ -259,7 +264,7 @@ def decode_command() -> None:
     options = _decode_options(_one(_BEAM_SIZE, int), _one(_ALPHA, float), _NBEST.value)
     form = _FORMAT.value if _FORMAT.value != "auto" else ("plain" if _NBEST.value == 1
                                                            else "nbest")
-    decoder = load_decoder(_workdirs(), _STEP.value)
+    decoder = load_decoder(_workdirs(), _STEP.value, _AVERAGE.value)
     what = "sampling" if options.search.temperature > 0 else f"beam {options.search.beam_size}"
     if _INPUT.value == "-" and sys.stdin.isatty() and not _OUTPUT.value:
         # A person typing: each line is translated as soon as it is entered.
@@ -294,7 +299,7 @@ def evaluate_command() -> None:
     from t2t_jax.decode import best_texts, load_decoder, translate
 
     workdirs = _workdirs()
-    decoder = load_decoder(workdirs, _STEP.value)
+    decoder = load_decoder(workdirs, _STEP.value, _AVERAGE.value)
     data = decoder.config.data
     builder = tasks.builder_from_config(data, split=_SPLIT.value)
     # In the file's line order: the hypotheses file lines up with the user's test files.
@@ -310,12 +315,15 @@ def evaluate_command() -> None:
         exact = sum(o == r for o, r in zip(outputs, references, strict=True))
         suffix = "" if len(settings) == 1 else f"_beam{beam_size}_alpha{alpha:g}"
         path = os.path.join(workdirs[0], f"hypotheses_{_SPLIT.value}_step{decoder.step}"
+                            f"{f'_average{_AVERAGE.value}' if _AVERAGE.value > 1 else ''}"
                             f"{'_ensemble' if len(workdirs) > 1 else ''}{suffix}.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in outputs))
         rows.append((beam_size, alpha, score, chrf, exact / max(len(sources), 1),
                      stats["sentences_per_s"], stats["tokens_per_s"], path))
     models = f"ensemble of {len(workdirs)}" if len(workdirs) > 1 else "one model"
+    if _AVERAGE.value > 1:
+        models += f", each the average of its newest {_AVERAGE.value} checkpoints"
     print(f"{len(sources)} {_SPLIT.value} sentences, step {decoder.step}, {models}")
     print(f"BLEU: {signature}")
     print(f"chrF: {chrf_signature}")
@@ -332,7 +340,7 @@ def score_command() -> None:
 
     sources = _read_lines(_require(_SOURCE.value, "source"), "source")
     targets = _read_lines(_require(_TARGET.value, "target"), "target")
-    decoder = load_decoder(_workdirs(), _STEP.value)
+    decoder = load_decoder(_workdirs(), _STEP.value, _AVERAGE.value)
     scores, stats = score_pairs(decoder, sources, targets, _BATCH_SIZE.value)
     if _FORMAT.value == "jsonl":
         text = "".join(json.dumps({"index": i, "log_prob": round(s.log_prob, 6),

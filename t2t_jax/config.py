@@ -74,10 +74,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.spm_max_sentences = 10_000_000  # the character budget, in sentences
     config.data.spm_model_type = "unigram"  # or "bpe" (the paper used byte-pair encoding)
     # >0: subword regularization (Kudo 2018): training batches sample a new segmentation of
-    # each sentence at every pass, with this smoothing (0.1-0.2 suit unigram models); eval,
-    # BLEU and decoding keep the one best. It helps small corpora. Sampling runs in tf.data's
-    # threads, so a resumed run's segmentations are not the ones it would have drawn.
+    # each sentence at every pass from its spm_sampling_nbest best, with this smoothing (0.1-0.2
+    # suit unigram models); eval, BLEU and decoding keep the one best. It helps small corpora.
+    # Each draw is seeded by the seed and the example's place in the input, so a resumed run
+    # draws the segmentations an uninterrupted one would have.
     config.data.spm_sampling_alpha = 0.0
+    config.data.spm_sampling_nbest = 64  # Kudo's l
     config.data.algorithmic = ml_collections.ConfigDict()
     config.data.algorithmic.vocab_size = 10  # distinct symbols (the base, for addition)
     config.data.algorithmic.min_length = 1
@@ -151,7 +153,10 @@ def default_config() -> ml_collections.ConfigDict:
     # the best checkpoint's greedy `best_test_bleu` (t2t_jax/selection.py).
     config.train.bleu_every = 0
     config.train.bleu_examples = 1000  # test and dev examples decoded for BLEU; -1: all
-    # >0: stop once this many dev BLEU evaluations in a row have not beaten the best.
+    # The dev metric that picks WORKDIR/best: "dev_bleu" (greedy, every bleu_every steps) or
+    # "eval_loss" (the validation loss, label-smoothed as logged, every eval_every steps).
+    config.train.select_by = "dev_bleu"
+    # >0: stop once this many evaluations of select_by in a row have not beaten the best.
     config.train.early_stop_evals = 0
     # >0: average this many checkpoints, taken at even intervals over the last average_span of
     # the run (WORKDIR/average_pool -> WORKDIR/averaged), for the final test numbers.

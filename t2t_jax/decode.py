@@ -251,15 +251,25 @@ def decoder_for_params(
                    max_source_length)
 
 
-def load_decoder(workdirs: str | Sequence[str], step: int | None = None) -> Decoder:
+def load_decoder(
+    workdirs: str | Sequence[str], step: int | None = None, average: int = 1
+) -> Decoder:
     """Restores checkpoint `step` (default: each one's latest) of each workdir, whatever mesh or
     device count wrote it, onto this machine's devices; several workdirs decode as an ensemble
-    and must share a tokenizer and a model type. Reads no optimizer state."""
+    and must share a tokenizer and a model type. With `average` N > 1, each workdir's params are
+    the mean of its newest N checkpoints (up to `step`), averaged in memory (nothing written).
+    Reads no optimizer state."""
     workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
     models, params, steps, first = [], [], [], None
     mesh = sharding.local_mesh()
     for workdir in workdirs:
-        host, restored_step = checkpoint.restore_host_state(workdir, step, params_only=True)
+        if average > 1:
+            averaged = checkpoint.newest_steps(workdir, average, step)
+            host = {"params": checkpoint.mean_params(workdir, averaged)}
+            restored_step = averaged[-1]
+            logging.info("%s: the mean of the params of steps %s", workdir, averaged)
+        else:
+            host, restored_step = checkpoint.restore_host_state(workdir, step, params_only=True)
         config, tokenizer = checkpoint.restore_config_and_tokenizer(workdir, restored_step)
         if first is None:
             first = (workdir, config, tokenizer)

@@ -316,6 +316,30 @@ def _run_evals(exp: Experiment, state: TrainState) -> dict[str, float]:
     return evaluate(exp, state, "validation", "eval") | evaluate(exp, state, "test", "test")
 
 
+@dataclasses.dataclass
+class Run:
+    """One training run's fixed parts: the experiment, where it writes, and the step RNG."""
+
+    exp: Experiment
+    workdir: str
+    manager: Any  # Orbax CheckpointManager of WORKDIR/checkpoints
+    writer: Any  # clu metric writer (metrics.jsonl and TensorBoard)
+    step_rng: jax.Array
+
+
+@dataclasses.dataclass
+class LoopParts:
+    """What the loop keeps besides the state: its input (the host iterator, whose position a
+    checkpoint saves, and the batches in flight to the devices), the kept checkpoints, the
+    progress bar and the preemption watch."""
+
+    batches: pipeline.InputIterator
+    device_batches: DevicePrefetcher
+    kept: selection.KeptCheckpoints
+    progress: tqdm.tqdm
+    preemption: PreemptionWatch
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
 ) -> dict[str, Any]:
@@ -324,6 +348,7 @@ def train_and_evaluate(
     `samples`."""
     workdir = checkpoint.absolute(workdir)
     enable_compilation_cache(config, workdir)
+    selection.check_select_by(config.train)
     is_main = jax.process_index() == 0
     if is_main:
         checkpoint.warn_on_changed_data(config, workdir)
@@ -336,28 +361,31 @@ def train_and_evaluate(
     manager = checkpoint.make_manager(workdir, config.train)
     writer = metrics.make_writer(workdir, is_main)
     init_rng, step_rng = make_rngs(config.seed, config.train.dropout_rng)
-    step_rng = exp.stepper.put_replicated(step_rng)
+    run = Run(exp, workdir, manager, writer, exp.stepper.put_replicated(step_rng))
     try:
         with exp.stepper.activate():
             state = restore_or_init(exp, manager, init_rng)
             start = int(jax.device_get(exp.stepper.to_checkpoint(state).step))
             logging.info("training from step %d to %d", start, config.train.num_steps)
-            return _train_loop(exp, state, start, step_rng, manager, writer, workdir)
+            return _train_loop(run, state, start)
     finally:  # a save in flight completes, whatever stopped the run
         manager.wait_until_finished()
         manager.close()
         writer.close()
 
 
-def _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir) -> None:
+def _save_checkpoint(run: Run, parts: LoopParts, step: int, state: TrainState) -> None:
     """This process's input position, then the train state with Orbax. In this order, a run
     killed in between leaves an input state without a checkpoint (ignored, later pruned), never
     a checkpoint without its input state. Orbax writes into a temporary directory and renames
     it when complete, so a killed save is never taken for a checkpoint."""
     index, count = jax.process_index(), jax.process_count()
-    batches.save(checkpoint.input_state_dir(workdir, step, index, count), device_batches.pending())
-    checkpoint.save(manager, step, exp.stepper.to_checkpoint(state), exp.config, exp.tokenizer)
-    checkpoint.prune_input_states(workdir, set(manager.all_steps()) | {step}, index, count)
+    parts.batches.save(checkpoint.input_state_dir(run.workdir, step, index, count),
+                       parts.device_batches.pending())
+    checkpoint.save(run.manager, step, run.exp.stepper.to_checkpoint(state), run.exp.config,
+                    run.exp.tokenizer)
+    checkpoint.prune_input_states(run.workdir, set(run.manager.all_steps()) | {step}, index,
+                                  count)
 
 
 def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dict | None:
@@ -380,26 +408,47 @@ def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dic
     )
 
 
-def _train_loop(exp, state, start, step_rng, manager, writer, workdir) -> dict[str, float]:
-    config = exp.config
+def _open_device_input(run: Run, start: int) -> tuple[pipeline.InputIterator, DevicePrefetcher]:
+    """The host input after `start` steps, and the batches it feeds to the devices."""
+    stepper = run.exp.stepper
+    batches = open_input(run.exp, run.workdir, start)
+    put = stepper.put_batch
+    if run.exp.config.data.input_order == "global":  # global batches: keep our rows
+        def put(host, index=stepper.batch_shard[0], count=stepper.batch_shard[1]):
+            return stepper.put_batch(pipeline.block_of(host, index, count))
+    return batches, DevicePrefetcher(batches, put)
+
+
+def _train_loop(run: Run, state: TrainState, start: int) -> dict[str, Any]:
+    """The steps from `start`, then (unless preempted) the final report."""
+    exp, config = run.exp, run.exp.config
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ValueError(
             f"train.on_nonfinite must be 'stop' or 'skip', got {config.train.on_nonfinite!r}"
         )
+    is_main = jax.process_index() == 0
     # disable=None: a bar on a terminal, none in a log file; only process 0 shows one.
-    progress = tqdm.tqdm(
-        initial=start,
-        total=config.train.num_steps,
-        disable=True if jax.process_index() != 0 else None,
-        unit="step",
-    )
+    progress = tqdm.tqdm(initial=start, total=config.train.num_steps,
+                         disable=None if is_main else True, unit="step")
     preemption = PreemptionWatch()
+    kept = selection.KeptCheckpoints(run.workdir, config, exp.tokenizer, is_main)
     try:
-        last = _steps(exp, state, start, step_rng, manager, writer, workdir, progress, preemption)
+        parts = LoopParts(*_open_device_input(run, start), kept, progress, preemption)
+        last = _loop(run, parts, state, start)
     finally:
+        kept.close()
         preemption.close()
         progress.close()
-        writer.flush()
+        run.writer.flush()
+    if "preempted_at" in last:
+        return last
+    run.manager.wait_until_finished()
+    if config.train.bleu_every and config.train.final_beam_size > 0 and is_main:
+        step = last.get("step", config.train.num_steps)
+        scores, texts = final_report(exp, run.workdir)
+        run.writer.write_texts(step, texts)
+        _write(run.writer, step, scores)
+        last = last | scores | texts
     return last
 
 
@@ -410,89 +459,62 @@ def _write(writer, step: int, scalars: dict) -> None:
     writer.flush()
 
 
-def _steps(exp, state, start, step_rng, manager, writer, workdir, progress, preemption) -> dict:
-    config, stepper = exp.config, exp.stepper
+def _loop(run: Run, parts: LoopParts, state: TrainState, start: int) -> dict:
+    exp, config, stepper, writer = run.exp, run.exp.config, run.exp.stepper, run.writer
     num_steps = config.train.num_steps
-    batches = open_input(exp, workdir, start)
-    put = stepper.put_batch
-    if config.data.input_order == "global":  # the input yields global batches: keep our rows
-        def put(host, index=stepper.batch_shard[0], count=stepper.batch_shard[1]):
-            return stepper.put_batch(pipeline.block_of(host, index, count))
-    device_batches = DevicePrefetcher(batches, put)
-    kept = selection.KeptCheckpoints(workdir, config, exp.tokenizer, jax.process_index() == 0)
-    try:
-        last = _loop(exp, state, start, step_rng, manager, writer, workdir, progress, preemption,
-                     batches, device_batches, kept)
-    finally:
-        kept.close()
-    if "preempted_at" in last:
-        return last
-    manager.wait_until_finished()
-    if config.train.bleu_every and config.train.final_beam_size > 0 and (
-        jax.process_index() == 0
-    ):
-        scores, texts = final_report(exp, workdir)
-        writer.write_texts(last.get("step", num_steps), texts)
-        _write(writer, last.get("step", num_steps), scores)
-        last = last | scores | texts
-    return last
-
-
-def _loop(exp, state, start, step_rng, manager, writer, workdir, progress, preemption, batches,
-          device_batches, kept) -> dict:
-    config, stepper = exp.config, exp.stepper
-    num_steps = config.train.num_steps
+    kept = parts.kept
     sums, tick, last = None, time.perf_counter(), {}
     restored = start
     if kept.stopped():
         logging.info("early stopping ended this run at step %d; not training further", start)
         start = num_steps
     for step in range(start + 1, num_steps + 1):
-        batch = next(device_batches)
+        batch = next(parts.device_batches)
         # Everything the step takes is on the devices already: an implicit host transfer here
         # would be a hidden round-trip on every step, so it is an error.
         with jax.transfer_guard("disallow"):
-            state, step_metrics = stepper.train(state, batch, step_rng)
+            state, step_metrics = stepper.train(state, batch, run.step_rng)
             sums = accumulate(sums, step_metrics)
-        progress.update()
-        if preemption.reached(step):
-            _check_finite(exp, sums, step, manager)
-            _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir)
+        parts.progress.update()
+        if parts.preemption.reached(step):
+            _check_finite(exp, sums, step, run.manager)
+            _save_checkpoint(run, parts, step, state)
             logging.warning("preempted: saved step %d; run the same command to resume", step)
             return last | {"preempted_at": step}
         if step % config.train.log_every == 0 or step == num_steps:
-            fetched = _check_finite(exp, sums, step, manager)
+            fetched = _check_finite(exp, sums, step, run.manager)
             last = metrics.summarize_train(fetched, time.perf_counter() - tick)
             if exp.steps_per_epoch:
                 last["epoch"] = step / exp.steps_per_epoch
             _write(writer, step, last)
-            progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+            parts.progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
             sums, tick = None, time.perf_counter()
+        dev_scores = {}
         if step % config.train.eval_every == 0 or step == num_steps:
             evals = _run_evals(exp, state)
             _write(writer, step, evals)
-            last = last | evals
+            last, dev_scores = last | evals, dev_scores | evals
             tick = time.perf_counter()
-        stop = False
         bleu_every = config.train.bleu_every
         if bleu_every and (step % bleu_every == 0 or step == num_steps):
             scores, signatures = bleu_scores(exp, state)
             writer.write_texts(step, signatures)
             _write(writer, step, scores)
-            last = last | scores | signatures
-            if "dev_bleu" in scores:
-                stop = kept.note_dev_bleu(step, scores["dev_bleu"], stepper.to_checkpoint(state))
+            last, dev_scores = last | scores | signatures, dev_scores | scores
             tick = time.perf_counter()
+        stop = bool(dev_scores) and kept.note_dev_scores(
+            step, dev_scores, stepper.to_checkpoint(state))
         if kept.pool_due(step):
             kept.save_to_pool(step, stepper.to_checkpoint(state))
         if stop or step % config.train.checkpoint_every == 0 or step == num_steps:
-            _check_finite(exp, sums, step, manager)
-            _save_checkpoint(exp, manager, step, state, batches, device_batches, workdir)
+            _check_finite(exp, sums, step, run.manager)
+            _save_checkpoint(run, parts, step, state)
         last["step"] = step
         if stop:
-            logging.warning("early stop at step %d: dev BLEU has not beaten %.2f (step %d) in "
-                            "%d evaluations", step, kept.record.best_bleu, kept.record.best_step,
-                            config.train.early_stop_evals)
+            record = kept.record
+            logging.warning("early stop at step %d: %s has not beaten %.4g (step %d) in %d "
+                            "evaluations", step, record.metric, record.best_score,
+                            record.best_step, config.train.early_stop_evals)
             last["stopped_early_at"] = step
             break
     if start >= num_steps:  # nothing left to train: report the restored state

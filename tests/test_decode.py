@@ -163,8 +163,19 @@ def test_average_is_the_mean_of_the_last_checkpoints(mesh_trained_workdir, tmp_p
         lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-6),
         averaged["params"], four["params"], six["params"],
     )
-    with pytest.raises(ValueError, match="has 3; pass --last 3"):
+    with pytest.raises(ValueError, match="has 3; average fewer"):
         checkpoint.average_checkpoints(mesh_trained_workdir, 5, output)
+    # Averaged in memory for decoding (evaluate --average): the same params, nothing written;
+    # up to --step, the newest that far.
+    from t2t_jax.decode import load_decoder
+
+    in_memory = load_decoder(mesh_trained_workdir, average=2)
+    assert in_memory.step == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(in_memory.params[0]),
+                 averaged["params"])
+    assert load_decoder(mesh_trained_workdir, step=4, average=2).step == 4
+    with pytest.raises(ValueError, match="has 1 up to step 2"):
+        load_decoder(mesh_trained_workdir, step=2, average=2)
 
 
 @pytest.mark.xdist_group("mesh_model")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from ml_collections import ConfigDict
 
-from t2t_jax import bleu, checkpoint
+from t2t_jax import bleu, checkpoint, selection
 from t2t_jax.data import parallel_text, pipeline, tasks
 from t2t_jax.data.tokenizer import (
     EOS_ID,
@@ -122,11 +123,17 @@ def test_subword_sampling_varies_segmentations_of_training_text_only(tiny_config
     tokenizer = SentencePieceTokenizer.train(iter(sentences(500, 3)), vocab_size=300)
     sampled = tokenizer.sampled(0.2)
     text = "the red cat sat on a mat far über Straße"
-    draws = {tuple(sampled.encode(text)) for _ in range(30)}
+    draws = {tuple(sampled.encode_sampled(text, [0, i])) for i in range(30)}
     assert len(draws) > 1 and all(tokenizer.decode(list(ids)) == text for ids in draws)
-    assert {tuple(tokenizer.encode(text)) for _ in range(5)} == {tuple(tokenizer.encode(text))}
-    ds = tf.data.Dataset.from_tensors(tf.constant(text)).repeat(20).map(sampled.tf_encode)
+    # A draw is a function of the text and its seed; plain encoding keeps the one best.
+    assert sampled.encode_sampled(text, [0, 7]) == sampled.encode_sampled(text, [0, 7])
+    assert sampled.encode(text) == tokenizer.encode(text)
+    seeds = tf.data.Dataset.range(20).map(lambda i: tf.stack([tf.constant(0, tf.int64), i]))
+    texts = tf.data.Dataset.from_tensors(tf.constant(text)).repeat(20)
+    ds = tf.data.Dataset.zip(texts, seeds).map(sampled.tf_encode)
     assert len({tuple(ids) for ids in ds.as_numpy_iterator()}) > 1  # anew at every pass
+    with pytest.raises(ValueError, match="needs a seed"):
+        sampled.tf_encode(tf.constant(text))
     with pytest.raises(ValueError, match="spm_sampling_alpha must be in"):
         tokenizer.sampled(0.0)
     from t2t_jax.data import pipeline
@@ -135,6 +142,33 @@ def test_subword_sampling_varies_segmentations_of_training_text_only(tiny_config
     builder = tasks.builder_from_config(tiny_config.data)
     with pytest.raises(ValueError, match="spm_sampling_alpha samples SentencePiece"):
         pipeline.train_dataset(tiny_config, builder, tasks.tokenizer_from_config(tiny_config.data))
+
+
+def test_resumed_input_draws_the_same_sampled_segmentations(data_dir, corpus, tmp_path):
+    config = small_text_config(data_dir, corpus)
+    builder = tasks.builder_from_config(config.data)
+    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path), builder)
+
+    def batches(alpha, skip=0):
+        config.data.spm_sampling_alpha = alpha
+        return pipeline.InputIterator(
+            pipeline.train_dataset(config, builder, tokenizer, skip_batches=skip))
+
+    def take(iterator, count):
+        return [next(iterator) for _ in range(count)]
+
+    straight = take(batches(0.5), 6)
+    assert not all(np.array_equal(a["inputs"], b["inputs"])  # sampling changed segmentations
+                   for a, b in zip(take(batches(0.0), 6), straight, strict=True))
+    interrupted = batches(0.5)
+    take(interrupted, 3)
+    interrupted.save(str(tmp_path / "input"), [])
+    resumed = batches(0.5)
+    resumed.restore(str(tmp_path / "input"))
+    replayed = batches(0.5, skip=3)  # no input state saved: the order replayed from the start
+    for again in (take(resumed, 3), take(replayed, 3)):
+        for a, b in zip(again, straight[3:], strict=True):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_bleu_is_sacrebleu_13a_cased():
@@ -149,6 +183,7 @@ def test_bleu_is_sacrebleu_13a_cased():
 def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpus, tmp_path):
     config = small_text_config(data_dir, corpus)
     config.data.spm_sampling_alpha = 0.1  # training batches through subword sampling
+    config.train.select_by = "eval_loss"  # the best checkpoint by validation loss
     workdir = str(tmp_path / "run")
     result = train_and_evaluate(config, workdir, jax.devices()[:1])
     assert 0.0 <= result["bleu"] <= 100.0 and "tok:13a" in result["bleu_signature"]
@@ -166,19 +201,29 @@ def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpu
     config.train.num_steps = 6
     train_and_evaluate(config, workdir, jax.devices()[:1])
     assert os.path.getmtime(os.path.join(workdir, "spm.model")) == mtime
-    # `evaluate` decodes the test file and writes one hypothesis per line of it.
+    # The best is the lowest validation loss of the evaluations at steps 4 and 6 (the resumed
+    # run compared against the first's).
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = {row["step"]: row["eval_loss"] for row in map(json.loads, f) if "eval_loss" in row}
+    record = selection.load_record(workdir, "eval_loss")
+    assert set(losses) == {4, 6} and record.best_step == min(losses, key=losses.get)
+    assert record.best_score == pytest.approx(losses[record.best_step])
+    assert checkpoint.checkpoint_steps(os.path.join(workdir, "best")) == [record.best_step]
+    # `evaluate` decodes the test file and writes one hypothesis per line of it; --average 2:
+    # with the mean of checkpoints 4 and 6.
     from tests.test_cli import t2t_jax
 
-    done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "1,2")
+    done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "1,2",
+                   "--average", "2")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "20 test sentences, step 6" in done.stdout
+    assert "20 test sentences, step 6, one model, each the average of its newest 2" in done.stdout
     assert "BLEU: nrefs:1" in done.stdout and "chrF: nrefs:1" in done.stdout
     # One row per setting: beam, alpha, BLEU, chrF, exact, sentences/s, tokens/s, file.
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in
             (["1", "0.60"], ["2", "0.60"])]
     assert len(rows) == 2 and all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)
     for beam in (1, 2):
-        path = os.path.join(workdir, f"hypotheses_test_step6_beam{beam}_alpha0.6.txt")
+        path = os.path.join(workdir, f"hypotheses_test_step6_average2_beam{beam}_alpha0.6.txt")
         with open(path) as f:
             assert len(f.read().splitlines()) == 20
 
@@ -275,11 +320,41 @@ def test_parallel_text_presets_size_the_model_for_the_corpus():
     assert "total parameters: 7577600" in done.stdout, done.stderr[-2000:]
 
 
+def test_the_averaging_pool_keeps_the_end_of_the_run():
+    train = ConfigDict(dict(num_steps=1939, average_last=5, average_span=0.1,
+                            early_stop_evals=0))
+    every = selection.pool_interval(train)
+    assert every == 39
+    due = [step for step in range(1, 1940) if selection.pool_due(train, every, step)]
+    assert due == [1783, 1822, 1861, 1900, 1939]  # the last step is always one of them
+    train.early_stop_evals = 3  # the run may end sooner: the whole grid, the newest 5 kept
+    due = [step for step in range(1, 1940) if selection.pool_due(train, every, step)]
+    assert len(due) == 50 and due[0] == 1939 - 49 * 39 == 28 and due[-1] == 1939
+
+
+def test_dev_record_selects_by_higher_bleu_or_lower_loss(tmp_path):
+    by_loss = selection.DevRecord("eval_loss")
+    assert [by_loss.update(step, loss) for step, loss in ((1, 3.0), (2, 2.5), (3, 2.7))] == [
+        True, True, False]
+    assert (by_loss.best_score, by_loss.best_step, by_loss.evals_since_best) == (2.5, 2, 1)
+    by_bleu = selection.DevRecord()
+    assert [by_bleu.update(step, bleu) for step, bleu in ((1, 3.0), (2, 2.5))] == [True, False]
+    assert by_bleu.patience_spent(1) and not by_bleu.patience_spent(2)
+    # A record written before select_by existed is read as dev BLEU's; another metric's record
+    # does not hold for this one.
+    os.makedirs(tmp_path / "best")
+    with open(tmp_path / "best" / "record.json", "w") as f:
+        json.dump({"best_bleu": 31.5, "best_step": 800, "evals_since_best": 2}, f)
+    old = selection.load_record(str(tmp_path))
+    assert (old.metric, old.best_score, old.best_step) == ("dev_bleu", 31.5, 800)
+    assert selection.load_record(str(tmp_path), "eval_loss") == selection.DevRecord("eval_loss")
+    with pytest.raises(ValueError, match="train.select_by must be one of dev_bleu, eval_loss"):
+        selection.check_select_by(ConfigDict(dict(select_by="bleu")))
+
+
 def test_best_checkpoint_early_stopping_and_final_averaged_beam_numbers(
     data_dir, corpus, tmp_path
 ):
-    from t2t_jax import selection
-
     config = small_text_config(data_dir, corpus)
     # A learning rate of 0 keeps the params, so dev BLEU never improves after its first value:
     # two evaluations later the run must stop, at step 6 of 12.
@@ -295,6 +370,9 @@ def test_best_checkpoint_early_stopping_and_final_averaged_beam_numbers(
     assert checkpoint.checkpoint_steps(os.path.join(workdir, "best")) == [2]
     # The pool kept a checkpoint every 0.5 * 12 / 3 = 2 steps, the newest 3 averaged.
     assert checkpoint.checkpoint_steps(os.path.join(workdir, "average_pool")) == [2, 4, 6]
+    for kept in ("average_pool", "averaged"):  # params alone: a third of a train state
+        state = checkpoint.restore_host_state(os.path.join(workdir, kept), params_only=False)[0]
+        assert set(state) == {"params", "step"}, kept
     assert result["test_params"] == "average of steps [2, 4, 6], beam 4, alpha 0.6"
     for key in ("test_bleu", "test_chrf", "best_test_bleu", "dev_bleu"):
         assert 0.0 <= result[key] <= 100.0, key

@@ -40,18 +40,37 @@ class Lengths:
 
 
 def encode(ds: tf.data.Dataset, tokenizer: Tokenizer, model_type: str) -> tf.data.Dataset:
-    """Text pairs -> int32 ids with EOS appended (decoder-only: one sequence with a loss mask)."""
+    """Text pairs -> int32 ids with EOS appended (decoder-only: one sequence with a loss mask).
+    Examples with a `sample_seed` (`with_sample_seeds`) give it to a sampling tokenizer, each
+    side its own."""
     eos = tf.constant([EOS_ID], tf.int32)
 
+    def ids(example, name: str, side: int) -> tf.Tensor:
+        if "sample_seed" not in example:
+            return tf.concat([tokenizer.tf_encode(example[name]), eos], 0)
+        seed = tf.concat([example["sample_seed"], tf.constant([side], tf.int64)], 0)
+        return tf.concat([tokenizer.tf_encode(example[name], seed), eos], 0)
+
     def to_ids(example):
-        source = tf.concat([tokenizer.tf_encode(example["inputs"]), eos], 0)
-        target = tf.concat([tokenizer.tf_encode(example["targets"]), eos], 0)
+        source, target = ids(example, "inputs", 0), ids(example, "targets", 1)
         if model_type != "decoder_only":
             return {"inputs": source, "targets": target}
         mask = tf.concat([tf.zeros_like(source), tf.ones_like(target)], 0)
         return {"targets": tf.concat([source, target], 0), "loss_mask": mask}
 
     return ds.map(tf.autograph.experimental.do_not_convert(to_ids), num_parallel_calls=AUTOTUNE)
+
+
+def with_sample_seeds(ds: tf.data.Dataset, seed: int, process_index: int) -> tf.data.Dataset:
+    """Each example with `sample_seed` (seed, process, its position in this process's stream):
+    a new one at every pass, and, as the position is part of the input state a checkpoint
+    saves, the same ones again in a resumed run."""
+    def add(position, example):
+        ids = tf.stack([tf.constant(seed % 2**63, tf.int64), tf.constant(process_index, tf.int64),
+                        position])
+        return example | {"sample_seed": ids}
+
+    return ds.enumerate().map(add)
 
 
 def limit_length(ds: tf.data.Dataset, lengths: dict[str, int], overlong: str) -> tf.data.Dataset:
@@ -232,7 +251,8 @@ def train_dataset(
         if not hasattr(tokenizer, "sampled"):
             raise ValueError("data.spm_sampling_alpha samples SentencePiece segmentations, and "
                              "this data has none (a built-in task): set it to 0")
-        tokenizer = tokenizer.sampled(data.spm_sampling_alpha)
+        tokenizer = tokenizer.sampled(data.spm_sampling_alpha, data.spm_sampling_nbest)
+        ds = with_sample_seeds(ds, config.seed, process_index)
     ds = limit_length(encode(ds, tokenizer, config.model.type), feature_lengths, data.overlong)
     if data.token_budget and not data.packing:
         ds = token_budget_batches(

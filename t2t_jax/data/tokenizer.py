@@ -108,11 +108,12 @@ class SentencePieceTokenizer:
 
     FILENAME = "spm.model"
 
-    def __init__(self, model_proto: bytes, sampling_alpha: float = 0.0):
+    def __init__(self, model_proto: bytes, sampling_alpha: float = 0.0, sampling_nbest: int = 64):
         import sentencepiece
 
         self.model_proto = model_proto
         self.sampling_alpha = sampling_alpha
+        self.sampling_nbest = sampling_nbest
         self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         reserved = (self._processor.pad_id(), self._processor.eos_id(), self._processor.unk_id())
         if reserved != (PAD_ID, EOS_ID, UNK_ID):
@@ -168,20 +169,36 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return self._processor.get_piece_size()
 
-    def sampled(self, alpha: float) -> SentencePieceTokenizer:
-        """This model segmenting every text anew at each encoding, by sampling from all its
-        segmentations with smoothing `alpha` (subword regularization, Kudo 2018; unigram models):
-        for training batches only, so that a small corpus is seen in many segmentations."""
+    def sampled(self, alpha: float, nbest: int = 64) -> SentencePieceTokenizer:
+        """This model drawing a segmentation of each text from its `nbest` best ones, with
+        probabilities proportional to P(segmentation)^alpha (subword regularization, Kudo 2018,
+        l-best sampling; unigram models): for training batches only, so that a small corpus is
+        seen in many segmentations. The draw is a function of the text and a seed
+        (`encode_sampled`), so that a resumed run draws again what it drew before."""
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"data.spm_sampling_alpha must be in (0, 1], got {alpha}")
-        return SentencePieceTokenizer(self.model_proto, alpha)
+        if nbest < 2:
+            raise ValueError(f"data.spm_sampling_nbest must be >= 2, got {nbest}")
+        return SentencePieceTokenizer(self.model_proto, alpha, nbest)
 
     def encode(self, text: str) -> list[int]:
-        if self.sampling_alpha:
-            return self._processor.encode(
-                text, enable_sampling=True, alpha=self.sampling_alpha, nbest_size=-1
-            )
+        """The best segmentation's ids (sampled tokenizers too: they sample in
+        `encode_sampled`)."""
         return self._processor.encode(text)
+
+    def encode_sampled(self, text: str, seed: Sequence[int]) -> list[int]:
+        """A segmentation drawn with numpy's generator seeded by `seed` (non-negative ints)
+        from the `sampling_nbest` best, weighted by P^alpha: the same text and seed always give
+        the same ids, on any machine (SentencePiece's own sampler cannot be seeded per call)."""
+        nbests = self._processor.nbest_encode(
+            text, return_type="proto", nbest_size=self.sampling_nbest
+        ).nbests
+        if len(nbests) < 2:
+            return [piece.id for piece in nbests[0].pieces] if nbests else []
+        logits = self.sampling_alpha * np.array([n.score for n in nbests], np.float64)
+        weights = np.exp(logits - logits.max())
+        choice = np.random.default_rng(list(seed)).choice(len(nbests), p=weights / weights.sum())
+        return [piece.id for piece in nbests[choice].pieces]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Stops at the first end-of-sequence id and drops padding."""
@@ -190,15 +207,24 @@ class SentencePieceTokenizer:
             ids = ids[: ids.index(EOS_ID)]
         return self._processor.decode([i for i in ids if i != PAD_ID])
 
-    def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
-        """Scalar string tensor -> int32 ids [length] (runs SentencePiece in Python)."""
+    def tf_encode(self, text: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
+        """Scalar string tensor -> int32 ids [length] (runs SentencePiece in Python); a sampled
+        tokenizer draws with `seed` (int64 [k], non-negative), which it needs."""
+        if not self.sampling_alpha:
+            def encode(value) -> np.ndarray:
+                return np.asarray(self.encode(np.asarray(value).item().decode("utf-8")), np.int32)
 
-        def encode(value) -> np.ndarray:
-            return np.asarray(self.encode(np.asarray(value).item().decode("utf-8")), np.int32)
+            ids = tf.numpy_function(encode, [text], tf.int32, stateful=False)
+        else:
+            if seed is None:
+                raise ValueError("a sampling SentencePiece tokenizer needs a seed per example")
 
-        # Sampled segmentations differ call by call: tf.data must not reuse a result.
-        stateful = bool(self.sampling_alpha)
-        ids = tf.numpy_function(encode, [text], tf.int32, stateful=stateful)
+            def encode(value, seed_value) -> np.ndarray:
+                ids = self.encode_sampled(np.asarray(value).item().decode("utf-8"),
+                                           np.asarray(seed_value).tolist())
+                return np.asarray(ids, np.int32)
+
+            ids = tf.numpy_function(encode, [text, seed], tf.int32, stateful=False)
         ids.set_shape([None])
         return ids
 
