@@ -8,9 +8,11 @@
 Which preset (`:small`, `:base`, `:big`; none is `:base`):
 
 - `small`, for 10k-200k sentence pairs: 3+3 layers, d_model 256, d_ff 1024, 4 heads (7.6M
-  parameters with 8k pieces), dropout 0.3, 8k SentencePiece pieces, 32 packed rows of 128
-  tokens a step, warmup 800, 20 epochs; dev BLEU and a checkpoint every 400 steps; at the end,
-  the test set by beam search with the average of 5 checkpoints from the last 10% of the run.
+  parameters with 8k pieces), dropout 0.2, 8k SentencePiece pieces, 32 packed rows of 128
+  tokens a step, warmup 800, 17 epochs with the learning rate falling linearly to 0 over the
+  last 30% of them; dev BLEU and a checkpoint every 500 steps; at the end, the test set by beam
+  search with the average of 5 checkpoints (params) from the last 10% of the run. Sized to
+  finish within an hour on 2 CPU cores for a corpus of 30k short pairs.
 - `base`, for 200k-2M pairs: the paper's base model (6+6, 512, 2048, 8 heads, dropout 0.1),
   8k pieces, 64 packed rows of 128 tokens, 100k steps.
 - `big`, for more than 2M pairs, on GPUs or TPUs: the paper's big model (6+6, 1024, 4096, 16
@@ -20,19 +22,23 @@ Which preset (`:small`, `:base`, `:big`; none is `:base`):
 Small corpora overfit a big model long before they train it: the small preset trades width and
 depth for dropout, and counts its length in epochs (`train.num_epochs`), so that it scales with
 the corpus. What they cost on 2 CPU cores (JAX 0.10, float32): the small preset's train step
-takes 1.3 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.65 steps a second in training
-with its input pipeline; an epoch of a 30k-pair corpus of short sentences (about 13 words each,
-some 130 steps) takes about 3.5 minutes, so its 20 epochs about 70 minutes. The base preset takes
-about 17 s a step there: for its corpora a CPU is no longer the right machine. On one GPU, pass
-`--config.model.dtype=bfloat16`; the presets' GPU cost per epoch has not been measured yet.
+takes 1.3 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.7 steps a second in training
+with its input pipeline. An epoch of a 30k-pair corpus of short sentences (Multi30k: about 13
+words a sentence, 121 steps an epoch) takes about 3 minutes; the whole run, evaluations and the
+final beam search included, under an hour (docs/benchmarks.md has the BLEU it reaches). A corpus
+of N pairs of such sentences costs about N/10k minutes an epoch: for 100k pairs or more, lower
+`train.num_epochs` or use a GPU. The base preset takes about 17 s a step there: for its corpora
+a CPU is no longer the right machine. On one GPU, pass `--config.model.dtype=bfloat16`; the
+presets' GPU cost per epoch has not been measured yet.
 
 Files may be gzipped; `--config.data.train_tsv=train.tsv` (source<TAB>target) replaces a pair.
 A SentencePiece model of `data.spm_vocab_size` pieces is trained on the training files and kept
 in the workdir and in every checkpoint. Greedy BLEU on the test files, and on the eval files
-(`dev_bleu`, which keeps the best checkpoint in WORKDIR/best), is logged every
-`train.bleu_every` steps; `--config.train.early_stop_evals=K` stops after K evaluations without
-a better dev BLEU. At the end, `metrics.jsonl` gets `test_bleu` and `test_chrf` (beam 4, alpha
-0.6, with their sacreBLEU signatures), `best_test_bleu` (the best checkpoint, greedy), and
+(`dev_bleu`, which keeps the best checkpoint in WORKDIR/best; `train.select_by=eval_loss` picks
+it by validation loss instead), is logged every `train.bleu_every` steps;
+`--config.train.early_stop_evals=K` stops after K evaluations without a better dev score. At
+the end, `metrics.jsonl` gets `test_bleu` and `test_chrf` (beam 4, alpha 0.6, with their
+sacreBLEU signatures), `best_test_bleu` (the best checkpoint, greedy), and
 WORKDIR/hypotheses_test_final.txt the hypotheses in the test file's line order.
 """
 
@@ -63,11 +69,11 @@ def get_config(preset: str | None = None):
     config.train.bleu_examples = -1
     if preset == "small":
         config.model.update(num_encoder_layers=3, num_decoder_layers=3, d_model=256, d_ff=1024,
-                            num_heads=4, dropout_rate=0.3)
+                            num_heads=4, dropout_rate=0.2)
         config.data.batch_size = 32
-        config.train.update(num_epochs=20.0, warmup_steps=800, eval_every=400,
-                            checkpoint_every=400, bleu_every=400, keep_checkpoints=5,
-                            average_last=5, average_span=0.1)
+        config.train.update(num_epochs=17.0, warmup_steps=800, cooldown_fraction=0.3,
+                            eval_every=500, checkpoint_every=500, bleu_every=500,
+                            keep_checkpoints=5, average_last=5, average_span=0.1)
     elif preset == "big":
         config = make_big(config)
         config.data.spm_vocab_size = 32_000

@@ -308,7 +308,7 @@ def test_parallel_text_presets_size_the_model_for_the_corpus():
     small, base, big = (module.get_config(preset) for preset in ("small", "base", "big"))
     assert module.get_config().to_dict() == base.to_dict()
     assert (small.model.num_encoder_layers, small.model.d_model, small.model.dropout_rate,
-            small.train.num_epochs, small.data.batch_size) == (3, 256, 0.3, 20.0, 32)
+            small.train.num_epochs, small.data.batch_size) == (3, 256, 0.2, 17.0, 32)
     assert (base.model.d_model, base.train.num_epochs) == (512, 0.0)
     assert (big.model.d_model, big.data.spm_vocab_size, big.data.max_target_length) == (
         1024, 32_000, 256)
