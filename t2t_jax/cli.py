@@ -323,7 +323,8 @@ def evaluate_command() -> None:
                      stats["sentences_per_s"], stats["tokens_per_s"], path))
     models = f"ensemble of {len(workdirs)}" if len(workdirs) > 1 else "one model"
     if _AVERAGE.value > 1:
-        models += f", each the average of its newest {_AVERAGE.value} checkpoints"
+        models += (", each" if len(workdirs) > 1 else ",") + (
+            f" the average of its newest {_AVERAGE.value} checkpoints")
     print(f"{len(sources)} {_SPLIT.value} sentences, step {decoder.step}, {models}")
     print(f"BLEU: {signature}")
     print(f"chrF: {chrf_signature}")

@@ -72,7 +72,9 @@ def params_of(workdir, step):
 
 # Both sides: the same global batches (global input order) on the same (data=4, tensor=2) mesh.
 # Two processes: ici (data=2, tensor=2) within each, dcn data=2 across them.
-SHARED = dict(data__input_order="global", mesh__ici__tensor=2, train__eval_every=1000)
+# No samples decoded at the end: a decode compile per process says nothing of these tests.
+SHARED = dict(data__input_order="global", mesh__ici__tensor=2, train__eval_every=1000,
+              train__num_decode_examples=0)
 
 
 def test_two_processes_train_save_and_resume_like_one(tiny_config, data_dir, tmp_path):

@@ -216,7 +216,7 @@ def test_training_on_own_files_logs_bleu_and_keeps_the_tokenizer(data_dir, corpu
     done = t2t_jax("evaluate", "--workdir", workdir, "--split", "test", "--beam_size", "1,2",
                    "--average", "2")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "20 test sentences, step 6, one model, each the average of its newest 2" in done.stdout
+    assert "20 test sentences, step 6, one model, the average of its newest 2" in done.stdout
     assert "BLEU: nrefs:1" in done.stdout and "chrF: nrefs:1" in done.stdout
     # One row per setting: beam, alpha, BLEU, chrF, exact, sentences/s, tokens/s, file.
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in

@@ -263,6 +263,7 @@ def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path, dropout_rn
     tiny_config.model.dropout_rate = 0.1  # the dropout rng must resume too
     tiny_config.train.dropout_rng = dropout_rng
     tiny_config.data.packing = True  # the packer's position must resume too
+    tiny_config.train.num_decode_examples = 0  # three runs: no decode compile in each
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(tiny_config, straight, jax.devices()[:2])
     tiny_config.train.num_steps = 2
