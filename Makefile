@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/reverse.py
 WORKDIR ?= runs/reverse
-PYTEST_ARGS ?= -n 2 --dist loadgroup  # tests of one xdist_group (a shared trained model) share a worker
+# Tests of one xdist_group (a shared trained model) share a worker; the slowest are listed, to
+# keep the suite inside CI's 12 minutes.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
 .PHONY: install train test lint clean
 

@@ -1,11 +1,28 @@
 """Shared fixtures: 8 fake CPU devices, quiet TensorFlow, and a tiny config on a tiny dataset."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
+# Compiling is most of the suite's time on CPU. LLVM's optimisations take half of it and buy
+# nothing on programs this small; XLA's own passes (fusion, layout, sharding) still run, so the
+# programs tested are the ones users run. Processes that tests launch get these flags too: runs
+# compared bit for bit must be compiled alike.
+FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 # Before JAX starts: eight host devices so meshes and pmap are tested on CPU.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_XLA_FLAGS,
+    "--xla_force_host_platform_device_count=8",
+]).strip()
+# One persistent compilation cache for the whole run, shared by the xdist workers and the
+# processes tests launch (they inherit the environment): most tests compile the same tiny
+# programs, and compiling is most of their time on CPU. Created here, in the controller, before
+# the workers start; removed when the controller exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t2t_jax_test_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -51,3 +68,18 @@ def assert_params_close(actual, expected, atol: float = 2e-6) -> None:
         name = jax.tree_util.keystr(path)
         if "['key']['bias']" not in name:
             np.testing.assert_allclose(value, want, atol=atol, err_msg=name)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Stop at once if xdist's `--dist loadgroup` has lost its groups, as it did silently under
+    pytest 9.2: every test of a group would then train the group's shared model again."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"--dist loadgroup did not group {lost[0]}: install a pytest that pytest-xdist "
+            "supports (setup.cfg's test extra pins one)"
+        )

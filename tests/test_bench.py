@@ -10,6 +10,7 @@ import pytest
 
 from t2t_jax import bench, profiling
 from t2t_jax.model import ModelConfig
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
 
 
 def test_flops_formula_counts_the_base_model():
@@ -171,7 +172,7 @@ def test_bench_and_decoding_need_no_tensorflow():
         " batch_tokens=16, steps=1, beam_size=2)\n"
         "print('tokens/s', points[0].tokens_per_s)\n"
     )
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def t2t_jax(*args, env=None, input=None):
     environment = dict(os.environ, **(env or {}))
-    environment["XLA_FLAGS"] = ""  # one device, as a user's CPU machine has
+    environment["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # one device, as a user's CPU machine has
     return subprocess.run(
         [sys.executable, "-m", "t2t_jax.cli", *args],
         capture_output=True, text=True, cwd=ROOT, env=environment, timeout=300,
@@ -29,7 +31,8 @@ def test_info_reports_the_base_model_size():
     result = subprocess.run(
         [sys.executable, "-m", "t2t_jax.cli", "info", "--config", "configs/base.py"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={k: v for k, v in os.environ.items() if k not in quiet} | {"XLA_FLAGS": ""},
+        env={k: v for k, v in os.environ.items() if k not in quiet}
+        | {"XLA_FLAGS": FAST_COMPILE_XLA_FLAGS},
     )
     assert result.returncode == 0, result.stderr
     # libtpu (installed with the test extras) probes for a TPU at start; it must do so quietly.

@@ -20,6 +20,7 @@ from t2t_jax.decode import (
     translate,
 )
 from t2t_jax.model import ModelConfig, build_model
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, make_tiny_config
 
 TINY = dict(vocab_size=13, num_encoder_layers=1, num_decoder_layers=2, d_model=32, d_ff=64,
             num_heads=4, dropout_rate=0.0)
@@ -108,12 +109,13 @@ def test_translate_returns_one_output_per_line_in_order_whatever_the_batching():
     assert search_batch._cache_size() == compiled
 
 
-@pytest.fixture(scope="module")
+# Session scope: a worker may run other modules' tests between this group's, and a module
+# fixture would be trained again after them.
+@pytest.fixture(scope="session")
 def mesh_trained_workdir(tmp_path_factory):
     """A tiny model trained on all 8 fake devices as a (data=4, tensor=2) mesh, with
     checkpoints at steps 2, 4 and 6."""
     from t2t_jax.train import train_and_evaluate
-    from tests.conftest import make_tiny_config
 
     root = tmp_path_factory.mktemp("decode")
     config = make_tiny_config(str(root / "tfds"))
@@ -260,12 +262,11 @@ def test_ensemble_of_a_model_with_itself_is_that_model():
         np.testing.assert_allclose(single.score, pair.score, rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # see mesh_trained_workdir
 def reverse_workdir(tmp_path_factory):
     """A small model trained to exact reversal of 1-6 symbols (~25 s): the default recipe's
     cooldown settles it."""
     from t2t_jax.train import train_and_evaluate
-    from tests.conftest import make_tiny_config
 
     root = tmp_path_factory.mktemp("reverse")
     config = make_tiny_config(str(root / "tfds"))
@@ -400,7 +401,7 @@ def test_decode_on_a_terminal_answers_each_line_as_it_comes(reverse_workdir):
         [sys.executable, "-m", "t2t_jax.cli", "decode", "--workdir", reverse_workdir,
          "--beam_size", "1"],
         stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
-        env=dict(os.environ, XLA_FLAGS=""),
+        env=dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS),
     )
     os.close(terminal)
     answers = []

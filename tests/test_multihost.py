@@ -14,15 +14,18 @@ import pytest
 
 from t2t_jax import checkpoint, distributed
 from t2t_jax.train import build_experiment, train_and_evaluate
-from tests.conftest import assert_params_close
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, assert_params_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
 
 def overrides(data_dir, **fields):
-    """--config.* flags for configs/tiny.py, the same fields a test sets on its tiny_config."""
-    return [f"--config.data.data_dir={data_dir}"] + [
+    """--config.* flags for configs/tiny.py, the same fields a test sets on its tiny_config; the
+    processes share the test run's compilation cache (conftest)."""
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return [f"--config.data.data_dir={data_dir}",
+            f"--config.train.compilation_cache_dir={cache}"] + [
         f"--config.{key.replace('__', '.')}={value}" for key, value in fields.items()
     ]
 
@@ -40,7 +43,7 @@ def apply(config, **fields):
 def launch(num_processes, workdir, args, devices=4, wait=True):
     env = dict(
         os.environ,
-        XLA_FLAGS="",  # the launcher gives each process its own device count
+        XLA_FLAGS=FAST_COMPILE_XLA_FLAGS,  # the launcher gives each process its own device count
         DEVICES_PER_PROCESS=str(devices),
         T2T_JAX=f"{sys.executable} -m t2t_jax.cli",
         INIT_TIMEOUT="60",
@@ -136,7 +139,7 @@ def test_sigterm_saves_exits_0_and_the_resumed_run_matches_an_unstopped_one(
     tiny_config, data_dir, tmp_path
 ):
     workdir = str(tmp_path / "stopped")
-    env = dict(os.environ, XLA_FLAGS="")  # one device, as in the runs below
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)  # one device, as in the runs below
     popen = subprocess.Popen(
         [sys.executable, "-m", "t2t_jax.cli", "train", "--config", "configs/tiny.py",
          "--workdir", workdir, *overrides(data_dir, **ENDLESS)],
@@ -265,7 +268,8 @@ def test_an_unreachable_coordinator_is_a_clear_error_not_a_hang(tmp_path):
         [sys.executable, "-m", "t2t_jax.cli", "train", "--config", "configs/tiny.py",
          "--workdir", str(tmp_path), "--coordinator_address", "localhost:1",
          "--num_processes", "2", "--process_id", "1", "--init_timeout", "2"],
-        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS), capture_output=True,
+        text=True, timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no coordinator answered at localhost:1 within 2s" in result.stderr

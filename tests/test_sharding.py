@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from t2t_jax import sharding
 from t2t_jax.data import pipeline
 from t2t_jax.train import build_experiment
-from tests.conftest import assert_params_close
+from tests.conftest import assert_params_close, make_tiny_config
 
 
 def mesh_config(data=1, fsdp=1, tensor=1):
@@ -47,10 +47,21 @@ def run_steps(config, devices, mode="jit", steps=2):
     return exp, final, exp.stepper.fetch_metrics(metrics)
 
 
+def make_eight_head_config(data_dir):
+    config = make_tiny_config(data_dir)
+    config.model.num_heads = 8  # so that heads can split 8 ways
+    return config
+
+
 @pytest.fixture
-def reference(tiny_config):
-    tiny_config.model.num_heads = 8  # so that heads can split 8 ways
-    _, state, metrics = run_steps(tiny_config, jax.devices()[:1])
+def eight_head_config(data_dir):
+    return make_eight_head_config(data_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir):
+    """One device's params and metrics, trained once for every layout compared with it."""
+    _, state, metrics = run_steps(make_eight_head_config(data_dir), jax.devices()[:1])
     return jax.device_get(state.params), metrics
 
 
@@ -72,13 +83,13 @@ def assert_same_training(result, reference):
     ],
     ids=["data", "fsdp", "tensor", "data_fsdp_tensor"],
 )
-def test_every_mesh_trains_like_one_device(tiny_config, reference, layout):
-    tiny_config.mesh.ici.update(layout)
-    assert_same_training(run_steps(tiny_config, jax.devices()), reference)
+def test_every_mesh_trains_like_one_device(eight_head_config, reference, layout):
+    eight_head_config.mesh.ici.update(layout)
+    assert_same_training(run_steps(eight_head_config, jax.devices()), reference)
 
 
-def test_pmap_trains_like_jit(tiny_config, reference):
-    assert_same_training(run_steps(tiny_config, jax.devices(), mode="pmap"), reference)
+def test_pmap_trains_like_jit(eight_head_config, reference):
+    assert_same_training(run_steps(eight_head_config, jax.devices(), mode="pmap"), reference)
 
 
 def test_params_are_sharded_as_their_logical_axes_ask(tiny_config):
