@@ -70,16 +70,12 @@ def assert_params_close(actual, expected, atol: float = 2e-6) -> None:
             np.testing.assert_allclose(value, want, atol=atol, err_msg=name)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    """Stop at once if xdist's `--dist loadgroup` has lost its groups, as it did silently under
-    pytest 9.2: every test of a group would then train the group's shared model again."""
-    if not getattr(config.option, "loadgroup", False):
-        return
-    lost = [item.nodeid for item in items
-            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
-    if lost:
-        raise pytest.UsageError(
-            f"--dist loadgroup did not group {lost[0]}: install a pytest that pytest-xdist "
-            "supports (setup.cfg's test extra pins one)"
-        )
+@pytest.fixture(autouse=True)
+def _xdist_group_kept(request):
+    """Fail a grouped test if xdist's `--dist loadgroup` has lost its groups, as it did silently
+    under pytest 9.2: every test of a group would then train the group's shared model again."""
+    if (getattr(request.config.option, "loadgroup", False)
+            and request.node.get_closest_marker("xdist_group")
+            and "@" not in request.node.nodeid):
+        pytest.fail("--dist loadgroup did not group this test: install a pytest that "
+                    "pytest-xdist supports (setup.cfg's test extra pins one)")
