@@ -2,10 +2,10 @@
 
 `t2t-jax check-attention` runs this: a kernel that compiles on one accelerator may still differ
 from the paper's formula there (mask handling, precision), and its fallback may silently take
-over. For each mask kind (self, causal, cross; padded rows and packed rows) it reports the
-largest error of the output and of the gradients against the reference, on real positions
-only, and the custom calls in the compiled program, which show whether the fused kernel (cuDNN's
-`__cudnn$fmha...`, Pallas' `tpu_custom_call`) really ran.
+over. For each mask kind (self, causal, cross; padded rows, packed rows, and for cuDNN packed
+rows as spans) it reports the largest error of the output and of the gradients against the
+reference, on real positions only, and the custom calls in the compiled program, which show
+whether the fused kernel (cuDNN's `__cudnn$fmha...`, Pallas' `tpu_custom_call`) really ran.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ import numpy as np
 from t2t_jax.model import attention
 from t2t_jax.model.masks import AttentionMask
 
-# (causal, cross) per case: cross attends from half as many queries; rows are padded or packed.
+# (causal, cross) per case: cross attends from half as many queries.
 CASES = {"self": (False, False), "causal": (True, False), "cross": (False, True)}
+# Padded rows; packed rows (two examples a row); packed rows with a bound on the examples a row
+# holds (model.max_segments_per_row), which only cuDNN treats differently: as spans.
+ROWS = ("padded", "packed", "spans")
 
 
 @dataclasses.dataclass
@@ -30,7 +33,7 @@ class KernelCheck:
 
     implementation: str
     case: str
-    rows: str  # "padded" or "packed"
+    rows: str  # one of ROWS
     dtype: str
     output_error: float  # max |kernel - reference| / max |reference|, real positions
     gradient_error: float  # the same over dq, dk, dv
@@ -38,7 +41,7 @@ class KernelCheck:
     fallback: str  # why the einsum path ran instead, "" when the kernel itself ran
 
 
-def _mask(q_len: int, k_len: int, causal: bool, packed: bool, batch: int) -> AttentionMask:
+def _mask(q_len: int, k_len: int, causal: bool, rows: str, batch: int) -> AttentionMask:
     """Row 0 full; the others lose a quarter of their tokens to padding; packed rows hold two
     examples split at the middle."""
 
@@ -50,9 +53,10 @@ def _mask(q_len: int, k_len: int, causal: bool, packed: bool, batch: int) -> Att
 
     q_tokens, q_segments = tokens_and_segments(q_len)
     k_tokens, k_segments = tokens_and_segments(k_len)
-    if not packed:
+    if rows == "padded":
         q_segments = k_segments = None
-    return AttentionMask.from_tokens(q_tokens, k_tokens, q_segments, k_segments, causal=causal)
+    return AttentionMask.from_tokens(q_tokens, k_tokens, q_segments, k_segments, causal=causal,
+                                     max_segments=2 if rows == "spans" else 0)
 
 
 def _custom_calls(function, *args) -> str:
@@ -63,7 +67,7 @@ def _custom_calls(function, *args) -> str:
 def check_kernel(
     implementation: str,
     case: str,
-    packed: bool,
+    rows: str,
     dtype: str = "bfloat16",
     length: int = 256,
     batch: int = 2,
@@ -73,7 +77,9 @@ def check_kernel(
     """Output and gradient errors of `implementation` against the float32 einsum reference."""
     causal, cross = CASES[case]
     q_len, k_len = (length // 2, length) if cross else (length, length)
-    mask = _mask(q_len, k_len, causal, packed, batch)
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    mask = _mask(q_len, k_len, causal, rows, batch)
     keys = jax.random.split(jax.random.key(0), 4)
     shapes = [(batch, q_len, heads, depth)] + 2 * [(batch, k_len, heads, depth)]
     qkv = [jax.random.normal(k, s).astype(dtype) for k, s in zip(keys[:3], shapes, strict=True)]
@@ -107,7 +113,7 @@ def check_kernel(
     return KernelCheck(
         implementation,
         case,
-        "packed" if packed else "padded",
+        rows,
         dtype,
         error(result[0], reference[0], real_queries),
         gradient_error,
@@ -121,12 +127,13 @@ def check_kernel(
 def check_kernels(
     implementations: list[str], dtype: str = "bfloat16", length: int = 256
 ) -> list[KernelCheck]:
-    """`check_kernel` for every implementation, case and row layout."""
+    """`check_kernel` for every implementation, case and row layout (spans for cuDNN only)."""
     return [
-        check_kernel(name, case, packed, dtype, length)
+        check_kernel(name, case, rows, dtype, length)
         for name in implementations
         for case in CASES
-        for packed in (False, True)
+        for rows in ROWS
+        if rows != "spans" or name == "cudnn"
     ]
 
 

@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, attention, build_model
-from t2t_jax.model.masks import AttentionMask
+from t2t_jax.model.masks import AttentionMask, segment_spans
 from t2t_jax.model.splash import splash_attention
 
 TINY = dict(
@@ -132,6 +132,88 @@ def test_cudnn_gets_lengths_and_a_causal_flag_not_a_dense_mask(monkeypatch):
     assert calls[1]["mask"].shape == (2, 1, 6, 6)  # packed rows: the segment mask, densely
 
 
+def test_segment_spans_give_each_packed_example_its_offset_and_length():
+    segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    lengths, offsets = segment_spans(segments, 4)
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, -1], [5, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+
+
+def span_mask(query_spans, key_spans, q_len, k_len, causal):
+    """The mask cuDNN's packed layout applies, as its documentation states it: query example k
+    (offsets[k] .. offsets[k] + lengths[k]) attends to key example k, causally within it."""
+    (q_lengths, q_offsets), (k_lengths, k_offsets) = (
+        (np.asarray(a), np.asarray(b)) for a, b in (query_spans, key_spans))
+    allowed = np.zeros((q_lengths.shape[0], 1, q_len, k_len), bool)
+    for row, example in np.argwhere(q_lengths > 0):
+        q0, k0 = q_offsets[row, example], k_offsets[row, example]
+        for i in range(q_lengths[row, example]):
+            for j in range(k_lengths[row, example]):
+                allowed[row, 0, q0 + i, k0 + j] = not causal or j <= i
+    return allowed
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["cross", "causal"])
+def test_spans_describe_the_same_mask_as_the_segment_ids(causal):
+    rng = np.random.default_rng(0)
+
+    def packed_rows(lengths_per_row, row_length):
+        rows = np.zeros((len(lengths_per_row), row_length), np.int32)
+        for r, lengths in enumerate(lengths_per_row):
+            rows[r, :sum(lengths)] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+        return jnp.asarray(rows)
+
+    source = [list(rng.integers(1, 5, size=n)) for n in (3, 1, 4)]
+    # Causal self-attention: the same examples on both sides; cross: other lengths per example.
+    target = source if causal else [list(rng.integers(1, 4, size=len(r))) for r in source]
+    q_segments, k_segments = packed_rows(target, 14), packed_rows(source, 16)
+    if causal:
+        k_segments = q_segments
+    mask = AttentionMask.from_tokens(q_segments, k_segments, q_segments, k_segments,
+                                     causal=causal, max_segments=5)
+    rebuilt = span_mask(segment_spans(mask.query_segments, 5),
+                        segment_spans(mask.key_segments, 5),
+                        q_segments.shape[1], k_segments.shape[1], causal)
+    np.testing.assert_array_equal(rebuilt, mask.dense())
+
+
+def test_cudnn_takes_packed_rows_as_spans_with_no_dense_mask(monkeypatch):
+    """Lowered for CUDA on this CPU machine (cuDNN's presence and the GPU's generation, which the
+    lowering asks about, stubbed): the fused kernel gets each example's span forward and
+    backward, and the program holds no [q_len, k_len] mask. Whether cuDNN computes the right
+    numbers is `t2t-jax check-attention`'s question, on a GPU."""
+    cudnn_fmha = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    for name in ("check_cudnn_version", "check_compute_capability",
+                 "is_cuda_compute_capability_equal"):
+        if not hasattr(cudnn_fmha, name):
+            pytest.skip(f"JAX's cuDNN module has no {name} to stub")
+    monkeypatch.setattr(cudnn_fmha, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_fmha, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_fmha, "is_cuda_compute_capability_equal", lambda c: False)
+    monkeypatch.setattr(attention, "current_platform", lambda: "gpu")
+    length, max_segments = 32, 3
+    tokens = jnp.ones((2, length), jnp.int32)
+    segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], length // 4, axis=1))
+    mask = AttentionMask.from_tokens(tokens, tokens, segments, segments, causal=True,
+                                     max_segments=max_segments)
+    query, key, value = (x.astype(jnp.bfloat16) for x in qkv(length, length, depth=64))
+
+    def loss(query, key, value):
+        return jnp.sum(attention.cudnn_attention(query, key, value, mask).astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(query, key, value).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @__cudnn$fmha" in line]
+    forward = [c for c in calls if "fmhaSoftmax(" in c]
+    backward = [c for c in calls if "fmhaSoftmaxBackward(" in c]
+    assert len(forward) == len(backward) == 1
+    # q, k, v, then lengths and offsets for each side ([2, 3] and [2, 4] int32 before cuDNN's
+    # flattening); the dense path would pass a [2, 1, 32, 32] bias instead.
+    assert forward[0].count("%") - forward[0].split("=")[0].count("%") == 7
+    assert f"{length}x{length}x" not in text
+
+
 def test_splash_falls_back_to_the_einsum_path_off_tpu(caplog):
     query, key, value = qkv(8, 8)
     mask = masks(8, 8, True, False)
@@ -193,7 +275,7 @@ def test_check_attention_reports_small_errors_and_names_fallbacks():
     }
     assert all(c.output_error < 1e-5 and c.gradient_error < 1e-5 and not c.fallback for c in checks)
     # No GPU here: the einsum path ran in cuDNN's place, and the check says so.
-    checks.append(kernel_check.check_kernel("cudnn", "causal", True, "float32", length=16))
+    checks.append(kernel_check.check_kernel("cudnn", "causal", "spans", "float32", length=16))
     assert checks[-1].output_error < 1e-6 and "needs an NVIDIA GPU" in checks[-1].fallback
     lines = kernel_check.format_checks(checks)
     assert len(lines) == 1 + len(checks) and "fell back" in lines[-1]

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from t2t_jax.data import algorithmic, pipeline, tasks
 from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
+from t2t_jax.model import ModelConfig
 
 
 def pairs(task, **kw):
@@ -98,6 +99,10 @@ def test_pack_examples_fills_rows_with_segments_and_positions():
     np.testing.assert_array_equal(rows[0]["targets"], [7, 1, 9, 9, 1, 0])
     np.testing.assert_array_equal(rows[0]["targets_position"], [0, 1, 0, 1, 2, 0])
     np.testing.assert_array_equal(rows[1]["inputs"], [4, 4, 4, 1, 0, 0])
+    # At most one example a row: each example gets its own.
+    capped = pipeline.pack_lists(examples, {"inputs": 6, "targets": 6}, max_segments=1)
+    assert [row["inputs_segmentation"].max() for row in capped] == [1, 1, 1]
+    np.testing.assert_array_equal(capped[1]["targets"], [9, 9, 1, 0, 0, 0])
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -113,6 +118,13 @@ def test_train_batches_have_fixed_shapes_and_end_with_eos(tiny_config, packing):
         assert (batch["targets"] == EOS_ID).sum() >= 16
     if packing:
         assert batches[0]["targets_segmentation"].max() > 1
+        # model.max_segments_per_row (cuDNN's packed spans) bounds the examples a row holds.
+        tiny_config.model.max_segments_per_row = 2
+        ds = pipeline.train_dataset(tiny_config, builder, tokenizer)
+        capped = list(ds.take(3).as_numpy_iterator())
+        assert max(b["inputs_segmentation"].max() for b in capped) == 2
+        with pytest.raises(ValueError, match="max_segments_per_row must be 0 .* or at least 2"):
+            ModelConfig(vocab_size=13, max_segments_per_row=1)
 
 
 def test_resumed_pipeline_continues_where_it_stopped(tiny_config):

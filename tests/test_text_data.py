@@ -299,6 +299,12 @@ def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     last_window = range(train_rows[-2]["step"], steps)
     assert train_rows[-1]["learning_rate"] == pytest.approx(
         np.mean([float(cooled(count)) for count in last_window]), rel=1e-4)
+    # A bound on the examples a row holds can make more rows than the tokens fill.
+    fitting = sum(1 for a, b in sizes if a <= 16 and b <= 16)
+    config.model.max_segments_per_row = 2
+    builder = tasks.builder_from_config(config.data)
+    assert pipeline.steps_per_epoch(config, builder, spm) == pytest.approx(
+        max(rows, fitting / 2) / 8)
 
 
 def test_parallel_text_presets_size_the_model_for_the_corpus():

@@ -119,10 +119,13 @@ def _row_features(row: dict, lengths: dict[str, int]) -> dict[str, tf.Tensor]:
     return out
 
 
-def pack(ds: tf.data.Dataset, lengths: dict[str, int]) -> tf.data.Dataset:
+def pack(
+    ds: tf.data.Dataset, lengths: dict[str, int], max_segments: int = 0
+) -> tf.data.Dataset:
     """Greedily packs consecutive examples into rows of `lengths`, with segment ids (1, 2, ...)
     and positions restarting in each example. A row is emitted when the next example does not
-    fit in one of its features, and at the end of a finite stream.
+    fit in one of its features or the row holds `max_segments` examples (0: no such limit), and
+    at the end of a finite stream.
 
     Written in tf.data ops (a `scan`) rather than Python, so it runs at tf.data speed and its
     position is saved with the iterator's.
@@ -137,6 +140,8 @@ def pack(ds: tf.data.Dataset, lengths: dict[str, int]) -> tf.data.Dataset:
         fits = tf.logical_not(example["flush"]) & tf.reduce_all(
             [row[f"{k}/fill"] + tf.size(example[k]) <= v for k, v in lengths.items()]
         )
+        if max_segments:
+            fits &= row["count"] < max_segments
         emit = tf.logical_not(fits) & (row["count"] > 0)
         base = {k: tf.where(fits, row[k], empty[k]) for k in row}
         return _append(base, example, lengths), (emit, _row_features(row, lengths))
@@ -147,22 +152,24 @@ def pack(ds: tf.data.Dataset, lengths: dict[str, int]) -> tf.data.Dataset:
 
 
 def pack_lists(
-    examples: list[dict[str, np.ndarray]], lengths: dict[str, int]
+    examples: list[dict[str, np.ndarray]], lengths: dict[str, int], max_segments: int = 0
 ) -> list[dict[str, np.ndarray]]:
     """`pack` over a short list of examples (for looking at packing, and for tests)."""
     ds = tf.data.Dataset.from_generator(
         lambda: iter(examples),
         output_signature={k: tf.TensorSpec([None], tf.int32) for k in lengths},
     )
-    return list(pack(ds, lengths).as_numpy_iterator())
+    return list(pack(ds, lengths, max_segments).as_numpy_iterator())
 
 
 def batch(
-    ds: tf.data.Dataset, batch_size: int, lengths: dict[str, int], packing: bool
+    ds: tf.data.Dataset, batch_size: int, lengths: dict[str, int], packing: bool,
+    max_segments: int = 0,
 ) -> tf.data.Dataset:
-    """Fixed-shape batches (so the train step compiles once)."""
+    """Fixed-shape batches (so the train step compiles once); packed rows hold at most
+    `max_segments` examples unless that is 0."""
     if packing:
-        return pack(ds, lengths).batch(batch_size, drop_remainder=True)
+        return pack(ds, lengths, max_segments).batch(batch_size, drop_remainder=True)
     return ds.padded_batch(
         batch_size, padded_shapes={k: [v] for k, v in lengths.items()}, drop_remainder=True
     )
@@ -261,7 +268,8 @@ def train_dataset(
         )
     else:
         ds = batch(
-            ds, local_batch_size(data.batch_size, process_count), feature_lengths, data.packing
+            ds, local_batch_size(data.batch_size, process_count), feature_lengths, data.packing,
+            config.model.max_segments_per_row,
         )
     return ds.skip(skip_batches).prefetch(AUTOTUNE)
 
@@ -270,8 +278,9 @@ def steps_per_epoch(config: Any, builder: tfds.core.DatasetBuilder, tokenizer: T
     """Global train batches in one pass over the training split, as `train_dataset` makes them
     (after tokenizing and the length limit): examples over `data.batch_size` for padded rows;
     for packed rows, the rows the examples fill (each takes the larger share of a row of its
-    two sides) over the batch size, a lower bound a few percent under what the greedy packer
-    makes; for token-budget batches, the longer sides' tokens over the budget."""
+    two sides), or the examples over `model.max_segments_per_row` if that is more, over the
+    batch size, a lower bound a few percent under what the greedy packer makes; for
+    token-budget batches, the longer sides' tokens over the budget."""
     data = config.data
     lengths = Lengths(data.max_source_length, data.max_target_length).feature_lengths(
         config.model.type
@@ -287,7 +296,10 @@ def steps_per_epoch(config: Any, builder: tfds.core.DatasetBuilder, tokenizer: T
                          "data.max_target_length; raise them")
     if data.packing:
         shares = sizes / np.array([lengths[name] for name in names])
-        return float(np.sum(np.max(shares, axis=1))) / data.batch_size
+        rows = float(np.sum(np.max(shares, axis=1)))
+        if config.model.max_segments_per_row:  # rows also fill up with examples
+            rows = max(rows, len(sizes) / config.model.max_segments_per_row)
+        return rows / data.batch_size
     if data.token_budget:
         return float(np.sum(np.max(sizes, axis=1))) / data.token_budget
     return len(sizes) / data.batch_size

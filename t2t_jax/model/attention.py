@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from t2t_jax.model.flash import flash_attention
-from t2t_jax.model.masks import AttentionMask, as_dense
+from t2t_jax.model.masks import AttentionMask, as_dense, segment_spans
 from t2t_jax.model.splash import splash_attention
 
 Array = jax.Array
@@ -65,9 +65,12 @@ def _jax_dot_product_attention(
             key_value_seq_lengths=key_lengths, implementation=implementation,
         )
     if isinstance(mask, AttentionMask) and implementation == "cudnn":
+        if mask.max_segments:
+            return cudnn_packed_attention(query, key, value, mask)
         _log_fallback_once(
             "cudnn", "packed rows: the segment mask goes to cuDNN as a dense [q_len, k_len] "
-            "array (quadratic memory); the blockwise kernel keeps it linear"
+            "array (quadratic memory); model.max_segments_per_row > 0 passes each example's "
+            "span instead"
         )
     mask = as_dense(mask)
     if mask is not None:
@@ -76,6 +79,32 @@ def _jax_dot_product_attention(
         )
     return jax.nn.dot_product_attention(query, key, value, mask=mask,
                                         implementation=implementation)
+
+
+def cudnn_packed_attention(
+    query: Array, key: Array, value: Array, mask: AttentionMask
+) -> Array:
+    """cuDNN's fused kernel on packed rows given as spans (each example's offset and length,
+    `segment_spans`) rather than a dense [q_len, k_len] mask: cuDNN's packed ("THD") layout,
+    Hopper and later. Example k of a query row attends to example k of its key row, causally
+    within the example if the mask is causal. `jax.nn.dot_product_attention` does not expose
+    spans (JAX 0.10), so this calls the cuDNN module behind it."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+
+    query_lengths, query_offsets = segment_spans(mask.query_segments, mask.max_segments)
+    key_lengths, key_offsets = segment_spans(mask.key_segments, mask.max_segments)
+    mask_type = cudnn_fmha.MaskType.PADDING_CAUSAL if mask.causal else cudnn_fmha.MaskType.PADDING
+    # Positions outside every span (a row's padding) are not the kernel's to write: whatever it
+    # leaves there, forward or backward, is cut off here before it reaches the loss or weights.
+    real_queries = (mask.query_segments > 0)[:, :, None, None]
+    real_keys = (mask.key_segments > 0)[:, :, None, None]
+    out = cudnn_fmha.dot_product_attention(
+        jnp.where(real_queries, query, 0), jnp.where(real_keys, key, 0),
+        jnp.where(real_keys, value, 0), q_seqlen=query_lengths, kv_seqlen=key_lengths,
+        q_offsets=query_offsets, kv_offsets=key_offsets,
+        scale=1.0 / float(query.shape[-1]) ** 0.5, mask_type=mask_type,
+    )
+    return jnp.where(real_queries, out, 0)
 
 
 def fused_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:

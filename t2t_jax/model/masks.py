@@ -3,8 +3,9 @@
 A [q_len, k_len] boolean mask costs quadratic memory, which is what flash kernels exist to avoid.
 So the model describes its masks by segment ids (which packed example each position belongs to, 0
 on padding) and a causal flag; each kernel turns that into what it takes: cuDNN a causal flag and
-sequence lengths, the Pallas TPU kernel segment ids and a causal block mask, the blockwise kernel
-a mask per key block, and the XLA einsum path the dense array (`AttentionMask.dense`).
+sequence lengths (for packed rows, each example's span), the Pallas TPU kernel segment ids and a
+causal block mask, the blockwise kernel a mask per key block, and the XLA einsum path the dense
+array (`AttentionMask.dense`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class AttentionMask:
     key_segments: Array  # [batch, k_len]
     causal: bool = struct.field(pytree_node=False, default=False)
     packed: bool = struct.field(pytree_node=False, default=False)
+    # The most examples a packed row holds (the packer keeps to it), 0 if unbounded: cuDNN takes
+    # packed rows as spans (`segment_spans`) only with such a static bound.
+    max_segments: int = struct.field(pytree_node=False, default=0)
 
     @classmethod
     def from_tokens(
@@ -38,8 +42,10 @@ class AttentionMask:
         query_segmentation: Array | None = None,
         key_segmentation: Array | None = None,
         causal: bool = False,
+        max_segments: int = 0,
     ) -> AttentionMask:
-        """The mask for token ids (0 = padding) and, for packed rows, their segmentation."""
+        """The mask for token ids (0 = padding) and, for packed rows, their segmentation (at
+        most `max_segments` examples a row where that is not 0)."""
         packed = query_segmentation is not None or key_segmentation is not None
         query_segments = jnp.ones_like(query_tokens) if query_segmentation is None else (
             query_segmentation
@@ -52,6 +58,7 @@ class AttentionMask:
             jnp.where(key_tokens > 0, key_segments, 0).astype(jnp.int32),
             causal=causal,
             packed=packed,
+            max_segments=max_segments if packed else 0,
         )
 
     def allowed(self, query_positions: Array, key_positions: Array) -> Array:
@@ -76,6 +83,23 @@ class AttentionMask:
             jnp.sum(self.query_segments > 0, axis=1, dtype=jnp.int32),
             jnp.sum(self.key_segments > 0, axis=1, dtype=jnp.int32),
         )
+
+
+def segment_spans(segments: Array, max_segments: int) -> tuple[Array, Array]:
+    """Packed rows as spans, the form cuDNN's packed attention takes: (lengths [batch, M],
+    offsets [batch, M + 1]) int32, where M = `max_segments`. Example k of a row (segment id k + 1)
+    starts at offsets[:, k] and has lengths[:, k] tokens; slots past a row's last example hold
+    -1. Segment ids must number a row's examples 1, 2, ... in order, each contiguous, as
+    `pipeline.pack` writes them; ids above M are not described.
+    """
+    ids = jnp.arange(1, max_segments + 1, dtype=segments.dtype)
+    member = segments[:, None, :] == ids[None, :, None]  # [batch, M, length]
+    lengths = jnp.sum(member, axis=-1, dtype=jnp.int32)
+    starts = jnp.argmax(member, axis=-1).astype(jnp.int32)
+    present = lengths > 0
+    lengths = jnp.where(present, lengths, -1)
+    offsets = jnp.pad(jnp.where(present, starts, -1), ((0, 0), (0, 1)), constant_values=-1)
+    return lengths, offsets
 
 
 def as_dense(mask: AttentionMask | Array | None) -> Array | None:

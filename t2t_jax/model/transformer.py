@@ -68,6 +68,9 @@ class ModelConfig:
     max_positions: int = 1024
     scale_attention: bool = True  # False drops the 1/sqrt(d_k) of scaled dot-product attention
     residual: bool = True  # False drops the residual connections around every sub-layer
+    # The most examples a packed row holds (the packer keeps to it); 0: as many as fit. Above 0,
+    # cuDNN takes packed rows as spans instead of a dense [q_len, k_len] mask.
+    max_segments_per_row: int = 0
 
     def __post_init__(self):
         checks = [
@@ -82,6 +85,10 @@ class ModelConfig:
             (
                 self.attention in attn.ATTENTION_IMPLEMENTATIONS,
                 f"model.attention must be one of {attn.ATTENTION_IMPLEMENTATIONS}",
+            ),
+            (
+                self.max_segments_per_row == 0 or self.max_segments_per_row >= 2,
+                "model.max_segments_per_row must be 0 (as many as fit) or at least 2",
             ),
             (
                 self.d_model % self.num_heads == 0,
@@ -347,7 +354,9 @@ class Encoder(nn.Module):
     ) -> Array:
         """inputs: [batch, src_len] ids (0 = padding) -> [batch, src_len, d_model]."""
         cfg = self.config
-        mask = AttentionMask.from_tokens(inputs, inputs, segmentation, segmentation)
+        mask = AttentionMask.from_tokens(
+            inputs, inputs, segmentation, segmentation, max_segments=cfg.max_segments_per_row
+        )
         x = _embedder(cfg, self.embedding)(inputs, positions, deterministic)
         if cfg.scan_layers:
             x, _ = _scanned(_EncoderBody, cfg.num_encoder_layers, broadcast=1)(
@@ -389,7 +398,8 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         self_mask = AttentionMask.from_tokens(
-            targets, targets, segmentation, segmentation, causal=True
+            targets, targets, segmentation, segmentation, causal=True,
+            max_segments=cfg.max_segments_per_row,
         )
         if cache_mode is not None:
             position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
@@ -493,7 +503,8 @@ class Transformer(nn.Module):
             decoder_inputs = targets
         else:
             cross_mask = AttentionMask.from_tokens(
-                targets, inputs, targets_segmentation, inputs_segmentation
+                targets, inputs, targets_segmentation, inputs_segmentation,
+                max_segments=self.config.max_segments_per_row,
             )
             decoder_inputs = shift_right(targets, targets_segmentation)
         return self.decoder(
