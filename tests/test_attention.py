@@ -177,6 +177,81 @@ def test_spans_describe_the_same_mask_as_the_segment_ids(causal):
     np.testing.assert_array_equal(rebuilt, mask.dense())
 
 
+def fake_packed_cudnn(query, key, value, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale,
+                      mask_type):
+    """cuDNN's packed attention as its documentation states it, in plain JAX, leaving NaN at
+    every position outside the spans, forward and backward, as a kernel that never writes
+    there may."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+
+    def members(lengths, offsets, length):  # [batch, M, length]: position in example m
+        position = jnp.arange(length)[None, None]
+        return ((position >= offsets[:, :-1, None])
+                & (position < offsets[:, :-1, None] + lengths[:, :, None])
+                & (lengths[:, :, None] > 0))
+
+    in_query = members(q_seqlen, q_offsets, query.shape[1])
+    in_key = members(kv_seqlen, kv_offsets, key.shape[1])
+    allowed = in_query[:, :, :, None] & in_key[:, :, None, :]  # [batch, M, q, k]
+    if mask_type == MaskType.PADDING_CAUSAL:
+        q_in_example = jnp.arange(query.shape[1])[None, None, :] - q_offsets[:, :-1, None]
+        k_in_example = jnp.arange(key.shape[1])[None, None, :] - kv_offsets[:, :-1, None]
+        allowed &= q_in_example[:, :, :, None] >= k_in_example[:, :, None, :]
+    allowed = jnp.any(allowed, axis=1)[:, None]  # [batch, 1, q, k]
+    outside_queries = ~jnp.any(in_query, axis=1)[:, :, None, None]
+    outside_keys = ~jnp.any(in_key, axis=1)[:, :, None, None]
+
+    def attend(q, k, v):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        weights = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", jnp.nan_to_num(weights), v)
+
+    @jax.custom_vjp
+    def kernel(q, k, v):
+        return jnp.where(outside_queries, jnp.nan, attend(q, k, v))
+
+    def forward(q, k, v):
+        return kernel(q, k, v), (q, k, v)
+
+    def backward(inputs, cotangent):
+        dq, dk, dv = jax.vjp(attend, *inputs)[1](cotangent)
+        return (jnp.where(outside_queries, jnp.nan, dq), jnp.where(outside_keys, jnp.nan, dk),
+                jnp.where(outside_keys, jnp.nan, dv))
+
+    kernel.defvjp(forward, backward)
+    return kernel(query, key, value)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["cross", "causal"])
+def test_cudnn_spans_path_computes_the_segment_mask_attention(causal, monkeypatch):
+    """The span path's wiring (which spans go where, scale, mask type, the cut at padding) with
+    cuDNN's documented semantics in its place: the einsum reference's outputs and gradients,
+    and nothing of the kernel's garbage at padding."""
+    cudnn_fmha = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    monkeypatch.setattr(cudnn_fmha, "dot_product_attention", fake_packed_cudnn)
+    q_len = 12 if causal else 8
+    query, key, value = qkv(q_len, 12, heads=2, depth=8)
+    q_segments = jnp.array([[1] * 5 + [2] * 4 + [3] * 3, [1] * 7 + [2] * 3 + [0] * 2])[:, :q_len]
+    k_segments = q_segments if causal else jnp.array(
+        [[1] * 3 + [2] * 6 + [3] * 3, [1] * 2 + [2] * 8 + [0] * 2])
+    if not causal:
+        q_segments = jnp.array([[1] * 2 + [2] * 3 + [3] * 3, [1] * 4 + [2] * 2 + [0] * 2])
+    mask = AttentionMask.from_tokens(q_segments, k_segments, q_segments, k_segments,
+                                     causal=causal, max_segments=4)
+    cotangent = jax.random.normal(jax.random.key(9), query.shape)
+
+    def results(kernel):
+        out, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, mask), query, key, value)
+        return out, pullback(cotangent * (q_segments > 0)[:, :, None, None])
+
+    got, want = results(attention.cudnn_packed_attention), results(attention.xla_attention)
+    real = (q_segments > 0)[:, :, None, None]
+    np.testing.assert_allclose(jnp.where(real, got[0], 0), jnp.where(real, want[0], 0), atol=1e-5)
+    assert jnp.all(jnp.isfinite(got[0])) and all(jnp.all(jnp.isfinite(g)) for g in got[1])
+    for got_grad, want_grad in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5)
+
+
 def test_cudnn_takes_packed_rows_as_spans_with_no_dense_mask(monkeypatch):
     """Lowered for CUDA on this CPU machine (cuDNN's presence and the GPU's generation, which the
     lowering asks about, stubbed): the fused kernel gets each example's span forward and
