@@ -55,8 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.scale_attention = True
     config.model.residual = True  # False: no residual connections (the guide's experiment)
     # With data.packing: the most examples a row may hold, 0 for as many as fit. Above 0 the
-    # packer keeps to it and cuDNN (Hopper and later) takes packed rows as each example's span
-    # instead of a dense [q_len, k_len] mask; about max_*_length / the shortest pair's length.
+    # packer keeps to it and cuDNN (9.6+, Hopper and later) takes packed rows as each example's
+    # span instead of a dense [q_len, k_len] mask. Keep it near the most examples rows really
+    # hold: cuDNN keeps softmax statistics per slot ([rows x N, heads, length] float32 in each
+    # attention layer), and too low a cap leaves rows less full.
     config.model.max_segments_per_row = 0
 
     config.data = ml_collections.ConfigDict()

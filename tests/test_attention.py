@@ -130,6 +130,11 @@ def test_cudnn_gets_lengths_and_a_causal_flag_not_a_dense_mask(monkeypatch):
     np.testing.assert_array_equal(calls[0]["query_seq_lengths"], [6, 5])
     attention._jax_dot_product_attention(query, key, value, masks(6, 6, True, True), "cudnn")
     assert calls[1]["mask"].shape == (2, 1, 6, 6)  # packed rows: the segment mask, densely
+    # Spans asked for where cuDNN cannot take them (no cuDNN here): the dense mask again.
+    assert "cuDNN" in attention.cudnn_spans_unsupported()
+    spans_mask = masks(6, 6, True, True).replace(max_segments=2)
+    attention._jax_dot_product_attention(query, key, value, spans_mask, "cudnn")
+    assert calls[2]["mask"].shape == (2, 1, 6, 6)
 
 
 def test_segment_spans_give_each_packed_example_its_offset_and_length():
@@ -266,6 +271,7 @@ def test_cudnn_takes_packed_rows_as_spans_with_no_dense_mask(monkeypatch):
     monkeypatch.setattr(cudnn_fmha, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn_fmha, "is_cuda_compute_capability_equal", lambda c: False)
     monkeypatch.setattr(attention, "current_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "cudnn_spans_unsupported", lambda: None)
     length, max_segments = 32, 3
     tokens = jnp.ones((2, length), jnp.int32)
     segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], length // 4, axis=1))

@@ -65,13 +65,12 @@ def _jax_dot_product_attention(
             key_value_seq_lengths=key_lengths, implementation=implementation,
         )
     if isinstance(mask, AttentionMask) and implementation == "cudnn":
-        if mask.max_segments:
-            return cudnn_packed_attention(query, key, value, mask)
-        _log_fallback_once(
-            "cudnn", "packed rows: the segment mask goes to cuDNN as a dense [q_len, k_len] "
-            "array (quadratic memory); model.max_segments_per_row > 0 passes each example's "
-            "span instead"
+        reason = cudnn_spans_unsupported() if mask.max_segments else (
+            "model.max_segments_per_row is 0 (set it to the most examples a row holds)"
         )
+        if reason is None:
+            return cudnn_packed_attention(query, key, value, mask)
+        _log_dense_mask_once(reason)
     mask = as_dense(mask)
     if mask is not None:
         mask = jnp.broadcast_to(
@@ -81,23 +80,50 @@ def _jax_dot_product_attention(
                                         implementation=implementation)
 
 
+# cuDNN's packed layout arrived in cuDNN 9.6 (JAX's own tests skip it below) for Hopper GPUs.
+CUDNN_SPANS_MIN_VERSION = 90600
+
+
+def cudnn_spans_unsupported() -> str | None:
+    """Why cuDNN cannot take packed rows as spans here (then it gets the dense mask), or None."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+
+        version = cudnn_fmha.check_cudnn_version()
+    except (ImportError, AttributeError, RuntimeError) as error:
+        return f"this JAX offers no cuDNN packed layout ({error})"
+    if version < CUDNN_SPANS_MIN_VERSION:
+        return f"cuDNN {version} predates the packed layout (cuDNN 9.6)"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if capability is None or tuple(int(x) for x in capability.split(".")[:2]) < (9, 0):
+        return f"the packed layout needs a Hopper GPU or later (compute capability {capability})"
+    return None
+
+
 def cudnn_packed_attention(
     query: Array, key: Array, value: Array, mask: AttentionMask
 ) -> Array:
     """cuDNN's fused kernel on packed rows given as spans (each example's offset and length,
-    `segment_spans`) rather than a dense [q_len, k_len] mask: cuDNN's packed ("THD") layout,
-    Hopper and later. Example k of a query row attends to example k of its key row, causally
-    within the example if the mask is causal. `jax.nn.dot_product_attention` does not expose
-    spans (JAX 0.10), so this calls the cuDNN module behind it."""
+    `segment_spans`) rather than a dense [q_len, k_len] mask: cuDNN's packed ("THD") layout.
+    Example k of a query row attends to example k of its key row, causally within the example
+    if the mask is causal; so every example must have tokens on both sides (the encoder's and
+    decoder's rows are packed together, and each side ends with EOS). `jax.nn.dot_product_attention`
+    does not expose spans (JAX 0.10), so this calls the cuDNN module behind it."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
-    query_lengths, query_offsets = segment_spans(mask.query_segments, mask.max_segments)
-    key_lengths, key_offsets = segment_spans(mask.key_segments, mask.max_segments)
+    spans = [segment_spans(s, mask.max_segments) for s in (mask.query_segments, mask.key_segments)]
+    # cuDNN pairs row i's spans with row i's tokens on each shard: shard them like the batch.
+    (query_lengths, query_offsets), (key_lengths, key_offsets) = (
+        tuple(nn.with_logical_constraint(x, ("act_batch", None)) for x in side) for side in spans
+    )
     mask_type = cudnn_fmha.MaskType.PADDING_CAUSAL if mask.causal else cudnn_fmha.MaskType.PADDING
-    # Positions outside every span (a row's padding) are not the kernel's to write: whatever it
-    # leaves there, forward or backward, is cut off here before it reaches the loss or weights.
-    real_queries = (mask.query_segments > 0)[:, :, None, None]
-    real_keys = (mask.key_segments > 0)[:, :, None, None]
+    # Positions outside every span (a row's padding, or examples past max_segments, which the
+    # packer never makes) are not the kernel's to write: whatever it leaves there, forward or
+    # backward, is cut off here before it reaches the loss or the weights.
+    def in_spans(segments: Array) -> Array:
+        return ((segments > 0) & (segments <= mask.max_segments))[:, :, None, None]
+
+    real_queries, real_keys = in_spans(mask.query_segments), in_spans(mask.key_segments)
     out = cudnn_fmha.dot_product_attention(
         jnp.where(real_queries, query, 0), jnp.where(real_keys, key, 0),
         jnp.where(real_keys, value, 0), q_seqlen=query_lengths, kv_seqlen=key_lengths,
@@ -180,6 +206,12 @@ def blockwise_attention(query: Array, key: Array, value: Array, mask: Mask) -> A
 @functools.cache
 def _log_fallback_once(kernel: str, reason: str) -> None:
     logging.warning("model.attention=%s: %s; using the XLA einsum path", kernel, reason)
+
+
+@functools.cache
+def _log_dense_mask_once(reason: str) -> None:
+    logging.warning("model.attention=cudnn: packed rows go to cuDNN as a dense [q_len, k_len] "
+                    "mask (quadratic memory), not as spans: %s", reason)
 
 
 def fallback_reason(
