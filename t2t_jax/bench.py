@@ -97,12 +97,24 @@ def device_peak_flops(matmul_size: int = 2048) -> tuple[float, str]:
     return peak, f"{kind}: measured {matmul_size}^3 float32 matmul"
 
 
-def _fake_batch(config: ModelConfig, rows: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
+def _fake_batch(
+    config: ModelConfig, rows: int, seq_len: int, seed: int, packed_examples: int = 0
+) -> dict[str, np.ndarray]:
+    """Random full rows; with `packed_examples` K, each row packs K examples of equal length
+    (the last takes the remainder), with their segment ids and positions, as data.packing
+    makes them."""
     rng = np.random.default_rng(seed)
     tokens = lambda: rng.integers(3, config.vocab_size, size=(rows, seq_len), dtype=np.int32)  # noqa: E731
-    if config.type == "decoder_only":
-        return {"targets": tokens()}
-    return {"inputs": tokens(), "targets": tokens()}
+    sides = ("targets",) if config.type == "decoder_only" else ("inputs", "targets")
+    batch = {side: tokens() for side in sides}
+    if packed_examples:
+        width = seq_len // packed_examples
+        example = np.minimum(np.arange(seq_len) // width, packed_examples - 1)
+        for side in sides:
+            batch[f"{side}_segmentation"] = np.tile(example + 1, (rows, 1)).astype(np.int32)
+            batch[f"{side}_position"] = np.tile(np.arange(seq_len) - example * width,
+                                                (rows, 1)).astype(np.int32)
+    return batch
 
 
 def _memory_bytes(compiled: Any) -> int:
@@ -133,6 +145,7 @@ class Point:
     error: str | None = None
     beam_size: int = 1  # decode mode: beams per row (1: greedy)
     profile: dict | None = None  # `profiling.Breakdown` as a dict, with --profile
+    packed_examples: int = 0  # examples packed in each row (0: one example filling the row)
 
 
 def measure_point(
@@ -145,15 +158,18 @@ def measure_point(
     peak_flops: float,
     profile_dir: str | None = None,
     beam_size: int = 1,
+    packed_examples: int = 0,
 ) -> Point:
     """Times `steps` steps at one sequence length; out-of-memory becomes the row's error.
     With `profile_dir`, up to 3 more steps run under the profiler: their trace goes to a
-    folder of it named after the point, their device time by category to `point.profile`."""
+    folder of it named after the point, their device time by category to `point.profile`.
+    `packed_examples`: rows of that many packed examples (`_fake_batch`)."""
     label = model_config.attention
     if label == "auto":  # name what auto chose on this device
         chosen = select_attention("auto", jax.devices()[0].platform, model_config.dtype)[0]
         label = f"auto:{chosen}"
-    point = Point(seq_len, label, mode, beam_size=beam_size if mode == "decode" else 1)
+    point = Point(seq_len, label, mode, beam_size=beam_size if mode == "decode" else 1,
+                  packed_examples=packed_examples)
     lengths = {"targets": seq_len} | ({} if model_config.type == "decoder_only"
                                       else {"inputs": seq_len})
     model = build_model(model_config)
@@ -164,7 +180,9 @@ def measure_point(
         stepper = Stepper(fns, sharding.make_mesh(config.mesh), "jit", lengths)
         with stepper.activate():
             state = stepper.init_state(jax.random.key(0))
-            batch = stepper.put_batch(_fake_batch(model_config, rows, seq_len, 0))
+            batch = stepper.put_batch(
+                _fake_batch(model_config, rows, seq_len, 0, packed_examples)
+            )
             rng = make_rngs(config.seed, config.train.dropout_rng)[1]
             if mode == "train":
                 function, args = stepper.jitted_train_step, (state, batch, rng)
@@ -252,14 +270,19 @@ def run_bench(
     on_point: Callable[[Point], None] | None = None,
     profile_dir: str | None = None,
     beam_size: int = 1,
+    packed_examples: int = 0,
 ) -> tuple[list[Point], str]:
     """All points (lengths ascending; an implementation stops at its first out-of-memory
     length), and where the peak FLOP/s figure comes from. Each point has about `batch_tokens`
     tokens a side: batch_tokens // seq_len rows, a multiple of the device count. `on_point` sees
     each point as it is measured (progress on long runs); `profile_dir`: see `measure_point`;
-    `beam_size` > 1: decode mode searches with that many beams."""
+    `beam_size` > 1: decode mode searches with that many beams; `packed_examples` K: train and
+    forward rows pack K examples each (the FLOPs counted stay those of full rows)."""
     if mode not in ("train", "forward", "decode"):
         raise ValueError(f"--mode must be train, forward or decode, got {mode!r}")
+    if packed_examples and (mode == "decode" or min(seq_lens) < packed_examples):
+        raise ValueError(f"--packed_examples {packed_examples} needs --mode train or forward "
+                         "and sequence lengths of at least that many tokens")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1 (steps timed after the warm-up), got {steps}")
     peak, peak_source = device_peak_flops()
@@ -272,7 +295,8 @@ def run_bench(
             rows = max(jax.device_count(), batch_tokens // seq_len // jax.device_count()
                        * jax.device_count())
             point = measure_point(
-                config, model_config, seq_len, rows, mode, steps, peak, profile_dir, beam_size
+                config, model_config, seq_len, rows, mode, steps, peak, profile_dir, beam_size,
+                packed_examples,
             )
             logging.info("bench %s", point)
             points.append(point)

@@ -58,6 +58,7 @@ commands:
   average --workdir DIR --last 5 --output DIR2: average the newest checkpoints' params
   bench   --config X --seq_lens 128,256 [--attention xla,...] [--mode train] [--output DIR]
           [--profile DIR]: device time by kind (matmul, attention, loss, dropout, idle...)
+          [--packed_examples K]: rows of K packed examples
   check-attention [--attention cudnn,blockwise,...] [--dtype bfloat16] [--length 256]: each
           attention kernel against the float32 einsum reference on this device
   experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional, scaling,
@@ -381,6 +382,9 @@ _MODE = flags.DEFINE_string("mode", "train", "bench: train (step), forward (eval
                             "decode (greedy, key/value cache); compile: train or decode (the "
                             "beam search loop).")
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 8192, "bench: tokens a side per step.")
+_PACKED_EXAMPLES = flags.DEFINE_integer(
+    "packed_examples", 0, "bench: pack this many equal examples in each row (train and forward "
+    "modes; with --config.model.max_segments_per_row cuDNN takes them as spans).", lower_bound=0)
 _PROFILE = flags.DEFINE_string("profile", None, "bench: profile each point into this folder (a "
                                "jax.profiler trace per point) and print its device time by kind.")
 
@@ -412,6 +416,7 @@ def bench_command() -> None:
         progress,
         _PROFILE.value,
         _one(_BEAM_SIZE, int) if FLAGS["beam_size"].present else 1,  # else greedy
+        _PACKED_EXAMPLES.value,
     )
     print(f"devices: {jax_device_summary()}; peak: {peak_source}")
     print("\n".join(bench.format_table(points)))

@@ -50,6 +50,19 @@ def test_bench_on_a_tiny_config_is_consistent(tiny_config, tmp_path):
     assert bench.format_table(points)[0].split()[0] == "seq_len"
 
 
+def test_bench_packs_rows_of_equal_examples(tiny_config):
+    model_config = ModelConfig.from_config(dict(tiny_config.model), 13)
+    batch = bench._fake_batch(model_config, 2, 10, 0, packed_examples=3)
+    for side in ("inputs", "targets"):
+        assert batch[f"{side}_segmentation"].tolist() == 2 * [[1, 1, 1, 2, 2, 2, 3, 3, 3, 3]]
+        assert batch[f"{side}_position"].tolist() == 2 * [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]]
+    points, _ = bench.run_bench(tiny_config, 13, [16], ["xla"], "forward", batch_tokens=64,
+                                steps=1, packed_examples=4)
+    assert points[0].packed_examples == 4 and points[0].error is None
+    with pytest.raises(ValueError, match="needs --mode train or forward"):
+        bench.run_bench(tiny_config, 13, [16], ["xla"], "decode", 64, packed_examples=4)
+
+
 @pytest.mark.parametrize("model_type", ["encoder_decoder", "decoder_only"])
 def test_bench_decode_mode_times_greedy_generation(tiny_config, model_type):
     tiny_config.model.type = model_type
