@@ -1,6 +1,7 @@
 """Loss, schedule, accumulation, the training loop, resuming, and metrics files."""
 
 import collections
+import functools
 import json
 import os
 import re
@@ -48,6 +49,48 @@ def test_optimizer_is_adam_with_the_papers_betas(tiny_config):
     reference = optax.adam(paper_schedule(32, 10), b1=0.9, b2=0.98, eps=1e-9)
     expected, _ = reference.update(grads, reference.init(params), params)
     np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "adam_eps, learning_rate, skipped",
+    [
+        (1e-9, 1.0, False),  # a good step is taken
+        (1e-9, float("inf"), True),  # the rate, not a reduction over updates, catches it
+        (0.0, 1.0, True),  # eps = 0: 0/0 where gradients are zero, so updates are checked
+    ],
+)
+def test_the_finite_guard_skips_a_step_whose_update_would_not_be_finite(
+    tiny_config, adam_eps, learning_rate, skipped
+):
+    import dataclasses
+
+    from t2t_jax.train_step import TrainState, _apply, make_step_fns
+
+    tiny_config.train.update(adam_eps=adam_eps, learning_rate=learning_rate)
+    fns = make_step_fns(tiny_config, model=None, d_model=32)
+    assert fns.check_updates == (adam_eps <= 0)
+    params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=fns.tx.init(params))
+    grads = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.zeros(2)}  # "b": a param not used
+    sums = {"loss": jnp.float32(2.0), "weight": jnp.float32(4.0)}
+
+    def apply(step_fns):
+        return jax.jit(functools.partial(_apply, step_fns))(state, grads, sums)
+
+    new, metrics = apply(fns)
+    assert float(metrics["nonfinite"]) == float(skipped)
+    assert all(bool(jnp.all(jnp.isfinite(leaf)))
+               for leaf in jax.tree.leaves((new.params, new.opt_state)))
+    if skipped:  # the state is kept as it was, the step still counts
+        jax.tree.map(np.testing.assert_array_equal, new.params, params)
+        assert float(metrics["loss"]) == 0.0 and int(new.step) == 1
+        # Unchecked, the step would have written non-finite params.
+        unchecked, _ = apply(dataclasses.replace(fns, check_updates=False))
+        if adam_eps == 0:
+            assert not bool(jnp.all(jnp.isfinite(unchecked.params["b"])))
+    else:
+        assert not np.allclose(new.params["w"], 1.0)
 
 
 def test_label_smoothed_loss_matches_a_numpy_reference():
