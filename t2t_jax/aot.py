@@ -41,11 +41,13 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from t2t_jax import sharding, topology
+from t2t_jax import profiling, sharding, topology
 from t2t_jax.bench import model_flops_per_step
 from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.model.attention import cudnn_version, select_attention
 from t2t_jax.train import build_stepper, train_lengths
 from t2t_jax.train_step import Stepper, init_boxed_params
+from t2t_jax.xla_flags import gpu_compiler_options
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MODES = ("train", "decode")
@@ -73,9 +75,12 @@ class Row:
     flops_per_step: float | None = None  # XLA's count, all chips
     flops_per_chip: float | None = None
     model_flops_per_step: float | None = None  # the formula of `bench`, as MFU counts it
-    hbm_bytes_per_chip: float | None = None  # XLA's bytes accessed
+    hbm_bytes_per_chip: float | None = None  # XLA's bytes accessed; GPU: the kernels' (census)
     collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     tpu_kernels: int | None = None  # Mosaic (Pallas) custom calls, e.g. splash attention
+    # Launches per step by category and in all ("total"; `profiling.kernel_census`): on a GPU
+    # each costs a few microseconds however little it does.
+    kernels: dict[str, int] | None = None
     estimated_step_time_s: float | None = None
     estimated_tokens_per_s: float | None = None
     estimated_tokens_per_s_per_chip: float | None = None
@@ -175,6 +180,7 @@ def compile_train(
         )
     mesh = sharding.make_mesh(config.mesh, devices)
     model_config = ModelConfig.from_config(config.model, vocab_size)
+    _require_cudnn_where_used(topo, model_config)
     model, stepper = build_stepper(config, model_config, mesh)
     lengths = train_lengths(config)
     rows = global_rows(config, mesh, rows_per_chip)
@@ -182,13 +188,25 @@ def compile_train(
                    rows, lengths, rows * lengths["targets"])
     args = train_step_args(stepper, lengths, rows, config.data.packing)
     with stepper.activate():
-        compiled = _compile(row, lambda: stepper.jitted_train_step.lower(*args))
+        compiled = _compile(row, lambda: stepper.jitted_train_step.lower(*args), topo.chip)
     if compiled is not None:
         source = lengths.get("inputs")
         row.model_flops_per_step = model_flops_per_step(
             model_config, rows, lengths["targets"], "train", source)
         _analyse(row, compiled, mesh, topo.chip)
     return row
+
+
+def _require_cudnn_where_used(topo: topology.Topology, model_config: ModelConfig) -> None:
+    """A clear error for compiling cuDNN attention for a GPU where cuDNN's library is missing:
+    JAX asks it its version while tracing, even to compile only."""
+    implementation = select_attention(model_config.attention, "gpu", model_config.dtype)[0]
+    if topo.chip.gpu is not None and implementation == "cudnn" and cudnn_version() is None:
+        raise ValueError(
+            "compiling cuDNN attention for a GPU needs cuDNN's library, which JAX asks its "
+            "version: pip install 'nvidia-cudnn-cu12>=9' (or -e '.[gpu]'), or pass "
+            "--attention xla"
+        )
 
 
 def compile_decode(
@@ -214,6 +232,7 @@ def compile_decode(
     model_config = dataclasses.replace(
         ModelConfig.from_config(config.model, vocab_size), scan_layers=False
     )
+    _require_cudnn_where_used(topo, model_config)
     model = build_model(model_config, sharding.platform(mesh))
     source_len = config.data.max_source_length
     max_length = source_len + extra_length
@@ -229,9 +248,10 @@ def compile_decode(
     program, encoder = _decode_programs(model, params, mesh, rows, source_len, max_length,
                                         beam_size, alpha)
     with sharding.activate(mesh):
-        compiled = _compile(row, program)
+        compiled = _compile(row, program, topo.chip)
         # The part that runs once, for the estimate (see `_analyse`).
-        once = None if compiled is None or encoder is None else encoder().compile()
+        once = None if compiled is None or encoder is None else encoder().compile(
+            gpu_compiler_options() if topo.chip.gpu is not None else None)
     if compiled is not None:
         row.model_flops_per_step = model_flops_per_step(
             model_config, rows * beam_size, max_length, "forward", source_len)
@@ -267,7 +287,8 @@ def _new_row(topo, mesh, mode, model_config, model, params, rows, lengths, token
         topology=topo.name, num_slices=topo.num_slices, chips=topo.chips,
         mesh=dict(mesh.shape), mode=mode, model=describe_model(model_config, params),
         attention=model.config.attention, remat=model_config.remat, batch_rows=rows,
-        lengths=dict(lengths), tokens_per_step=tokens, hbm_per_chip_bytes=topo.chip.hbm_bytes,
+        lengths=dict(lengths), tokens_per_step=tokens,
+        hbm_per_chip_bytes=topology.usable_memory(topo.chip),
     )
 
 
@@ -277,12 +298,14 @@ _OOM = re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm|\(([\d.]+)([KMGT])
                   r"available HBM")
 
 
-def _compile(row: Row, lower: Callable[[], Any]) -> Any:
+def _compile(row: Row, lower: Callable[[], Any], chip: topology.Chip) -> Any:
     """Lowers and compiles, timing it; a program that does not fit the chip's HBM (the TPU
-    compiler refuses it) or that fails to compile becomes the row's `error`."""
+    compiler refuses it) or that fails to compile becomes the row's `error`. GPU programs get
+    the project's XLA flags (`xla_flags`), as training on the GPU would."""
     start = time.perf_counter()
+    options = gpu_compiler_options() if chip.gpu is not None else None
     try:
-        compiled = lower().compile()
+        compiled = lower().compile(options)
     except Exception as error:  # XLA reports compile failures as several exception types
         row.compile_time_s = time.perf_counter() - start
         message = " ".join(str(error).split())
@@ -326,8 +349,14 @@ def memory_breakdown(compiled: Any) -> dict[str, int]:
 
 
 def _cost(compiled: Any) -> dict[str, float]:
+    """XLA's FLOPs, bytes accessed and optimal seconds. XLA reports none for a GPU program
+    compiled without the GPU: then no FLOPs (the model formula stands in) and the kernels'
+    bytes from `profiling.kernel_census`."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    if not cost:
+        census = profiling.kernel_census(compiled.as_text())
+        return {"flops": 0.0, "bytes accessed": census.bytes["total"], "optimal_seconds": 0.0}
     return {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
 
 
@@ -339,9 +368,10 @@ def _analyse(row: Row, compiled: Any, mesh, chip: topology.Chip, loop_steps: int
     `loop_steps` times the rest."""
     row.memory_breakdown = memory_breakdown(compiled)
     row.memory_per_chip_bytes = row.memory_breakdown["total"]
-    row.fits = row.memory_per_chip_bytes <= chip.hbm_bytes
+    row.fits = row.memory_per_chip_bytes <= row.hbm_per_chip_bytes
     text = compiled.as_text()
     row.tpu_kernels = text.count('custom_call_target="tpu_custom_call"')
+    row.kernels = profiling.kernel_census(text).kernels
     found = collectives(text, list(mesh.devices.flat))
     row.collectives = {kind: {k: v for k, v in c.items() if not k.endswith("seconds")}
                        for kind, c in found.items()}
@@ -353,18 +383,24 @@ def _analyse(row: Row, compiled: Any, mesh, chip: topology.Chip, loop_steps: int
         first = _cost(once) if once is not None else dict.fromkeys(cost, 0.0)
         cost = {k: first[k] + loop_steps * max(cost[k] - first[k], 0.0) for k in cost}
     chips = math.prod(row.mesh.values())
-    row.flops_per_chip, row.hbm_bytes_per_chip = cost["flops"], cost["bytes accessed"]
-    row.flops_per_step = row.flops_per_chip * chips
+    row.hbm_bytes_per_chip = cost["bytes accessed"]
+    if chip.gpu is None:  # none from XLA for a GPU program compiled without one
+        row.flops_per_chip = cost["flops"]
+        row.flops_per_step = row.flops_per_chip * chips
     # XLA does not count inside Pallas kernels (splash attention); the model formula does.
     cost["flops"] = max(cost["flops"], row.model_flops_per_step / chips)
     terms = _roofline(cost, chip)
     row.estimate = {"compute_or_memory_s": terms["core"], "ici_s": ici, "dcn_s": dcn,
                     "compute_s": terms["compute"], "memory_s": terms["memory"]}
     row.estimated_step_time_s = terms["core"] + ici + dcn
+    flops_from = (
+        "the model formula's, bytes: the kernels' operands and results (XLA has no cost "
+        "analysis for a GPU it does not see)" if chip.gpu is not None else
+        "XLA's count or the model formula's, whichever is larger (XLA does not count inside "
+        "Pallas kernels)")
     row.estimate_method = (
         ("XLA optimal_seconds" if terms["xla"] else "roofline max(FLOPs / peak, HBM bytes / "
-         "bandwidth)") + " + collectives over ICI/DCN, not overlapped; FLOPs: XLA's count or "
-        "the model formula's, whichever is larger (XLA does not count inside Pallas kernels)"
+         "bandwidth)") + f" + collectives over ICI/DCN, not overlapped; FLOPs: {flops_from}"
         + (f"; decode: encoder + {loop_steps} x loop body, no early stop" if loop_steps else ""))
     if row.estimated_step_time_s > 0:
         row.estimated_tokens_per_s = row.tokens_per_step / row.estimated_step_time_s
@@ -387,18 +423,6 @@ def _roofline(cost: dict[str, float], chip: topology.Chip) -> dict[str, float]:
 _INSTRUCTION = re.compile(
     r"=\s*(?P<shape>.*?)\s(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\("
 )
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
-_BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
-
-
-def _array_bytes(shape_text: str) -> list[int]:
-    sizes = []
-    for dtype, dims in _ARRAY.findall(shape_text):
-        bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
-        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
-    return sizes
-
-
 # Collectives between slices: the TPU compiler turns each into a send (and a recv) to the
 # multi-slice runtime, `_xla_megascale_transfer_type="ALL_REDUCE"` and so on.
 _DCN_SEND = re.compile(
@@ -412,7 +436,7 @@ def collectives(hlo_text: str, devices: list) -> dict[str, dict[str, Any]]:
     and `dcn_seconds` (their time by ring algorithms over the links they use). `devices`: the
     program's devices in partition order (the mesh's, flattened)."""
     chip = topology.chip_of(devices[0].device_kind) if devices else None
-    slices = np.array([getattr(d, "slice_index", 0) for d in devices])
+    slices = np.array([sharding.granule_index(d) for d in devices])
     found: dict[str, dict[str, Any]] = {}
 
     def add(op: str, out: int, n: int, crosses: bool) -> None:
@@ -427,7 +451,7 @@ def collectives(hlo_text: str, devices: list) -> dict[str, dict[str, Any]]:
             entry["dcn_count"] += 1
             entry["dcn_bytes"] += out
         if chip is not None:
-            bandwidth = chip.dcn_bandwidth if crosses else 2 * chip.ici_link_bandwidth
+            bandwidth = chip.dcn_bandwidth if crosses else chip.ici_bandwidth
             entry["dcn_seconds" if crosses else "ici_seconds"] += moved / bandwidth
 
     computation = ""
@@ -437,14 +461,14 @@ def collectives(hlo_text: str, devices: list) -> dict[str, dict[str, Any]]:
             continue
         if match := _DCN_SEND.search(line):
             kind = match.group("kind").lower().replace("_", "-")
-            add(kind, sum(_array_bytes(match.group("shape"))[:1]),
+            add(kind, sum(profiling.array_bytes(match.group("shape"))[:1]),
                 max(len(set(slices.tolist())), 2), crosses=True)
             continue
         match = _INSTRUCTION.search(line)
         if not match:
             continue
         op = match.group("op")
-        sizes = _array_bytes(match.group("shape"))
+        sizes = profiling.array_bytes(match.group("shape"))
         if match.group("start") and op in ("all-gather", "collective-permute"):
             sizes = [s for s in sizes if s > 4]  # drop the u32 sync flags
             sizes = sizes[len(sizes) // 2:]  # (operands..., results...): the results
@@ -540,7 +564,8 @@ def search(
                 row = Row(topology=topo.name, num_slices=topo.num_slices, chips=topo.chips,
                           mesh=mesh, mode="train", model="", attention=candidate.model.attention,
                           remat=remat, batch_rows=0, lengths={}, tokens_per_step=0,
-                          hbm_per_chip_bytes=topo.chip.hbm_bytes, error=str(error))
+                          hbm_per_chip_bytes=topology.usable_memory(topo.chip),
+                          error=str(error))
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -622,6 +647,15 @@ def _gib(num_bytes: float | None) -> str:
     return "-" if num_bytes is None else f"{num_bytes / 2**30:.2f}"
 
 
+def _kernels(row: Row) -> str:
+    return "-" if not row.kernels else str(row.kernels["total"])
+
+
+def _tflops(row: Row) -> str:
+    """XLA's TFLOP per chip; "-" where XLA counts none (a GPU compiled for without one)."""
+    return "-" if row.flops_per_chip is None else f"{row.flops_per_chip / 1e12:.2f}"
+
+
 def _memory(row: Row) -> str:
     """"arguments/temporaries/total" GiB per chip (the compiler's total alone for a program
     it refused)."""
@@ -639,7 +673,7 @@ def format_table(rows: list[Row]) -> list[str]:
         f"{'len':>5} {'GiB/chip args/temp/total':>24} {'HBM':>4} {'fits':>4} {'TFLOP/chip':>10} "
         f"{'est s':>8} "
         f"{'est tok/s/chip':>14} {'est MFU (compute)':>17} {'AG/RS/AR/A2A GiB':>22} "
-        f"{'compile s':>9}"
+        f"{'kernels':>7} {'compile s':>9}"
     ]
     for r in rows:
         mesh = ",".join(str(r.mesh.get(a, "?")) for a in sharding.MESH_AXES)
@@ -654,10 +688,10 @@ def format_table(rows: list[Row]) -> list[str]:
             f"{r.collectives.get(k, {}).get('bytes', 0) / 2**30:.2f}"
             for k in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"))
         lines.append(
-            f"{head} {r.flops_per_chip / 1e12:>10.2f} {r.estimated_step_time_s:>8.4f} "
+            f"{head} {_tflops(r):>10} {r.estimated_step_time_s:>8.4f} "
             f"{r.estimated_tokens_per_s_per_chip:>14,.0f} "
             f"{f'{r.estimated_mfu:.1%} ({r.estimated_mfu_compute_bound:.0%})':>17} "
-            f"{collective:>22} {r.compile_time_s:>9.1f}"
+            f"{collective:>22} {_kernels(r):>7} {r.compile_time_s:>9.1f}"
         )
     return lines
 
@@ -668,8 +702,8 @@ def markdown_table(rows: list[Row]) -> list[str]:
         "| topology | chips | mesh (data, fsdp, tensor) | attention | remat | rows x tokens "
         "| GiB per chip: arguments / temporaries / total (HBM) | fits | est. tokens/s per chip "
         "| est. MFU (compute-bound) | estimate from | collectives per step, GiB per chip: "
-        "all-gather / reduce-scatter / all-reduce / all-to-all (over DCN) | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "all-gather / reduce-scatter / all-reduce / all-to-all (over DCN) | kernels | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
@@ -694,6 +728,6 @@ def markdown_table(rows: list[Row]) -> list[str]:
             f"| {r.topology}{slices} | {r.chips} | {mesh} | {r.attention} | {r.remat} | "
             f"{r.batch_rows} x "
             f"{tokens} | {memory} | {'yes' if r.fits else 'no'} | {speed} | {mfu} | {source} | "
-            f"{collective} | {r.compile_time_s or 0:.0f} |"
+            f"{collective} | {_kernels(r)} | {r.compile_time_s or 0:.0f} |"
         )
     return lines

@@ -17,18 +17,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-# XLA flags this project's measurements chose; a flag the user sets in XLA_FLAGS wins. On GPUs,
-# cuBLAS for every matmul instead of XLA's Triton GEMMs: 10-11% more train tokens/s for the base
-# and big models on an H200 (docs/benchmarks.md). Other backends ignore GPU flags.
-DEFAULT_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
-
-
-def with_default_xla_flags(current: str) -> str:
-    """`current` XLA_FLAGS plus each of DEFAULT_XLA_FLAGS whose name it does not set."""
-    names = {flag.split("=")[0] for flag in current.split()}
-    extra = [flag for flag in DEFAULT_XLA_FLAGS if flag.split("=")[0] not in names]
-    return " ".join([current.strip(), *extra]).strip()
-
+from t2t_jax.xla_flags import with_default_xla_flags  # noqa: E402
 
 os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
@@ -66,10 +55,11 @@ commands:
   attention --workdir DIR [--input "3 1 4"] [--output DIR2]: attention heat maps per head
   bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
                (on a generated WMT-like corpus when --config is parallel_text without files)
-  compile --config X --topology v5e:4x4 [--num_slices N] [--mode train|decode]
+  compile --config X --topology v5e:4x4|h100:8 [--num_slices N] [--mode train|decode]
           [--rows_per_chip N] [--search] [--seq_lens 4096,...] [--attention auto,xla]
-          [--output DIR]: compile the train step (or decode loop) for a TPU topology on this
-          machine (libtpu, no TPU needed): per-chip memory, FLOPs, collectives, estimated speed
+          [--output DIR]: compile the train step (or decode loop) for a TPU topology or GPU
+          host on this machine (libtpu or JAX's CUDA plugin; no TPU or GPU needed): per-chip
+          memory, FLOPs, kernels launched, collectives, estimated speed
 """
 
 
@@ -454,8 +444,10 @@ def check_attention_command() -> None:
 
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: a TPU topology (v5e:4x4, v5p:4x4x4, "
-                                "v4:2x2x1) or accelerator type (v5e-16, v5p-128, v4-8).")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "compile: slices joined over DCN.")
+                                "v4:2x2x1), accelerator type (v5e-16, v5p-128, v4-8), or GPU "
+                                "host (h100, h100:8, h200:8, a100:8).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "compile: TPU slices, or GPU hosts, joined "
+                                   "over the data-center network.")
 _ROWS_PER_CHIP = flags.DEFINE_integer("rows_per_chip", None, "compile: rows per data-parallel "
                                       "shard (the global batch is this x data x fsdp); "
                                       "default: the config's data.batch_size.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -58,10 +59,16 @@ class Instruction:
     calls: tuple[str, ...]
     call_target: str
     root: bool
+    shape: str = ""  # the result's, as printed: "bf16[32,512]{1,0}" or a tuple of them
+    operands: tuple[str, ...] = ()  # instruction names
+    parameter_number: int = -1  # a parameter's position in its computation's arguments
 
 
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+) = .*? ([a-z][a-z0-9\-]*)\((.*)$")
-_CALLS = re.compile(r"\b(?:calls|to_apply)=\{?%([\w.\-]+(?:, %[\w.\-]+)*)")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+# The computations an instruction runs: fused, applied, a loop's condition and body, or a
+# conditional's branches.
+_CALLS = re.compile(r"\b(?:calls|to_apply|condition|body|branch_computations|true_computation|"
+                    r"false_computation)=\{?%([\w.\-]+(?:, %[\w.\-]+)*)")
 
 
 def parse_hlo(text: str) -> tuple[dict[str, Instruction], dict[str, list[Instruction]]]:
@@ -78,18 +85,21 @@ def parse_hlo(text: str) -> tuple[dict[str, Instruction], dict[str, list[Instruc
         match = _INSTRUCTION.match(line)
         if not match:
             continue
-        root, name, opcode, rest = match.groups()
-        calls = _CALLS.search(rest)
+        root, name, shape, opcode, rest = match.groups()
+        calls = [c.strip().lstrip("%") for group in _CALLS.findall(rest) for c in group.split(",")]
         target = re.search(r'custom_call_target="([^"]*)"', rest)
         op_name = re.search(r'op_name="([^"]*)"', rest)
         instruction = Instruction(
             name=name,
             opcode=opcode,
             op_name=op_name.group(1) if op_name else "",
-            calls=tuple(c.strip().lstrip("%") for c in calls.group(1).split(","))
-            if calls else (),
+            calls=tuple(calls),
             call_target=target.group(1) if target else "",
             root=bool(root),
+            shape=shape,
+            # Compiled HLO names operands without their shapes, and no operand holds a ")".
+            operands=tuple(re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])),
+            parameter_number=int(rest.split(")", 1)[0]) if opcode == "parameter" else -1,
         )
         instructions[name] = instruction
         current.append(instruction)
@@ -135,6 +145,84 @@ def classify(instruction: Instruction, computations: dict) -> str:
     if instruction.opcode in LAYOUT_OPCODES or root.opcode in LAYOUT_OPCODES:
         return "copies and transposes"
     return "normalization and elementwise"
+
+
+# Instructions that launch nothing: they name, regroup or reinterpret buffers.
+_NOT_LAUNCHED = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all",
+    "add-dependency", "partition-id", "replica-id", "domain",
+}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
+
+
+def array_bytes(shape_text: str) -> list[int]:
+    """The bytes of each array in a shape as HLO prints it ("f32[8,64]", or a tuple)."""
+    sizes = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+    return sizes
+
+
+@dataclasses.dataclass
+class KernelCensus:
+    """The launches of a compiled program, read from its HLO without running it: each kernel
+    (a fusion, a library call such as cuBLAS or cuDNN, a copy, a collective) by category, and
+    the bytes it reads and writes (its operands' and results' sizes: what it moves through
+    HBM if nothing stays in cache). A loop's body is counted once."""
+
+    kernels: dict[str, int]  # per category, and "total"
+    bytes: dict[str, float]  # per category, and "total"
+
+
+def _bytes_read(instruction: Instruction, instructions: dict[str, Instruction],
+                computations: dict[str, list[Instruction]]) -> int:
+    """The bytes a kernel reads: each operand's size, or for an operand a fusion only slices
+    (XLA reads the slice in place, e.g. one projection of a batched matmul's output), the
+    slices' sizes."""
+    body = computations.get(instruction.calls[0], []) if (
+        instruction.opcode == "fusion" and instruction.calls) else []
+    parameters = sorted((i for i in body if i.opcode == "parameter"),
+                        key=lambda i: i.parameter_number)
+    total = 0
+    for position, operand in enumerate(instruction.operands):
+        if operand not in instructions:
+            continue
+        size = sum(array_bytes(instructions[operand].shape))
+        if position < len(parameters):
+            name = parameters[position].name
+            users = [i for i in body if name in i.operands]
+            if users and all(u.opcode in ("slice", "dynamic-slice") for u in users):
+                size = min(size, sum(sum(array_bytes(u.shape)) for u in users))
+        total += size
+    return total
+
+
+def kernel_census(hlo_text: str) -> KernelCensus:
+    """`KernelCensus` of a compiled module's text (`compiled.as_text()`)."""
+    instructions, computations = parse_hlo(hlo_text)
+    entry = next((line.split()[1].lstrip("%") for line in hlo_text.splitlines()
+                  if line.startswith("ENTRY")), None)
+    kernels: dict[str, int] = {}
+    moved: dict[str, float] = {}
+    stack = [entry] if entry in computations else []
+    while stack:
+        for instruction in computations[stack.pop()]:
+            opcode = instruction.opcode
+            if opcode in _NOT_LAUNCHED or opcode.endswith("-done"):
+                continue
+            if opcode in ("while", "conditional", "call"):  # their bodies launch the kernels
+                stack.extend(c for c in instruction.calls if c in computations)
+                continue
+            category = classify(instruction, computations)
+            kernels[category] = kernels.get(category, 0) + 1
+            moved[category] = (moved.get(category, 0.0) + _bytes_read(instruction, instructions,
+                                                                       computations)
+                               + sum(array_bytes(instruction.shape)))
+    kernels["total"] = sum(kernels.values())
+    moved["total"] = sum(moved.values())
+    return KernelCensus(kernels, moved)
 
 
 @dataclasses.dataclass

@@ -64,15 +64,17 @@ def mesh_shape(mesh_config: Any, num_devices: int, name: str = "mesh") -> tuple[
     return tuple(sizes)
 
 
+def granule_index(device) -> int:
+    """Which granule a device is in: its TPU slice, or on GPU and CPU its process (host)."""
+    return getattr(device, "slice_index", 0) if device.platform == "tpu" else device.process_index
+
+
 def granules(devices: list) -> list[list]:
     """Devices grouped into what fast links join: a TPU slice (ICI), or on GPU and CPU one
     process's devices (NVLink, shared memory); between groups is the slower network (DCN)."""
-    def key(d):
-        return getattr(d, "slice_index", 0) if d.platform == "tpu" else d.process_index
-
     groups: dict[int, list] = {}
-    for device in sorted(devices, key=lambda d: (key(d), d.id)):
-        groups.setdefault(key(device), []).append(device)
+    for device in sorted(devices, key=lambda d: (granule_index(d), d.id)):
+        groups.setdefault(granule_index(device), []).append(device)
     sizes = {len(g) for g in groups.values()}
     if len(sizes) > 1:
         raise ValueError(

@@ -50,7 +50,7 @@ def test_topology_names_become_cloud_tpu_shapes():
 
 @pytest.mark.parametrize(
     "name, message",
-    [("v9:2x2", "unknown TPU topology 'v9:2x2'"), ("v5e-12", "must be a power of two"),
+    [("v9:2x2", "unknown topology 'v9:2x2'"), ("v5e-12", "must be a power of two"),
      ("v5p:4x4", "v5p slices have 3 dimensions"), ("tpu", "name one as GEN:AxB")],
 )
 def test_an_unknown_topology_is_a_clear_error(name, message):
@@ -281,7 +281,7 @@ def test_compile_command_writes_the_table_and_json(tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--topology", "v9:2x2"], "unknown TPU topology 'v9:2x2'"),
+    [(["--topology", "v9:2x2"], "unknown topology 'v9:2x2'"),
      (["--topology", "v5e:2x2", "--config.mesh.ici.data=3"], "needs 3 devices but 4")],
 )
 def test_compile_command_errors_are_one_line(args, message):
@@ -317,7 +317,7 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_row_that_does_not_fit(me
     def lower():
         raise jax.errors.JaxRuntimeError(message)
 
-    assert aot._compile(row, lower) is None
+    assert aot._compile(row, lower, topology.CHIPS["v5e"]) is None
     assert row.fits is False and row.memory_per_chip_bytes == int(gib * 2**30)
     assert row.error.startswith("does not fit: Ran out of memory")
     line = aot.format_table([row])[-1]

@@ -84,6 +84,16 @@ def _jax_dot_product_attention(
 CUDNN_SPANS_MIN_VERSION = 90600
 
 
+def cudnn_version() -> int | None:
+    """The version of the cuDNN library JAX loads (e.g. 91000 for 9.10), or None without one."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+
+        return cudnn_fmha.check_cudnn_version()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
 def cudnn_spans_unsupported() -> str | None:
     """Why cuDNN cannot take packed rows as spans here (then it gets the dense mask), or None."""
     try:
@@ -94,7 +104,10 @@ def cudnn_spans_unsupported() -> str | None:
         return f"this JAX offers no cuDNN packed layout ({error})"
     if version < CUDNN_SPANS_MIN_VERSION:
         return f"cuDNN {version} predates the packed layout (cuDNN 9.6)"
-    capability = getattr(jax.devices()[0], "compute_capability", None)
+    # The GPU compiled for: the current mesh's (perhaps described, not present), else local.
+    mesh = jax.sharding.get_mesh()
+    device = mesh.devices.flat[0] if mesh.devices.size else jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
     if capability is None or tuple(int(x) for x in capability.split(".")[:2]) < (9, 0):
         return f"the packed layout needs a Hopper GPU or later (compute capability {capability})"
     return None
