@@ -54,9 +54,13 @@ def tpu_chips_present() -> bool:
     return any(d["device"] in _TPU_DEVICE_IDS for d in _pci_devices(_GOOGLE_VENDOR))
 
 
+# Where NVIDIA's driver shows itself when the bus does not (containers, WSL2's /dev/dxg).
+_DRIVER_PATHS = ("/proc/driver/nvidia/gpus", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
+
+
 def nvidia_gpus_present() -> bool:
-    """Whether an NVIDIA GPU sits on this machine's PCI bus (or its driver is loaded)."""
-    return os.path.exists("/proc/driver/nvidia/gpus") or any(
+    """Whether an NVIDIA GPU sits on this machine's PCI bus, or its driver is present."""
+    return any(os.path.exists(path) for path in _DRIVER_PATHS) or any(
         d["class"].startswith(_DISPLAY_CLASS) for d in _pci_devices(_NVIDIA_VENDOR))
 
 

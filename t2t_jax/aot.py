@@ -78,8 +78,9 @@ class Row:
     hbm_bytes_per_chip: float | None = None  # XLA's bytes accessed; GPU: the kernels' (census)
     collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     tpu_kernels: int | None = None  # Mosaic (Pallas) custom calls, e.g. splash attention
-    # Launches per step by category and in all ("total"; `profiling.kernel_census`): on a GPU
-    # each costs a few microseconds however little it does.
+    # Launches by category and in all ("total"; `profiling.kernel_census`) of a train step, or
+    # of the encoder and one decoding step: on a GPU each costs a few microseconds however
+    # little it does.
     kernels: dict[str, int] | None = None
     estimated_step_time_s: float | None = None
     estimated_tokens_per_s: float | None = None
@@ -348,15 +349,15 @@ def memory_breakdown(compiled: Any) -> dict[str, int]:
     return {k: int(v) for k, v in parts.items()}
 
 
-def _cost(compiled: Any) -> dict[str, float]:
-    """XLA's FLOPs, bytes accessed and optimal seconds. XLA reports none for a GPU program
-    compiled without the GPU: then no FLOPs (the model formula stands in) and the kernels'
-    bytes from `profiling.kernel_census`."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    if not cost:
+def _cost(compiled: Any, chip: topology.Chip) -> dict[str, float]:
+    """XLA's FLOPs, bytes accessed and optimal seconds; for a GPU, which XLA reports none for
+    when compiled without one, no FLOPs (the model formula stands in) and the kernels' bytes
+    from `profiling.kernel_census`."""
+    if chip.gpu is not None:
         census = profiling.kernel_census(compiled.as_text())
         return {"flops": 0.0, "bytes accessed": census.bytes["total"], "optimal_seconds": 0.0}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
     return {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
 
 
@@ -378,9 +379,9 @@ def _analyse(row: Row, compiled: Any, mesh, chip: topology.Chip, loop_steps: int
     repeats = max(loop_steps, 1)
     ici = repeats * sum(c["ici_seconds"] for c in found.values())
     dcn = repeats * sum(c["dcn_seconds"] for c in found.values())
-    cost = _cost(compiled)
+    cost = _cost(compiled, chip)
     if loop_steps:
-        first = _cost(once) if once is not None else dict.fromkeys(cost, 0.0)
+        first = _cost(once, chip) if once is not None else dict.fromkeys(cost, 0.0)
         cost = {k: first[k] + loop_steps * max(cost[k] - first[k], 0.0) for k in cost}
     chips = math.prod(row.mesh.values())
     row.hbm_bytes_per_chip = cost["bytes accessed"]
@@ -706,7 +707,8 @@ def markdown_table(rows: list[Row]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
+        slices = (f" x {r.num_slices} {topology.parse(r.topology).slices_name}"
+                  if r.num_slices > 1 else "")
         mesh = ", ".join(str(r.mesh.get(a, "?")) for a in sharding.MESH_AXES)
         tokens = max(r.lengths.values(), default=0)
         memory = f"{_memory(r).replace('/', ' / ')} ({r.hbm_per_chip_bytes / 2**30:.0f})"

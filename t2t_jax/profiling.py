@@ -169,22 +169,36 @@ def array_bytes(shape_text: str) -> list[int]:
 class KernelCensus:
     """The launches of a compiled program, read from its HLO without running it: each kernel
     (a fusion, a library call such as cuBLAS or cuDNN, a copy, a collective) by category, and
-    the bytes it reads and writes (its operands' and results' sizes: what it moves through
-    HBM if nothing stays in cache). A loop's body is counted once."""
+    the bytes it reads and writes (its operands' and results' sizes, slices and in-place
+    updates as such: what it moves through HBM if nothing stays in cache). A loop's body is
+    counted once, and every branch of a conditional."""
 
     kernels: dict[str, int]  # per category, and "total"
     bytes: dict[str, float]  # per category, and "total"
 
 
+def _fused_body(instruction: Instruction, computations: dict) -> list[Instruction]:
+    if instruction.opcode == "fusion" and instruction.calls:
+        return computations.get(instruction.calls[0], [])
+    return []
+
+
+def _in_place_update(body: list[Instruction]) -> Instruction | None:
+    """The fusion's root if it updates a slice of a buffer in place (XLA aliases the buffer:
+    only the slice is written), else None."""
+    root = next((i for i in body if i.root), None)
+    return root if root is not None and root.opcode == "dynamic-update-slice" else None
+
+
 def _bytes_read(instruction: Instruction, instructions: dict[str, Instruction],
                 computations: dict[str, list[Instruction]]) -> int:
-    """The bytes a kernel reads: each operand's size, or for an operand a fusion only slices
+    """The bytes a kernel reads: each operand's size; for an operand a fusion only slices
     (XLA reads the slice in place, e.g. one projection of a batched matmul's output), the
-    slices' sizes."""
-    body = computations.get(instruction.calls[0], []) if (
-        instruction.opcode == "fusion" and instruction.calls) else []
+    slices' sizes; nothing for the buffer a fusion updates in place."""
+    body = _fused_body(instruction, computations)
     parameters = sorted((i for i in body if i.opcode == "parameter"),
                         key=lambda i: i.parameter_number)
+    update = _in_place_update(body)
     total = 0
     for position, operand in enumerate(instruction.operands):
         if operand not in instructions:
@@ -195,8 +209,29 @@ def _bytes_read(instruction: Instruction, instructions: dict[str, Instruction],
             users = [i for i in body if name in i.operands]
             if users and all(u.opcode in ("slice", "dynamic-slice") for u in users):
                 size = min(size, sum(sum(array_bytes(u.shape)) for u in users))
+            elif update is not None and update.operands[:1] == (name,):
+                size = 0
         total += size
     return total
+
+
+def _bytes_written(instruction: Instruction, instructions: dict[str, Instruction],
+                   computations: dict[str, list[Instruction]]) -> int:
+    """The bytes a kernel writes: its results, less a library call's scratch space (cuBLAS's
+    trailing s8/u8 workspace), the operands an async start echoes in its tuple, and for an
+    in-place update only the slice."""
+    update = _in_place_update(_fused_body(instruction, computations))
+    if update is not None:
+        body = {i.name: i for i in _fused_body(instruction, computations)}
+        written = body.get(update.operands[1]) if len(update.operands) > 1 else None
+        return sum(array_bytes(written.shape)) if written else 0
+    arrays = _ARRAY.findall(instruction.shape)
+    sizes = array_bytes(instruction.shape)
+    if instruction.opcode == "custom-call" and len(arrays) > 1 and arrays[-1][0] in ("s8", "u8"):
+        sizes = sizes[:-1]
+    if instruction.opcode in ("all-gather-start", "collective-permute-start"):
+        sizes = sizes[len(instruction.operands):]  # (operands..., results...)
+    return sum(sizes)
 
 
 def kernel_census(hlo_text: str) -> KernelCensus:
@@ -210,16 +245,16 @@ def kernel_census(hlo_text: str) -> KernelCensus:
     while stack:
         for instruction in computations[stack.pop()]:
             opcode = instruction.opcode
-            if opcode in _NOT_LAUNCHED or opcode.endswith("-done"):
+            if opcode in _NOT_LAUNCHED or opcode.endswith(("-done", "-update")):
                 continue
             if opcode in ("while", "conditional", "call"):  # their bodies launch the kernels
                 stack.extend(c for c in instruction.calls if c in computations)
                 continue
             category = classify(instruction, computations)
             kernels[category] = kernels.get(category, 0) + 1
-            moved[category] = (moved.get(category, 0.0) + _bytes_read(instruction, instructions,
-                                                                       computations)
-                               + sum(array_bytes(instruction.shape)))
+            moved[category] = (moved.get(category, 0.0)
+                               + _bytes_read(instruction, instructions, computations)
+                               + _bytes_written(instruction, instructions, computations))
     kernels["total"] = sum(kernels.values())
     moved["total"] = sum(moved.values())
     return KernelCensus(kernels, moved)

@@ -69,7 +69,10 @@ def _merge_statistics(a: tuple, b: tuple) -> tuple:
     # The larger side's factor is exactly 1 (and -inf - -inf is no NaN).
     exp_sum = (jnp.where(a_max == top, a_exp, a_exp * jnp.exp(a_max - top))
                + jnp.where(b_max == top, b_exp, b_exp * jnp.exp(b_max - top)))
-    first = (a_max > b_max) | ((a_max == b_max) & (a_index < b_index))
+    # As jnp.argmax: NaN counts as the largest, and ties go to the first index.
+    a_nan, b_nan = jnp.isnan(a_max), jnp.isnan(b_max)
+    first = ((a_max > b_max) | (a_nan & ~b_nan)
+             | (((a_max == b_max) | (a_nan & b_nan)) & (a_index < b_index)))
     return top, exp_sum, jnp.where(first, a_index, b_index), a_target + b_target, a_sum + b_sum
 
 
@@ -83,7 +86,7 @@ def vocab_statistics(logits: Array, targets: Array) -> tuple[Array, Array, Array
     [tokens, vocab] logits several times (on a GPU twice, five times with Triton GEMMs; the
     base model's logits are 2.4 GB a step). One variadic reduction with an online log-sum-exp
     reads them once. Its gradient (d log Z = softmax, d target logit = one-hot at the target,
-    d sum = 1) is one elementwise pass, as before.
+    d sum = 1) is one elementwise pass, as before. Reverse mode only (a custom VJP).
     """
     return _vocab_statistics(logits, targets)[0]
 
@@ -183,7 +186,7 @@ class StepFns:
     label_smoothing: float
     z_loss: float
     grad_accum_steps: int
-    # Whether the update itself must be checked for non-finite values (see `_apply`).
+    # Whether the update itself must be checked for non-finite values (`updates_need_checking`).
     check_updates: bool = True
 
 
@@ -211,14 +214,8 @@ def _apply(fns: StepFns, state: TrainState, grads: Any, sums: dict) -> tuple[Tra
         updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
-        if fns.check_updates:
+        if fns.check_updates:  # else finite by construction: see `updates_need_checking`
             finite &= jnp.isfinite(optax.global_norm(updates))
-        else:
-            # Adam's update is finite where the gradients and the learning rate are and eps > 0:
-            # its moments average finite gradients, its denominator is at least eps. Checking
-            # the rate, a scalar, spares a reduction over every parameter (a kernel per array
-            # on a GPU) that the guarded writes below would otherwise wait for.
-            finite &= jnp.isfinite(fns.schedule(state.step // fns.grad_accum_steps))
         keep_if_finite = functools.partial(
             jax.tree.map, lambda new, old: jnp.where(finite, new, old)
         )
@@ -281,9 +278,21 @@ def make_step_fns(config: Any, model: nn.Module, d_model: int) -> StepFns:
         label_smoothing=config.train.label_smoothing,
         z_loss=config.train.z_loss,
         grad_accum_steps=config.train.grad_accum_steps,
-        # eps = 0 gives 0/0 where a gradient and its moments are all zero.
-        check_updates=config.train.adam_eps <= 0,
+        check_updates=updates_need_checking(config.train),
     )
+
+
+def updates_need_checking(train_config: Any) -> bool:
+    """Whether the finite guard must check Adam's update itself, a reduction over every
+    parameter that the guarded writes wait for (a kernel per parameter array on a GPU).
+
+    With finite gradients (checked), a finite learning rate, eps > 0 in float32 and betas in
+    [0, 1), the update is finite: the moments average finite gradients, the bias corrections
+    are positive, and the denominator is at least eps. Otherwise it may not be: eps = 0 gives
+    0/0 where a gradient and its moments are all zero, an infinite rate inf * 0."""
+    eps_ok = np.float32(train_config.adam_eps) >= np.finfo(np.float32).tiny
+    betas_ok = all(0.0 <= b < 1.0 for b in (train_config.adam_b1, train_config.adam_b2))
+    return not (eps_ok and betas_ok and np.isfinite(train_config.learning_rate))
 
 
 def init_boxed_params(model: nn.Module, rng: Array, lengths: dict[str, int]) -> Any:

@@ -228,6 +228,28 @@ def test_the_cuda_plugin_loads_quietly_only_where_no_gpu_is(
     assert os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK") == skipped
 
 
+@pytest.mark.parametrize("gpu, taken", [("h100", True), ("a100", False), (None, False)])
+def test_cudnn_takes_packed_spans_only_for_a_hopper_gpu_even_while_tracing(cudnn_9_10, gpu, taken):
+    """Read inside jit (where only the abstract mesh is at hand), for the GPU compiled for."""
+    from t2t_jax.model import attention
+
+    reasons = []
+
+    def step(x):
+        reasons.append(attention.cudnn_spans_unsupported())
+        return x
+
+    if gpu is None:  # no mesh: the local device, this CPU
+        jax.make_jaxpr(jax.jit(step))(0.0)
+    else:
+        mesh = jax.sharding.Mesh(topology.devices(topology.parse(gpu)), ("data",))
+        with jax.set_mesh(mesh):
+            jax.make_jaxpr(jax.jit(step))(0.0)
+    assert (reasons == [None]) == taken
+    if not taken:
+        assert "needs a Hopper GPU" in reasons[0]
+
+
 def test_the_census_counts_launches_and_the_bytes_they_move():
     text = """HloModule m
 
@@ -247,27 +269,45 @@ def test_the_census_counts_launches_and_the_bytes_they_move():
   ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %negate.1)
 }
 
+%update (u.0: f32[64,8], u.1: f32[1,8], u.2: s32[]) -> f32[64,8] {
+  %u.0 = f32[64,8]{1,0} parameter(0)
+  %u.1 = f32[1,8]{1,0} parameter(1)
+  %u.2 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = f32[64,8]{1,0} dynamic-update-slice(%u.0, %u.1, %u.2, %zero.1)
+}
+
 %cond (s.1: (s32[], f32[4,8])) -> pred[] {
   %s.1 = (s32[], f32[4,8]{1,0}) parameter(0)
   ROOT %c = pred[] constant(true)
 }
 
-ENTRY %main (a: f32[4,256], b: f32[8]) -> (s32[], f32[4,8]) {
+ENTRY %main (a: f32[4,256], b: f32[8], c: f32[64,8], r: f32[1,8], i: s32[]) -> (s32[], f32[4,8]) {
   %a = f32[4,256]{1,0} parameter(0)
   %b = f32[8]{0} parameter(1)
+  %c = f32[64,8]{1,0} parameter(2)
+  %r = f32[1,8]{1,0} parameter(3)
+  %i = s32[] parameter(4)
   %fusion.1 = f32[4,8]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused
+  %fusion.2 = f32[64,8]{1,0} fusion(%c, %r, %i), kind=kLoop, calls=%update
+  %matmul.1 = (f32[4,4]{1,0}, s8[4194304]{0}) custom-call(%fusion.1, %fusion.1), custom_call_target="__cublas$lt$matmul"
   %zero = s32[] constant(0)
   %init = (s32[], f32[4,8]{1,0}) tuple(%zero, %fusion.1)
   %all-reduce-start.1 = f32[4,8]{1,0} all-reduce-start(%fusion.1), to_apply=%fused
   %all-reduce-done.1 = f32[4,8]{1,0} all-reduce-done(%all-reduce-start.1)
   ROOT %while.1 = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body
 }
-"""
+"""  # noqa: E501
     census = profiling.kernel_census(text)
-    # The fusion, the collective (its start, not its done), and the loop body's negate once.
-    assert census.kernels == {"normalization and elementwise": 1, "collectives": 1,
-                              "softmax and loss": 1, "total": 3}
-    # The fusion reads the 4x8 slice it takes of `a` in place, not all of `a`: 128 + 32 read,
-    # 128 written. The collective and the negate each read and write 128 bytes.
-    assert census.bytes["normalization and elementwise"] == 128 + 32 + 128
-    assert census.bytes["total"] == 288 + 256 + 256
+    # Two fusions, the matmul, the collective (its start, not its done), and the loop body's
+    # negate once.
+    assert census.kernels == {"normalization and elementwise": 2, "matmul": 1,
+                              "collectives": 1, "softmax and loss": 1, "total": 5}
+    # The first fusion reads the 4x8 slice it takes of `a` in place, not all of `a`: 128 + 32
+    # read, 128 written. The second updates one row of `c` in place: it reads the row (32) and
+    # the index (4) and writes the row (32), not all of `c`.
+    assert census.bytes["normalization and elementwise"] == (128 + 32 + 128) + (32 + 4 + 32)
+    # The matmul reads its operands twice over (256) and writes 4x4 floats, not cuBLAS's
+    # workspace. The collective and the negate each read and write 128 bytes.
+    assert census.bytes["matmul"] == 256 + 64
+    assert census.bytes["total"] == 288 + 68 + 320 + 256 + 256

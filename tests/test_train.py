@@ -52,15 +52,16 @@ def test_optimizer_is_adam_with_the_papers_betas(tiny_config):
 
 
 @pytest.mark.parametrize(
-    "adam_eps, learning_rate, skipped",
+    "adam_eps, learning_rate, checked",
     [
-        (1e-9, 1.0, False),  # a good step is taken
-        (1e-9, float("inf"), True),  # the rate, not a reduction over updates, catches it
-        (0.0, 1.0, True),  # eps = 0: 0/0 where gradients are zero, so updates are checked
+        (1e-9, 1.0, False),  # finite by construction: no pass over the updates
+        (1e-9, float("inf"), True),  # inf * 0 where moments are zero
+        (0.0, 1.0, True),  # 0/0 where gradients are zero
+        (1e-50, 1.0, True),  # eps that is 0 in float32
     ],
 )
 def test_the_finite_guard_skips_a_step_whose_update_would_not_be_finite(
-    tiny_config, adam_eps, learning_rate, skipped
+    tiny_config, adam_eps, learning_rate, checked
 ):
     import dataclasses
 
@@ -68,7 +69,7 @@ def test_the_finite_guard_skips_a_step_whose_update_would_not_be_finite(
 
     tiny_config.train.update(adam_eps=adam_eps, learning_rate=learning_rate)
     fns = make_step_fns(tiny_config, model=None, d_model=32)
-    assert fns.check_updates == (adam_eps <= 0)
+    assert fns.check_updates == checked
     params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=fns.tx.init(params))
@@ -79,18 +80,41 @@ def test_the_finite_guard_skips_a_step_whose_update_would_not_be_finite(
         return jax.jit(functools.partial(_apply, step_fns))(state, grads, sums)
 
     new, metrics = apply(fns)
-    assert float(metrics["nonfinite"]) == float(skipped)
     assert all(bool(jnp.all(jnp.isfinite(leaf)))
                for leaf in jax.tree.leaves((new.params, new.opt_state)))
-    if skipped:  # the state is kept as it was, the step still counts
+    unchecked, _ = apply(dataclasses.replace(fns, check_updates=False))
+    if checked:  # the update would not be finite: the step is skipped, the state kept
+        assert not bool(jnp.all(jnp.isfinite(unchecked.params["b"])))
+        assert float(metrics["nonfinite"]) == 1.0 and float(metrics["loss"]) == 0.0
         jax.tree.map(np.testing.assert_array_equal, new.params, params)
-        assert float(metrics["loss"]) == 0.0 and int(new.step) == 1
-        # Unchecked, the step would have written non-finite params.
-        unchecked, _ = apply(dataclasses.replace(fns, check_updates=False))
-        if adam_eps == 0:
-            assert not bool(jnp.all(jnp.isfinite(unchecked.params["b"])))
+        assert int(new.step) == 1
     else:
+        assert float(metrics["nonfinite"]) == 0.0
         assert not np.allclose(new.params["w"], 1.0)
+        jax.tree.map(np.testing.assert_array_equal, new.params, unchecked.params)
+
+
+def test_vocab_statistics_agree_with_separate_reductions_on_ties_infinities_and_nan():
+    from t2t_jax.train_step import vocab_statistics
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 4099)).astype(np.float32)  # a length XLA splits unevenly
+    logits[0, [7, 4000]] = 9.0  # a tie: the first index wins
+    logits[1, :] = -np.inf
+    logits[1, 5] = 0.0
+    logits[2, [3, 3000]] = np.nan  # NaN is the largest, as for jnp.argmax
+    logits[3, 11] = np.inf
+    targets = np.array([7, 5, 3, 2, 0, 4098])
+    stats = jax.jit(vocab_statistics)(jnp.asarray(logits), jnp.asarray(targets))
+    log_z, target_logit, total, argmax = (np.asarray(x) for x in stats)
+    np.testing.assert_array_equal(argmax, jnp.argmax(logits, axis=-1))
+    expected = np.asarray(jax.nn.logsumexp(logits, axis=-1))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(log_z[finite], expected[finite], rtol=1e-6)
+    assert np.isnan(log_z[2]) and not np.isfinite(log_z[3])
+    np.testing.assert_allclose(target_logit, logits[np.arange(6), targets], rtol=1e-6)
+    rows = [0, 4, 5]
+    np.testing.assert_allclose(total[rows], logits[rows].sum(-1), rtol=1e-4, atol=1e-3)
 
 
 def test_label_smoothed_loss_matches_a_numpy_reference():

@@ -94,6 +94,20 @@ def cudnn_version() -> int | None:
         return None
 
 
+def _compute_capability() -> tuple[int, int] | None:
+    """The compute capability of the GPU being compiled for: a known GPU of the current mesh's
+    kind (which may be only described, for ahead-of-time compilation), else the local GPU's.
+    Read while tracing, where only the abstract mesh is at hand."""
+    from t2t_jax import topology
+
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    chip = topology.chip_of(device.device_kind) if device is not None else None
+    if chip is not None and chip.gpu is not None:
+        return chip.gpu.compute_capability
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return None if capability is None else tuple(int(x) for x in capability.split(".")[:2])
+
+
 def cudnn_spans_unsupported() -> str | None:
     """Why cuDNN cannot take packed rows as spans here (then it gets the dense mask), or None."""
     try:
@@ -104,11 +118,8 @@ def cudnn_spans_unsupported() -> str | None:
         return f"this JAX offers no cuDNN packed layout ({error})"
     if version < CUDNN_SPANS_MIN_VERSION:
         return f"cuDNN {version} predates the packed layout (cuDNN 9.6)"
-    # The GPU compiled for: the current mesh's (perhaps described, not present), else local.
-    mesh = jax.sharding.get_mesh()
-    device = mesh.devices.flat[0] if mesh.devices.size else jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if capability is None or tuple(int(x) for x in capability.split(".")[:2]) < (9, 0):
+    capability = _compute_capability()
+    if capability is None or capability < (9, 0):
         return f"the packed layout needs a Hopper GPU or later (compute capability {capability})"
     return None
 
