@@ -71,12 +71,16 @@ def quiet_without_accelerators() -> None:
 
 
 def quiet_without_gpu() -> None:
-    """Lets JAX's CUDA plugin load without its CUDA version check where it is installed, no
-    NVIDIA GPU is present and the user set nothing: the plugin then only compiles."""
-    if "JAX_SKIP_CUDA_CONSTRAINTS_CHECK" in os.environ or nvidia_gpus_present():
+    """Where JAX's CUDA plugin is installed and no NVIDIA GPU is present, lets the plugin load
+    without its CUDA version check (it then only compiles), and unless the user named platforms
+    or a TPU is present, names the CPU (JAX_PLATFORMS=cpu): JAX would otherwise try to start a
+    CUDA client, fail, warn and fall back to the CPU anyway. The test suite, which installs the
+    plugin, also saw rare aborts in native threads of processes that had made that attempt."""
+    if nvidia_gpus_present() or not cuda_plugin_installed():
         return
-    if cuda_plugin_installed():
-        os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if "JAX_PLATFORMS" not in os.environ and not tpu_chips_present():
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def cuda_plugin_installed() -> bool:

@@ -214,18 +214,25 @@ def test_gpu_compiler_options_are_the_project_flags_the_user_did_not_set(monkeyp
 
 
 @pytest.mark.parametrize(
-    "environment, gpu_present, skipped",
-    [({}, False, "1"), ({}, True, None), ({"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": ""}, False, "")],
+    "environment, gpu_present, expected",
+    [
+        ({}, False, {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "JAX_PLATFORMS": "cpu"}),
+        ({}, True, {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": None, "JAX_PLATFORMS": None}),
+        ({"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "", "JAX_PLATFORMS": "tpu,cpu"}, False,
+         {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "", "JAX_PLATFORMS": "tpu,cpu"}),
+    ],
 )
 def test_the_cuda_plugin_loads_quietly_only_where_no_gpu_is(
-    monkeypatch, environment, gpu_present, skipped
+    monkeypatch, environment, gpu_present, expected
 ):
-    monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", raising=False)
+    for name in expected:
+        monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(accelerator_probe, "nvidia_gpus_present", lambda: gpu_present)
+    monkeypatch.setattr(accelerator_probe, "tpu_chips_present", lambda: False)
     accelerator_probe.quiet_without_gpu()
-    assert os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK") == skipped
+    assert {name: os.environ.get(name) for name in expected} == expected
 
 
 @pytest.mark.parametrize("gpu, taken", [("h100", True), ("a100", False), (None, False)])
