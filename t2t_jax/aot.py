@@ -201,8 +201,10 @@ def compile_train(
 def _require_cudnn_where_used(topo: topology.Topology, model_config: ModelConfig) -> None:
     """A clear error for compiling cuDNN attention for a GPU where cuDNN's library is missing:
     JAX asks it its version while tracing, even to compile only."""
+    if topo.chip.gpu is None:
+        return
     implementation = select_attention(model_config.attention, "gpu", model_config.dtype)[0]
-    if topo.chip.gpu is not None and implementation == "cudnn" and cudnn_version() is None:
+    if implementation == "cudnn" and cudnn_version() is None:
         raise ValueError(
             "compiling cuDNN attention for a GPU needs cuDNN's library, which JAX asks its "
             "version: pip install 'nvidia-cudnn-cu12>=9' (or -e '.[gpu]'), or pass "

@@ -2,6 +2,7 @@
 train step (cuDNN attention included), the launches and bytes read from the compiled program,
 collectives over NVLink and between hosts, and clear errors."""
 
+import json
 import os
 import re
 import subprocess
@@ -202,7 +203,7 @@ def test_compile_command_compiles_for_a_gpu_host(tmp_path):
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith("h100:2"))
     assert " yes " in line  # fits
     assert "kernels' operands" in result.stdout
-    rows = __import__("json").loads((tmp_path / "compile.json").read_text())
+    rows = json.loads((tmp_path / "compile.json").read_text())
     assert rows[0]["kernels"]["total"] > 0 and rows[0]["collectives"]["all-reduce"]["count"]
 
 

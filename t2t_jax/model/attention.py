@@ -110,12 +110,9 @@ def _compute_capability() -> tuple[int, int] | None:
 
 def cudnn_spans_unsupported() -> str | None:
     """Why cuDNN cannot take packed rows as spans here (then it gets the dense mask), or None."""
-    try:
-        from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
-
-        version = cudnn_fmha.check_cudnn_version()
-    except (ImportError, AttributeError, RuntimeError) as error:
-        return f"this JAX offers no cuDNN packed layout ({error})"
+    version = cudnn_version()
+    if version is None:
+        return "this JAX offers no cuDNN packed layout, or no cuDNN library was found"
     if version < CUDNN_SPANS_MIN_VERSION:
         return f"cuDNN {version} predates the packed layout (cuDNN 9.6)"
     capability = _compute_capability()
