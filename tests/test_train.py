@@ -94,27 +94,67 @@ def test_the_finite_guard_skips_a_step_whose_update_would_not_be_finite(
         jax.tree.map(np.testing.assert_array_equal, new.params, unchecked.params)
 
 
-def test_vocab_statistics_agree_with_separate_reductions_on_ties_infinities_and_nan():
+@pytest.mark.parametrize("path", ["auto", "one_pass", "exp_saving"])
+def test_vocab_statistics_agree_with_separate_reductions_and_their_gradients(path):
     from t2t_jax.train_step import vocab_statistics
 
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(6, 4099)).astype(np.float32)  # a length XLA splits unevenly
-    logits[0, [7, 4000]] = 9.0  # a tie: the first index wins
+    logits[0, [7, 4000]] = 9.0  # a tie for the largest, the target one of them
     logits[1, :] = -np.inf
     logits[1, 5] = 0.0
-    logits[2, [3, 3000]] = np.nan  # NaN is the largest, as for jnp.argmax
+    logits[2, [3, 3000]] = np.nan
     logits[3, 11] = np.inf
     targets = np.array([7, 5, 3, 2, 0, 4098])
-    stats = jax.jit(vocab_statistics)(jnp.asarray(logits), jnp.asarray(targets))
-    log_z, target_logit, total, argmax = (np.asarray(x) for x in stats)
-    np.testing.assert_array_equal(argmax, jnp.argmax(logits, axis=-1))
+    statistics = jax.jit(vocab_statistics, static_argnums=2)
+    log_z, target_logit, total, top = (
+        np.asarray(x) for x in statistics(jnp.asarray(logits), jnp.asarray(targets), path))
+    # Row 2's largest is NaN or not as the platform's max treats NaN: its log Z is NaN either
+    # way, and so is the loss, which the finite guard then drops.
+    without_nan = [0, 1, 3, 4, 5]
+    np.testing.assert_array_equal(top[without_nan], np.max(logits[without_nan], axis=-1))
     expected = np.asarray(jax.nn.logsumexp(logits, axis=-1))
     finite = np.isfinite(expected)
     np.testing.assert_allclose(log_z[finite], expected[finite], rtol=1e-6)
     assert np.isnan(log_z[2]) and not np.isfinite(log_z[3])
     np.testing.assert_allclose(target_logit, logits[np.arange(6), targets], rtol=1e-6)
+    assert (target_logit == top).tolist() == [True, True, False, False, False, False]
     rows = [0, 4, 5]
     np.testing.assert_allclose(total[rows], logits[rows].sum(-1), rtol=1e-4, atol=1e-3)
+
+    # Gradients of a weighted sum of the three differentiable outputs, against autodiff of the
+    # separate reductions, on the finite rows.
+    finite_logits, finite_targets = jnp.asarray(logits[rows]), jnp.asarray(targets[rows])
+    weights = jnp.asarray([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5], [-1.0, 3.0, 0.125]])
+
+    def combined(outputs):
+        return jnp.sum(weights * jnp.stack(outputs[:3], axis=-1))
+
+    def separate(x):
+        return (jax.nn.logsumexp(x, axis=-1),
+                jnp.take_along_axis(x, finite_targets[:, None], -1)[:, 0], jnp.sum(x, axis=-1))
+
+    grad = jax.jit(jax.grad(lambda x: combined(vocab_statistics(x, finite_targets, path))))(
+        finite_logits)
+    reference = jax.grad(lambda x: combined(separate(x)))(finite_logits)
+    np.testing.assert_allclose(grad, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_vocab_statistics_saves_the_exps_on_the_cpu_only():
+    """On the CPU the backward pass computes no exp of its own (the exp-saving path); compiled
+    for another platform it does (the one-pass path: `test_gpu_aot` counts its kernels)."""
+    from t2t_jax.train_step import vocab_statistics
+
+    logits = jnp.zeros((4, 997), jnp.float32)
+    targets = jnp.zeros((4,), jnp.int32)
+
+    def exps(path):
+        step = jax.jit(jax.grad(lambda x: jnp.sum(vocab_statistics(x, targets, path)[0])))
+        text = step.lower(logits).as_text()  # StableHLO, before XLA fuses or rewrites
+        return text.count("stablehlo.exponential")
+
+    assert exps("auto") == exps("exp_saving") == 1
+    assert exps("one_pass") == 3  # twice in the merge of the reduction, once backward
 
 
 def test_label_smoothed_loss_matches_a_numpy_reference():
