@@ -17,6 +17,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from t2t_jax import host_allocator  # noqa: E402
 from t2t_jax.xla_flags import with_default_xla_flags  # noqa: E402
 
 os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
@@ -630,6 +631,7 @@ def _unknown_key_message(argv: list[str], message: str) -> str:
 
 def run() -> None:
     """Console entry point."""
+    host_allocator.restart_with_huge_pages()  # returns where the restart would change nothing
     app.run(main, flags_parser=_parse_flags)
 
 
