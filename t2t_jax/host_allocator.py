@@ -10,8 +10,9 @@ malloc ask (`madvise(MADV_HUGEPAGE)`), and the faults become 512 times fewer. Tu
 when a process starts, so the command line re-executes itself once with it set.
 
 A user's own `glibc.malloc.hugetlb` setting wins (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
-turns this off); elsewhere (other C libraries, glibc before 2.35, huge pages "always" or
-"never") nothing changes.
+turns this off). Hosts with a TPU or an NVIDIA GPU are left alone: their steps' temporaries
+live on the accelerator, and huge pages would only round up the host's own buffers. Elsewhere
+(other C libraries, glibc before 2.35, huge pages "always" or "never") nothing changes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import os
 import platform
 import sys
 
+from t2t_jax import accelerator_probe
+
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# Set in the restarted process: the loop guard where the loader drops GLIBC_TUNABLES (it does
+# for setuid or capability-raised interpreters).
+RESTARTED_MARKER = "T2T_JAX_RESTARTED_FOR_HUGE_PAGES"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -51,20 +57,27 @@ def huge_pages_environment(
     """The environment to restart with so that malloc asks for huge pages, or None where that
     would change nothing (see the module docstring)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" in tunables or thp_mode != "madvise":
+    if RESTARTED_MARKER in environ or "glibc.malloc.hugetlb=" in tunables:
+        return None
+    if thp_mode != "madvise":
         return None
     if not _glibc_supports_hugetlb(libc):
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    env[RESTARTED_MARKER] = "1"
     return env
 
 
 def restart_with_huge_pages() -> None:
     """Re-executes this process (same PID, arguments and interpreter options) with
-    `glibc.malloc.hugetlb=1` where `huge_pages_environment` says it helps; returns where it
-    does not. Call it first thing in a command line's entry point, before threads start."""
+    `glibc.malloc.hugetlb=1` where `huge_pages_environment` says it helps and no accelerator
+    is present; returns where it does not. Only for a console entry point, first thing, before
+    threads start: a REPL, a notebook or a script read from stdin would lose its state or
+    input."""
     if not sys.platform.startswith("linux"):
+        return
+    if accelerator_probe.tpu_chips_present() or accelerator_probe.nvidia_gpus_present():
         return
     env = huge_pages_environment(dict(os.environ), transparent_huge_pages_mode(),
                                  platform.libc_ver())

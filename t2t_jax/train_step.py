@@ -102,7 +102,12 @@ def _exp_saving_statistics(logits: Array, targets: Array) -> tuple[tuple, tuple]
     top = jnp.max(logits, axis=-1)
     unnormalized = jnp.exp(logits - top[..., None])
     exp_sum = jnp.sum(unnormalized, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
+    # As the one pass's select: a target outside the vocabulary has logit 0 (and gradient 0),
+    # where the gather alone would give NaN or wrap around.
+    targets = targets.astype(jnp.int32)
+    in_vocab = (targets >= 0) & (targets < logits.shape[-1])
+    gathered = jnp.take_along_axis(logits, jnp.where(in_vocab, targets, 0)[..., None], -1)
+    target_logit = jnp.where(in_vocab, gathered[..., 0], 0.0)
     log_z = top + jnp.log(exp_sum)
     return (log_z, target_logit, jnp.sum(logits, axis=-1), top), (unnormalized, 1.0 / exp_sum)
 
@@ -111,6 +116,8 @@ _STATISTICS_PATHS = {"one_pass": _one_pass_statistics, "exp_saving": _exp_saving
 
 
 def _vocab_statistics(logits, targets, path):
+    # The forward and backward passes choose their path apart (what the saved [.., vocab]
+    # array means depends on it), which is sound because both resolve in the same lowering.
     if path == "auto":
         outputs, (saved, per_row) = jax.lax.platform_dependent(
             logits, targets, cpu=_exp_saving_statistics, default=_one_pass_statistics)
@@ -191,8 +198,9 @@ def cross_entropy_sums(
             -(confidence - low) * (target_logit - log_z) - low * sum_log_probs - entropy
         )
         token_z_loss = z_loss * jnp.square(log_z)
-        # The target has the largest logit (ties with another token count as correct): the
-        # argmax's test without a second reduction over the vocabulary.
+        # The target has the largest logit: the argmax's test without a second reduction over
+        # the vocabulary. A tie with another token counts as correct; float32 logits tie only
+        # where two embedding rows give the same dot product, or the decoder's output is zero.
         correct = (target_logit == top).astype(jnp.float32)
         return {
             "loss": jnp.sum((token_loss + token_z_loss) * weights),

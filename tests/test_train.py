@@ -141,8 +141,8 @@ def test_vocab_statistics_agree_with_separate_reductions_and_their_gradients(pat
 
 
 def test_vocab_statistics_saves_the_exps_on_the_cpu_only():
-    """On the CPU the backward pass computes no exp of its own (the exp-saving path); compiled
-    for another platform it does (the one-pass path: `test_gpu_aot` counts its kernels)."""
+    """On the CPU the backward pass computes no exp of its own (the exp-saving path); lowered
+    for a TPU or a GPU it does (the one-pass path; `test_gpu_aot` counts its kernels)."""
     from t2t_jax.train_step import vocab_statistics
 
     logits = jnp.zeros((4, 997), jnp.float32)
@@ -155,6 +155,25 @@ def test_vocab_statistics_saves_the_exps_on_the_cpu_only():
 
     assert exps("auto") == exps("exp_saving") == 1
     assert exps("one_pass") == 3  # twice in the merge of the reduction, once backward
+    step = jax.jit(jax.grad(lambda x: jnp.sum(vocab_statistics(x, targets)[0])))
+    for platform in ("tpu", "cuda"):
+        text = step.trace(logits).lower(lowering_platforms=(platform,)).as_text()
+        assert text.count("stablehlo.exponential") == 3, platform
+
+
+@pytest.mark.parametrize("path", ["one_pass", "exp_saving"])
+def test_targets_outside_the_vocabulary_have_logit_and_gradient_zero(path):
+    from t2t_jax.train_step import vocab_statistics
+
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 11)), jnp.float32)
+    targets = jnp.asarray([11, -1, 3])
+
+    def target_logits(x):
+        return vocab_statistics(x, targets, path)[1]
+
+    np.testing.assert_array_equal(target_logits(logits), [0.0, 0.0, logits[2, 3]])
+    grad = jax.grad(lambda x: jnp.sum(target_logits(x)))(logits)
+    np.testing.assert_array_equal(grad, np.eye(11)[[3]] * np.array([[0], [0], [1]]))
 
 
 def test_label_smoothed_loss_matches_a_numpy_reference():
