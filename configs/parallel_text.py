@@ -22,13 +22,13 @@ Which preset (`:small`, `:base`, `:big`; none is `:base`):
 Small corpora overfit a big model long before they train it: the small preset trades width and
 depth for dropout, and counts its length in epochs (`train.num_epochs`), so that it scales with
 the corpus. What they cost on 2 CPU cores (JAX 0.10, float32): the small preset's train step
-takes 1.3 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.7 steps a second in training
+takes 1.0 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.9 steps a second in training
 with its input pipeline. An epoch of a 30k-pair corpus of short sentences (Multi30k: about 13
-words a sentence, 121 steps an epoch) takes about 3 minutes; the whole run, evaluations and the
-final beam search included, under an hour (docs/benchmarks.md has the BLEU it reaches). A corpus
-of N pairs of such sentences costs about N/10k minutes an epoch: for 100k pairs or more, lower
-`train.num_epochs` or use a GPU. The base preset takes about 17 s a step there: for its corpora
-a CPU is no longer the right machine. On one GPU, pass `--config.model.dtype=bfloat16`; the
+words a sentence, 121 steps an epoch) takes about 2.3 minutes; the whole run, evaluations and
+the final beam search included, 43 minutes (docs/benchmarks.md has the BLEU it reaches). A
+corpus of N pairs of such sentences costs about N/13k minutes an epoch: for 100k pairs or more,
+lower `train.num_epochs` or use a GPU. The base preset takes about 14 s a step there: for its
+corpora a CPU is no longer the right machine. On one GPU, pass `--config.model.dtype=bfloat16`; the
 presets' GPU cost per epoch has not been measured yet.
 
 Files may be gzipped; `--config.data.train_tsv=train.tsv` (source<TAB>target) replaces a pair.
