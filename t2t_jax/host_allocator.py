@@ -3,7 +3,7 @@
 XLA's CPU runtime allocates each execution's temporaries with `posix_memalign`, from one of
 glibc's per-thread arenas, which serve anything above 32 MiB with a fresh `mmap` and return it
 with `munmap` when the execution ends. The base model's CPU train step needs 3.4 GiB of them,
-so every step faulted in about 890,000 new 4 KiB pages: a quarter of the step. Where the
+so every step faulted in about 890,000 new 4 KiB pages: a sixth of the step. Where the
 kernel backs only the memory that asks for them with huge pages (transparent_hugepage
 "madvise", the default of most distributions), glibc's `glibc.malloc.hugetlb=1` tunable makes
 malloc ask (`madvise(MADV_HUGEPAGE)`), and the faults become 512 times fewer. Tunables are read
