@@ -220,10 +220,11 @@ def _bytes_written(instruction: Instruction, instructions: dict[str, Instruction
     """The bytes a kernel writes: its results, less a library call's scratch space (cuBLAS's
     trailing s8/u8 workspace), the operands an async start echoes in its tuple, and for an
     in-place update only the slice."""
-    update = _in_place_update(_fused_body(instruction, computations))
+    body = _fused_body(instruction, computations)
+    update = _in_place_update(body)
     if update is not None:
-        body = {i.name: i for i in _fused_body(instruction, computations)}
-        written = body.get(update.operands[1]) if len(update.operands) > 1 else None
+        by_name = {i.name: i for i in body}
+        written = by_name.get(update.operands[1]) if len(update.operands) > 1 else None
         return sum(array_bytes(written.shape)) if written else 0
     arrays = _ARRAY.findall(instruction.shape)
     sizes = array_bytes(instruction.shape)
