@@ -158,7 +158,7 @@ def set_seq_len(config: ml_collections.ConfigDict, seq_len: int) -> None:
 
 
 def describe_model(model_config: ModelConfig, params: Any) -> str:
-    """E.g. "encoder_decoder d_model 512, 6+6 layers, 63.08M params, bfloat16"."""
+    """E.g. "encoder_decoder d_model 512, 6+6 layers, 63.05M params, bfloat16"."""
     count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
     layers = (f"{model_config.num_decoder_layers}" if model_config.type == "decoder_only" else
               f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers}")

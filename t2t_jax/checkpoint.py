@@ -21,6 +21,15 @@ from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
 from t2t_jax.lazy_tf import tf
 
 CONFIG_FILENAME = "config.json"
+# Settings of `config.model` that change the params' tree or shapes: a workdir's checkpoints
+# restore only into a model that has the values its run had.
+PARAM_SHAPING_KEYS = (
+    "type", "num_encoder_layers", "num_decoder_layers", "d_model", "d_ff", "num_heads",
+    "share_embeddings", "attention_bias", "norm", "positional", "scan_layers", "vocab_size",
+)
+# What a `config.model` key meant before it existed, for configs saved by an earlier t2t_jax:
+# attention projections had biases until model.attention_bias came (2026-11-27).
+PREDATING_MODEL_DEFAULTS = {"attention_bias": True}
 
 
 def absolute(path: str) -> str:
@@ -167,7 +176,8 @@ def restore_config_and_tokenizer(workdir: str, step: int) -> tuple[ml_collection
                 f"checkpoint {step_dir} has no {name}; it is incomplete or from an older t2t_jax"
             )
         items[name] = json_reader.restore(path, args=ocp.args.JsonRestore())
-    return ml_collections.ConfigDict(items["config"]), tokenizer_from_json(items["tokenizer"])
+    config = with_predating_defaults(ml_collections.ConfigDict(items["config"]))
+    return config, tokenizer_from_json(items["tokenizer"])
 
 
 def newest_steps(workdir: str, last: int, up_to: int | None = None) -> list[int]:
@@ -294,8 +304,38 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
+    """WORKDIR/config.json, with `with_predating_defaults` for keys it was written before."""
     path = os.path.join(workdir, CONFIG_FILENAME)
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"no {CONFIG_FILENAME} in {workdir}; is it a t2t-jax workdir?")
     with tf.io.gfile.GFile(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return with_predating_defaults(ml_collections.ConfigDict(json.load(f)))
+
+
+def with_predating_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A saved config, given the value each `PREDATING_MODEL_DEFAULTS` key had implicitly in
+    the t2t_jax that wrote it, where the config predates the key."""
+    model = config.get("model")
+    if model is not None:
+        for key, value in PREDATING_MODEL_DEFAULTS.items():
+            if key not in model:
+                model[key] = value
+    return config
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises, naming the setting to pass, where WORKDIR holds checkpoints of a model that
+    differs from `config`'s in a setting that shapes the params (`PARAM_SHAPING_KEYS`); run
+    before the workdir's config.json is rewritten, so that it keeps the run's settings."""
+    if not checkpoint_steps(workdir) or not tf.io.gfile.exists(
+        os.path.join(workdir, CONFIG_FILENAME)
+    ):
+        return
+    saved = load_config_json(workdir).model
+    for key in PARAM_SHAPING_KEYS:
+        if key in saved and key in config.model and saved[key] != config.model[key]:
+            raise ValueError(
+                f"{workdir} holds checkpoints of a model with model.{key}={saved[key]!r}, and "
+                f"this config has {config.model[key]!r}: resume with "
+                f"--config.model.{key}={saved[key]!r}, or train in a fresh workdir"
+            )

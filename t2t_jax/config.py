@@ -33,6 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.attention_dropout_rate = 0.0  # not in the paper
     config.model.relu_dropout_rate = 0.0  # not in the paper
     config.model.share_embeddings = True  # source, target and pre-softmax weights tied (3.4)
+    # The paper's attention projections W^Q, W^K, W^V, W^O are matrices (3.2.2), as in
+    # Tensor2Tensor and Flax's WMT example. True adds a bias to each, as t2t_jax did before
+    # 2026-11-27 (checkpoints of that time hold them; decode finds that out by itself).
+    config.model.attention_bias = False
     config.model.norm = "post"  # "post" as in the paper, "pre" for pre-LN
     config.model.layer_norm_epsilon = 1e-6
     # "auto": cuDNN's fused flash kernel on GPUs with bf16/fp16, the Pallas splash kernel on

@@ -349,6 +349,7 @@ def train_and_evaluate(
     workdir = checkpoint.absolute(workdir)
     enable_compilation_cache(config, workdir)
     selection.check_select_by(config.train)
+    checkpoint.check_resumable(config, workdir)
     is_main = jax.process_index() == 0
     if is_main:
         checkpoint.warn_on_changed_data(config, workdir)

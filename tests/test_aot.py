@@ -145,7 +145,7 @@ def test_base_model_params_follow_the_golden_layout_on_data2_fsdp2_tensor2():
             json.dump(table, f, indent=1, sort_keys=True)
     with open(GOLDEN) as f:
         assert table == json.load(f)
-    assert len(table) == 253 and table["shared_embedding/embedding"] == "P('tensor', 'fsdp')"
+    assert len(table) == 181 and table["shared_embedding/embedding"] == "P('tensor', 'fsdp')"
 
 
 @pytest.mark.parametrize("causal, packed", [(True, False), (False, True), (True, True)])

@@ -40,7 +40,7 @@ def test_info_reports_the_base_model_size():
                         "Source Location Trace"):
         assert probe_error not in result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "total parameters: 63082496"
+    assert lines[-1] == "total parameters: 63045632"
     assert any(line.split()[0] == "shared_embedding" and "18,944,000" in line for line in lines)
     assert any(line.startswith("mesh: data=1, fsdp=1, tensor=1") for line in lines)
 

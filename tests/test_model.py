@@ -43,8 +43,8 @@ def random_tokens(seed, shape, vocab=20):
 @pytest.mark.parametrize(
     "overrides, paper, expected",
     [
-        ({}, 65e6, 63_082_496),
-        (dict(d_model=1024, d_ff=4096, num_heads=16, dropout_rate=0.3), 213e6, 214_245_376),
+        ({}, 65e6, 63_045_632),
+        (dict(d_model=1024, d_ff=4096, num_heads=16, dropout_rate=0.3), 213e6, 214_171_648),
     ],
 )
 def test_paper_configs_match_table_3(overrides, paper, expected):
@@ -56,7 +56,7 @@ def test_paper_configs_match_table_3(overrides, paper, expected):
 def test_config_files_build_the_paper_sizes():
     import importlib.util
 
-    for path, expected in [("configs/base.py", 63_082_496), ("configs/big.py", 214_245_376)]:
+    for path, expected in [("configs/base.py", 63_045_632), ("configs/big.py", 214_171_648)]:
         spec = importlib.util.spec_from_file_location("cfg", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -68,6 +68,20 @@ def test_untied_embeddings_add_two_vocab_matrices():
     tied = count_params(ModelConfig(**TINY))
     untied = count_params(ModelConfig(**TINY, share_embeddings=False))
     assert untied - tied == 2 * 20 * 32
+
+
+def test_attention_projections_are_matrices_unless_biases_are_asked_for():
+    """Section 3.2.2: W^Q, W^K, W^V and W^O are parameter matrices; model.attention_bias adds
+    a bias to each (the layout of checkpoints written before it existed)."""
+    _, params = init(ModelConfig(**TINY))
+    attention = params["decoder"]["layer_0"]["cross_attention"]
+    assert all(set(attention[name]) == {"kernel"} for name in ("query", "key", "value", "out"))
+    _, biased = init(ModelConfig(**TINY, attention_bias=True))
+    attention = biased["decoder"]["layer_0"]["cross_attention"]
+    assert attention["query"]["bias"].shape == (4, 8) and attention["out"]["bias"].shape == (32,)
+    layers = 2 + 2 * 2  # self-attention in each layer, cross-attention in the decoder's
+    assert count_params(ModelConfig(**TINY, attention_bias=True)) - count_params(
+        ModelConfig(**TINY)) == layers * 4 * 32
 
 
 def test_pre_ln_adds_a_final_norm_per_stack():

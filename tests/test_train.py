@@ -505,6 +505,42 @@ def test_resuming_with_changed_data_settings_is_reported(tiny_config, tmp_path):
     assert checkpoint.warn_on_changed_data(tiny_config, workdir) == ["data.batch_size"]
 
 
+def test_a_workdir_from_before_attention_bias_decodes_and_asks_for_it_on_resume(
+    tiny_config, tmp_path
+):
+    """Checkpoints written before model.attention_bias existed have biased projections and
+    configs without the key: decode builds their model, resuming names the setting to pass."""
+    from t2t_jax.decode import load_decoder
+
+    workdir = str(tmp_path)
+    tiny_config.model.attention_bias = True
+    tiny_config.train.update(num_steps=2, checkpoint_every=2, eval_every=2)
+    train_and_evaluate(tiny_config, workdir)
+    params = checkpoint.restore_host_state(workdir)[0]["params"]
+    assert params["encoder"]["layer_0"]["self_attention"]["query"]["bias"].shape == (4, 8)
+    saved_configs = [os.path.join(workdir, checkpoint.CONFIG_FILENAME),
+                     os.path.join(checkpoint.checkpoint_dir(workdir), "2", "config", "metadata")]
+    for path in saved_configs:  # as an older t2t_jax wrote them
+        with open(path) as f:
+            saved = json.load(f)
+        del saved["model"]["attention_bias"]
+        with open(path, "w") as f:
+            json.dump(saved, f)
+
+    decoder = load_decoder(workdir)
+    assert decoder.model.config.attention_bias
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(decoder.params[0]), params)
+
+    tiny_config.model.attention_bias = False  # the default now
+    tiny_config.train.num_steps = 4
+    with open(saved_configs[0]) as f:
+        before = f.read()
+    with pytest.raises(ValueError, match=r"resume with --config.model.attention_bias=True"):
+        train_and_evaluate(tiny_config, workdir)
+    with open(saved_configs[0]) as f:
+        assert f.read() == before  # the run's own settings kept
+
+
 def test_scanned_layers_train_sharded_and_decode_unrolled(tiny_config, tmp_path):
     from t2t_jax.decode import DecodeOptions, Search, best_texts, load_decoder, translate
 

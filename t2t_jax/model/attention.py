@@ -327,6 +327,7 @@ class MultiHeadAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     kind: str = "self"  # "self" or "cross": what the cache keeps
     scale: bool = True  # False: unscaled dot products (the guide's experiment on 1/sqrt(d_k))
+    use_bias: bool = False  # the paper's projections are matrices; True adds a bias to each
 
     def _projection(self, name: str) -> nn.Einsum:
         """[batch, length, d_model] -> [batch, length, heads, d_k]."""
@@ -341,6 +342,7 @@ class MultiHeadAttention(nn.Module):
                 ),
                 ("embed", "heads", "kv"),
             ),
+            use_bias=self.use_bias,
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
             name=name,
         )
@@ -419,6 +421,7 @@ class MultiHeadAttention(nn.Module):
                 ),
                 ("heads", "kv", "embed"),
             ),
+            use_bias=self.use_bias,
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)

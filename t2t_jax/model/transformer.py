@@ -54,6 +54,7 @@ class ModelConfig:
     attention_dropout_rate: float = 0.0  # not in the paper; T2T's attention_dropout
     relu_dropout_rate: float = 0.0  # not in the paper; T2T's relu_dropout
     share_embeddings: bool = True  # source, target and pre-softmax weights tied
+    attention_bias: bool = False  # True: biases on W^Q, W^K, W^V, W^O (not in the paper)
     norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + f(LN(x))
     layer_norm_epsilon: float = 1e-6
     attention: str = "xla"  # one of attention.ATTENTION_IMPLEMENTATIONS
@@ -200,6 +201,7 @@ def _attention(config: ModelConfig, name: str, kind: str = "self") -> attn.Multi
         dtype=config.compute_dtype,
         kind=kind,
         scale=config.scale_attention,
+        use_bias=config.attention_bias,
         name=name,
     )
 
