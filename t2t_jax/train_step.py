@@ -21,7 +21,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from t2t_jax import sharding
-from t2t_jax.optimizer import make_optimizer, schedule_from_config
+from t2t_jax.optimizer import global_norm, make_optimizer, schedule_from_config
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -265,10 +265,10 @@ def _apply(fns: StepFns, state: TrainState, grads: Any, sums: dict) -> tuple[Tra
     says)."""
     with jax.named_scope("optimizer"):  # as profiles name it
         updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
         if fns.check_updates:  # else finite by construction: see `updates_need_checking`
-            finite &= jnp.isfinite(optax.global_norm(updates))
+            finite &= jnp.isfinite(global_norm(updates))
         keep_if_finite = functools.partial(
             jax.tree.map, lambda new, old: jnp.where(finite, new, old)
         )

@@ -51,6 +51,39 @@ def test_optimizer_is_adam_with_the_papers_betas(tiny_config):
     np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
 
 
+def test_global_norm_and_clipping_equal_optaxs_over_arrays_of_mixed_shapes(tiny_config):
+    from t2t_jax.optimizer import clip_by_global_norm, global_norm
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    shapes = [(), (5,), (5,), (3, 4), (4, 3), (3, 4)]  # repeated shapes share a reduction
+    tree = {f"x{i}": 3 * jax.random.normal(k, shape) for i, (k, shape) in enumerate(
+        zip(keys, shapes, strict=True))}
+    tree["half"] = jnp.array([1.5, -2.25], jnp.bfloat16)
+    expected = optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    norm = jax.jit(global_norm)(tree)
+    assert norm.dtype == jnp.float32
+    np.testing.assert_allclose(norm, expected, rtol=1e-6)
+    for max_norm in (0.5 * float(expected), 2.0 * float(expected)):  # clipped, then not
+        ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        assert ours.init(tree) == theirs.init(tree)  # checkpoints keep their layout
+        clipped = ours.update(tree, ours.init(tree))[0]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            np.float32(a), np.float32(b), rtol=1e-6), clipped, theirs.update(tree, None)[0])
+    # In the optimizer: two steps, the first clipped (norm 50 to 1), against optax's chain.
+    tiny_config.train.grad_clip_norm = 1.0
+    adam = optax.adam(paper_schedule(32, 10), b1=0.9, b2=0.98, eps=1e-9)
+    runs = {}
+    for name, tx in [("ours", make_optimizer(tiny_config.train, d_model=32)),
+                     ("optax", optax.chain(optax.clip_by_global_norm(1.0), adam)),
+                     ("unclipped", adam)]:
+        state = tx.init({"w": jnp.zeros(2)})
+        for grad in ([30.0, -40.0], [0.3, 0.1]):
+            updates, state = tx.update({"w": jnp.array(grad)}, state)
+        runs[name] = updates["w"]
+    np.testing.assert_allclose(runs["ours"], runs["optax"], rtol=1e-6)
+    assert np.abs(runs["ours"] - runs["unclipped"]).max() > 1e-4
+
+
 @pytest.mark.parametrize(
     "adam_eps, learning_rate, checked",
     [
@@ -553,7 +586,9 @@ def test_scanned_layers_train_sharded_and_decode_unrolled(tiny_config, tmp_path)
     decoder = load_decoder(str(tmp_path))
     assert not decoder.model.config.scan_layers and "layer_1" in decoder.params[0]["decoder"]
     sources = [source for source, _, _ in result["samples"]]
-    options = DecodeOptions(Search(beam_size=1), extra_length=2)
+    # The training loop's length cap, which a barely trained model that never ends may reach.
+    options = DecodeOptions(Search(beam_size=1),
+                            max_output_length=tiny_config.data.max_target_length)
     outputs = best_texts(translate(decoder, sources, options)[0])
     # The training loop's greedy samples (scanned params, unstacked) match the CLI's decoder.
     assert outputs == [output for _, _, output in result["samples"]]
