@@ -1,6 +1,6 @@
 """The paper's base model (Table 3): N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1, 37000 vocab.
 
-About 63.1M parameters. Trains on the built-in reverse task unless `data` is changed.
+About 63.0M parameters. Trains on the built-in reverse task unless `data` is changed.
 """
 
 from t2t_jax.config import default_config

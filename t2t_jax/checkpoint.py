@@ -21,11 +21,12 @@ from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
 from t2t_jax.lazy_tf import tf
 
 CONFIG_FILENAME = "config.json"
-# Settings of `config.model` that change the params' tree or shapes: a workdir's checkpoints
-# restore only into a model that has the values its run had.
+# Settings of `config.model` that may change the params' tree or shapes: what `check_resumable`
+# names when a workdir's checkpoints do not fit the model a config builds.
 PARAM_SHAPING_KEYS = (
     "type", "num_encoder_layers", "num_decoder_layers", "d_model", "d_ff", "num_heads",
-    "share_embeddings", "attention_bias", "norm", "positional", "scan_layers", "vocab_size",
+    "share_embeddings", "attention_bias", "norm", "positional", "max_positions", "scan_layers",
+    "vocab_size",
 )
 # What a `config.model` key meant before it existed, for configs saved by an earlier t2t_jax:
 # attention projections had biases until model.attention_bias came (2026-11-27).
@@ -167,17 +168,20 @@ def _quietly(fn, *args):
 def restore_config_and_tokenizer(workdir: str, step: int) -> tuple[ml_collections.ConfigDict, Any]:
     """The resolved config and the tokenizer stored with checkpoint `step`."""
     step_dir = os.path.join(checkpoint_dir(workdir), str(step))
-    json_reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
-    items = {}
-    for name in ("config", "tokenizer"):
-        path = os.path.join(step_dir, name)
-        if not tf.io.gfile.isdir(path):
-            raise FileNotFoundError(
-                f"checkpoint {step_dir} has no {name}; it is incomplete or from an older t2t_jax"
-            )
-        items[name] = json_reader.restore(path, args=ocp.args.JsonRestore())
+    items = {name: _json_item(step_dir, name) for name in ("config", "tokenizer")}
     config = with_predating_defaults(ml_collections.ConfigDict(items["config"]))
     return config, tokenizer_from_json(items["tokenizer"])
+
+
+def _json_item(step_dir: str, name: str) -> Any:
+    """The JSON item `name` of one checkpoint step (its config or tokenizer)."""
+    path = os.path.join(step_dir, name)
+    if not tf.io.gfile.isdir(path):
+        raise FileNotFoundError(
+            f"checkpoint {step_dir} has no {name}; it is incomplete or from an older t2t_jax"
+        )
+    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    return reader.restore(path, args=ocp.args.JsonRestore())
 
 
 def newest_steps(workdir: str, last: int, up_to: int | None = None) -> list[int]:
@@ -323,19 +327,49 @@ def with_predating_defaults(config: ml_collections.ConfigDict) -> ml_collections
     return config
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises, naming the setting to pass, where WORKDIR holds checkpoints of a model that
-    differs from `config`'s in a setting that shapes the params (`PARAM_SHAPING_KEYS`); run
-    before the workdir's config.json is rewritten, so that it keeps the run's settings."""
-    if not checkpoint_steps(workdir) or not tf.io.gfile.exists(
-        os.path.join(workdir, CONFIG_FILENAME)
-    ):
+def check_resumable(config: ml_collections.ConfigDict, workdir: str, abstract_params: Any) -> None:
+    """Raises where the newest checkpoint in WORKDIR holds params of another tree or shapes than
+    `abstract_params` (the model `config` builds), naming the settings of `PARAM_SHAPING_KEYS`
+    in which its run differed: Orbax's own error would not say what to pass. It reads only the
+    checkpoint (metadata and config), which no run rewrites, so every process may ask at once."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
         return
-    saved = load_config_json(workdir).model
-    for key in PARAM_SHAPING_KEYS:
-        if key in saved and key in config.model and saved[key] != config.model[key]:
-            raise ValueError(
-                f"{workdir} holds checkpoints of a model with model.{key}={saved[key]!r}, and "
-                f"this config has {config.model[key]!r}: resume with "
-                f"--config.model.{key}={saved[key]!r}, or train in a fresh workdir"
-            )
+    step_dir = os.path.join(checkpoint_dir(workdir), str(steps[-1]))
+    try:
+        metadata = _quietly(ocp.PyTreeCheckpointer().metadata, os.path.join(step_dir, "state"))
+        saved_shapes = _shapes(metadata.item_metadata.tree["params"])
+        saved = with_predating_defaults(ml_collections.ConfigDict(_json_item(step_dir, "config")))
+    except Exception:  # unreadable or incomplete: restoring it says so, in its own words
+        return
+    wanted_shapes = _shapes(abstract_params)
+    if saved_shapes == wanted_shapes:
+        return
+    first = next(path for path in sorted(saved_shapes.keys() | wanted_shapes.keys())
+                 if saved_shapes.get(path) != wanted_shapes.get(path))
+    settings = [f"--config.model.{key}={saved.model[key]!r}" for key in PARAM_SHAPING_KEYS
+                if key in saved.model and saved.model[key] != config.model.get(key)]
+    raise ValueError(
+        f"{workdir} holds checkpoints of another model ({first}: "
+        f"{saved_shapes.get(first, 'absent')} there, {wanted_shapes.get(first, 'absent')} here); "
+        f"resume with {' '.join(settings) or 'the model settings of its run'}, or train in a "
+        "fresh workdir"
+    )
+
+
+def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{"encoder/layer_0/...": shape} of a nested mapping of arrays or array metadata."""
+    if not hasattr(tree, "items"):
+        return {prefix: tuple(tree.shape)}
+    shapes = {}
+    for key, value in tree.items():
+        shapes |= _shapes(value, f"{prefix}/{key}" if prefix else str(key))
+    return shapes
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config of WORKDIR's newest checkpoint (`with_predating_defaults`), None if none."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        return None
+    return restore_config_and_tokenizer(workdir, steps[-1])[0]

@@ -64,8 +64,12 @@ def task_config(
 def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if done before) and returns its final metrics and
     its training loss curve [(step, loss), ...]."""
+    from t2t_jax import checkpoint
     from t2t_jax.train import train_and_evaluate
 
+    saved = checkpoint.saved_config(workdir)
+    if saved is not None:  # a run of an earlier t2t_jax resumes with the layout it was built in
+        config.model.attention_bias = saved.model.attention_bias
     result = train_and_evaluate(config, workdir, jax.devices()[:1])
     curve = []
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

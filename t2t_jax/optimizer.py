@@ -35,14 +35,15 @@ def paper_schedule(
 
 
 def global_norm(tree: Any) -> jax.Array:
-    """The L2 norm of all the arrays of `tree`, in float32, as `optax.global_norm`, but with one
-    reduction per group of same-shaped arrays (their squares summed elementwise first).
+    """The L2 norm of all the arrays of `tree`, squared and summed in float32 (optax's
+    `global_norm` keeps each array's dtype), with one reduction per group of arrays of one shape
+    and dtype: their squares are added elementwise first.
 
     On a GPU each reduction is a kernel launch, and XLA does not merge independent ones: the
     base model's gradient norm was 245 launches (one per array, more for the partial sums of
-    large ones), and is 13 this way. Arrays
-    of one shape share their logical axes in these models (so their sharding too); where they
-    did not, the sum would still be right, at the cost of a resharding."""
+    large ones), and is 13 this way. Arrays of one shape share their logical axes in these
+    models, so their sharding too; where they did not, the sum would still be right, at the
+    cost of a resharding."""
     groups: dict[tuple, list[jax.Array]] = {}
     for leaf in jax.tree.leaves(tree):
         groups.setdefault((jnp.shape(leaf), jnp.result_type(leaf)), []).append(leaf)
@@ -54,7 +55,8 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """`optax.clip_by_global_norm` (same state, same result) with `global_norm`'s reductions."""
+    """`optax.clip_by_global_norm` with `global_norm`'s reductions: the same state, and the same
+    result for float32 updates."""
 
     def update(updates, state, params=None):
         del params
@@ -65,7 +67,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         )
         return scaled, state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def schedule_from_config(train_config: Any, d_model: int) -> optax.Schedule:

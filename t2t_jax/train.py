@@ -349,14 +349,15 @@ def train_and_evaluate(
     workdir = checkpoint.absolute(workdir)
     enable_compilation_cache(config, workdir)
     selection.check_select_by(config.train)
-    checkpoint.check_resumable(config, workdir)
+    exp = build_experiment(config, devices, workdir)
+    # Before config.json is rewritten, so that a workdir of another model keeps its run's record.
+    checkpoint.check_resumable(config, workdir, exp.stepper.abstract_state.params)
     is_main = jax.process_index() == 0
     if is_main:
         checkpoint.warn_on_changed_data(config, workdir)
         checkpoint.save_config_json(config, workdir)
-    exp = build_experiment(config, devices, workdir)
-    if is_main and not has_tokenizer(workdir):
-        exp.tokenizer.save(workdir)
+        if not has_tokenizer(workdir):
+            exp.tokenizer.save(workdir)
     exp = in_epochs(exp)
     config = exp.config
     manager = checkpoint.make_manager(workdir, config.train)

@@ -59,7 +59,7 @@ def test_global_norm_and_clipping_equal_optaxs_over_arrays_of_mixed_shapes(tiny_
     tree = {f"x{i}": 3 * jax.random.normal(k, shape) for i, (k, shape) in enumerate(
         zip(keys, shapes, strict=True))}
     tree["half"] = jnp.array([1.5, -2.25], jnp.bfloat16)
-    expected = optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    expected = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
     norm = jax.jit(global_norm)(tree)
     assert norm.dtype == jnp.float32
     np.testing.assert_allclose(norm, expected, rtol=1e-6)
@@ -568,10 +568,12 @@ def test_a_workdir_from_before_attention_bias_decodes_and_asks_for_it_on_resume(
     tiny_config.train.num_steps = 4
     with open(saved_configs[0]) as f:
         before = f.read()
-    with pytest.raises(ValueError, match=r"resume with --config.model.attention_bias=True"):
+    with pytest.raises(ValueError, match=r"resume with --config.model.attention_bias=True,"):
         train_and_evaluate(tiny_config, workdir)
     with open(saved_configs[0]) as f:
-        assert f.read() == before  # the run's own settings kept
+        assert f.read() == before  # the run's own record kept
+    tiny_config.model.attention_bias = True  # as the error says
+    assert train_and_evaluate(tiny_config, workdir)["step"] == 4
 
 
 def test_scanned_layers_train_sharded_and_decode_unrolled(tiny_config, tmp_path):
