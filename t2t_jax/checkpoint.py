@@ -28,6 +28,9 @@ PARAM_SHAPING_KEYS = (
     "share_embeddings", "attention_bias", "norm", "positional", "max_positions", "scan_layers",
     "vocab_size",
 )
+# Settings of `config.train` that add parts to the optimizer state above these values (clipping
+# adds a transformation to the chain, accumulation wraps the chain).
+OPTIMIZER_SHAPING_KEYS = {"grad_clip_norm": 0.0, "grad_accum_steps": 1}
 # What a `config.model` key meant before it existed, for configs saved by an earlier t2t_jax:
 # attention projections had biases until model.attention_bias came (2026-11-27).
 PREDATING_MODEL_DEFAULTS = {"attention_bias": True}
@@ -328,10 +331,12 @@ def with_predating_defaults(config: ml_collections.ConfigDict) -> ml_collections
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str, abstract_params: Any) -> None:
-    """Raises where the newest checkpoint in WORKDIR holds params of another tree or shapes than
-    `abstract_params` (the model `config` builds), naming the settings of `PARAM_SHAPING_KEYS`
-    in which its run differed: Orbax's own error would not say what to pass. It reads only the
-    checkpoint (metadata and config), which no run rewrites, so every process may ask at once."""
+    """Raises where the newest checkpoint in WORKDIR cannot restore into the train state that
+    `config` builds, naming the settings to pass: Orbax's own error would say neither what
+    differs nor what to do. Params are compared by shape with `abstract_params`, naming the
+    `PARAM_SHAPING_KEYS` in which the run differed; the optimizer state's layout by
+    `OPTIMIZER_SHAPING_KEYS`. It reads only the checkpoint (metadata and config), which no run
+    rewrites, so every process may ask at once."""
     steps = checkpoint_steps(workdir)
     if not steps:
         return
@@ -339,22 +344,56 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str, abstract_pa
     try:
         metadata = _quietly(ocp.PyTreeCheckpointer().metadata, os.path.join(step_dir, "state"))
         saved_shapes = _shapes(metadata.item_metadata.tree["params"])
-        saved = with_predating_defaults(ml_collections.ConfigDict(_json_item(step_dir, "config")))
     except Exception:  # unreadable or incomplete: restoring it says so, in its own words
         return
+    try:
+        saved = with_predating_defaults(ml_collections.ConfigDict(_json_item(step_dir, "config")))
+    except Exception:  # only needed to name the settings
+        saved = None
     wanted_shapes = _shapes(abstract_params)
-    if saved_shapes == wanted_shapes:
+    if saved_shapes != wanted_shapes:
+        first = next(path for path in sorted(saved_shapes.keys() | wanted_shapes.keys())
+                     if saved_shapes.get(path) != wanted_shapes.get(path))
+        raise ValueError(
+            f"{workdir} holds checkpoints of another model ({first}: "
+            f"{saved_shapes.get(first, 'absent')} there, {wanted_shapes.get(first, 'absent')} "
+            f"here); resume with "
+            f"{_model_settings_to_pass(saved, config) or 'the settings of its run'}, or train in "
+            "a fresh workdir"
+        )
+    if saved is None:
         return
-    first = next(path for path in sorted(saved_shapes.keys() | wanted_shapes.keys())
-                 if saved_shapes.get(path) != wanted_shapes.get(path))
-    settings = [f"--config.model.{key}={saved.model[key]!r}" for key in PARAM_SHAPING_KEYS
-                if key in saved.model and saved.model[key] != config.model.get(key)]
-    raise ValueError(
-        f"{workdir} holds checkpoints of another model ({first}: "
-        f"{saved_shapes.get(first, 'absent')} there, {wanted_shapes.get(first, 'absent')} here); "
-        f"resume with {' '.join(settings) or 'the model settings of its run'}, or train in a "
-        "fresh workdir"
+    settings = _optimizer_settings_to_pass(saved, config)
+    if settings:
+        raise ValueError(
+            f"{workdir} holds an optimizer state of another layout (clipping or accumulation "
+            f"adds a part to it); resume with {settings}, or train in a fresh workdir"
+        )
+
+
+def _optimizer_settings_to_pass(saved: ml_collections.ConfigDict,
+                                config: ml_collections.ConfigDict) -> str:
+    """The --config.train flags that give `config` the optimizer state's layout of `saved`."""
+
+    def adds_a_part(train: ml_collections.ConfigDict, key: str) -> bool:
+        return (train.get(key) or OPTIMIZER_SHAPING_KEYS[key]) > OPTIMIZER_SHAPING_KEYS[key]
+
+    return " ".join(
+        f"--config.train.{key}={saved.train.get(key, without)!r}"
+        for key, without in OPTIMIZER_SHAPING_KEYS.items()
+        if adds_a_part(saved.train, key) != adds_a_part(config.train, key)
     )
+
+
+def _model_settings_to_pass(saved: ml_collections.ConfigDict | None,
+                            config: ml_collections.ConfigDict) -> str:
+    """The --config.model flags that give `config` the values of `saved` that shape params."""
+    if saved is None:
+        return ""
+    learned = "learned" in (saved.model.get("positional"), config.model.get("positional"))
+    keys = [key for key in PARAM_SHAPING_KEYS if key != "max_positions" or learned]
+    return " ".join(f"--config.model.{key}={saved.model[key]!r}" for key in keys
+                    if key in saved.model and saved.model[key] != config.model.get(key))
 
 
 def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -368,8 +407,12 @@ def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
-    """The config of WORKDIR's newest checkpoint (`with_predating_defaults`), None if none."""
+    """The config of WORKDIR's newest checkpoint (`with_predating_defaults`), None if there is
+    none or it has none."""
     steps = checkpoint_steps(workdir)
     if not steps:
         return None
-    return restore_config_and_tokenizer(workdir, steps[-1])[0]
+    try:
+        return restore_config_and_tokenizer(workdir, steps[-1])[0]
+    except FileNotFoundError:  # a checkpoint without its config: restoring it will say so
+        return None

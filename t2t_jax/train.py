@@ -406,7 +406,8 @@ def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dic
     raise TrainingDiverged(
         f"the loss or update became NaN/Inf in {skipped} of the steps up to {step}; kept the "
         f"last good checkpoint (step {manager.latest_step()}): lower train.learning_rate, raise "
-        "train.warmup_steps, set train.grad_clip_norm, or set train.on_nonfinite=skip"
+        "train.warmup_steps, set train.grad_clip_norm (in a fresh workdir: clipping changes "
+        "the optimizer state), or set train.on_nonfinite=skip"
     )
 
 
