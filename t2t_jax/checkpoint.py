@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -300,10 +300,11 @@ def warn_on_changed_data(config: ml_collections.ConfigDict, workdir: str) -> lis
     return changed
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    """{"a.b": leaf} of a nested mapping (a config, or a tree of arrays or their metadata)."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             out |= _flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
@@ -396,14 +397,9 @@ def _model_settings_to_pass(saved: ml_collections.ConfigDict | None,
                     if key in saved.model and saved.model[key] != config.model.get(key))
 
 
-def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    """{"encoder/layer_0/...": shape} of a nested mapping of arrays or array metadata."""
-    if not hasattr(tree, "items"):
-        return {prefix: tuple(tree.shape)}
-    shapes = {}
-    for key, value in tree.items():
-        shapes |= _shapes(value, f"{prefix}/{key}" if prefix else str(key))
-    return shapes
+def _shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
+    """{"encoder.layer_0....": shape} of a nested mapping of arrays or array metadata."""
+    return {path: tuple(leaf.shape) for path, leaf in _flatten(tree).items()}
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict | None:

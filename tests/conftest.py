@@ -68,9 +68,7 @@ def tiny_config(data_dir):
 
 
 def assert_params_close(actual, expected, atol: float = 2e-6) -> None:
-    """Params equal up to `atol`, each named in the message if not. (With model.attention_bias,
-    the key projection's bias would differ between device layouts by design: softmax is
-    invariant to it, so its gradient is rounding noise, which Adam scales to full-size steps.)"""
+    """Params equal up to `atol`, each named in the message if not."""
     import jax
     import numpy as np
 
