@@ -2,8 +2,10 @@
 each, and clear errors for bad arguments."""
 
 import glob
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -130,3 +132,60 @@ def test_tpu_pod_check_compiles_for_the_slice_here_without_a_cloud_project():
         "compile", "--config", "configs/wmt14_ende_big.py", "--topology", "v5e-16",
         "--rows_per_chip", "4", "--config.model.dtype=bfloat16",
     ]
+
+
+GPU_BENCH = os.path.join(LAUNCH, "gpu_bench.sh")
+# Shrinks every point of gpu_bench.sh to a model that runs in seconds on a CPU.
+TINY_BENCH_ARGS = (
+    "--batch_tokens 64 --seq_lens 16 --steps 1 --attention xla --config.model.d_model=32 "
+    "--config.model.d_ff=64 --config.model.num_heads=2 --config.model.num_encoder_layers=1 "
+    "--config.model.num_decoder_layers=1 --config.model.vocab_size=64"
+)
+
+
+def gpu_bench(tmp_path, *names, **env):
+    return subprocess.run(
+        ["bash", GPU_BENCH, str(tmp_path / "out"), *names], capture_output=True, text=True,
+        env=dict(os.environ, T2T_JAX=f"{sys.executable} -m t2t_jax.cli", **env), timeout=300,
+    )
+
+
+def test_gpu_bench_points_are_commands_the_cli_accepts(tmp_path):
+    names = subprocess.run(["bash", GPU_BENCH, "--list"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert names[:3] == ["base", "big", "beam4"]  # issue 14's targets first
+    lines = gpu_bench(tmp_path, DRY_RUN="1", XLA_FLAGS="--mine").stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == names
+    # Each command line through the CLI's own flag parser (config files and overrides included),
+    # so that a renamed flag or config key breaks this test, not a GPU session.
+    parse = "import sys; from t2t_jax import cli; cli._parse_flags(sys.argv); print(sys.argv[1])"
+    for line in lines:
+        name, command = line.split(": ", 1)
+        xla_flags, *argv = shlex.split(command)
+        program = argv.index("t2t_jax.cli")
+        result = subprocess.run([sys.executable, "-c", parse, *argv[program + 1:]], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.split()[-1] == "bench", (name, result)
+        assert f"--output {tmp_path}/out/{name}" in command
+        assert ("--profile" in command) == (name == "base")
+        assert xla_flags == "XLA_FLAGS=--mine" + (
+            " --xla_gpu_dot_merger_threshold_mb=0" if name == "base_no_dot_merger" else ""
+        )
+
+
+def test_gpu_bench_runs_each_point_and_goes_on_past_a_failed_one(tmp_path):
+    result = gpu_bench(tmp_path, "greedy", "nope")
+    assert result.returncode == 2 and "unknown point 'nope'" in result.stderr
+    result = gpu_bench(tmp_path, "beam4", "packed_spans", EXTRA_ARGS=TINY_BENCH_ARGS,
+                       POINT_TIMEOUT="1")  # too short for any point: both time out
+    assert result.returncode == 1 and result.stdout.count("timed out after 1 s") == 2
+    result = gpu_bench(tmp_path, "beam4", "packed_spans", EXTRA_ARGS=TINY_BENCH_ARGS)
+    assert result.returncode == 0, result.stderr
+    for name, mode, beams, packed in [("beam4", "decode", 4, 0), ("packed_spans", "train", 1, 16)]:
+        with open(tmp_path / "out" / name / "bench.json") as f:
+            [point] = json.load(f)
+        assert (point["mode"], point["beam_size"]) == (mode, beams)
+        assert point["packed_examples"] == packed
+        assert point["seq_len"] == 16 and point["tokens_per_s"] > 0 and point["error"] is None
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == ["point", "beam4", "packed_spans"]
