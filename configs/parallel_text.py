@@ -26,10 +26,16 @@ takes 1.0 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.9 steps a sec
 with its input pipeline. An epoch of a 30k-pair corpus of short sentences (Multi30k: about 13
 words a sentence, 121 steps an epoch) takes about 2.3 minutes; the whole run, evaluations and
 the final beam search included, 43 minutes (docs/benchmarks.md has the BLEU it reaches). A
-corpus of N pairs of such sentences costs about N/13k minutes an epoch: for 100k pairs or more,
-lower `train.num_epochs` or use a GPU. The base preset takes about 14 s a step there: for its
-corpora a CPU is no longer the right machine. On one GPU, pass `--config.model.dtype=bfloat16`; the
-presets' GPU cost per epoch has not been measured yet.
+corpus of N pairs of such sentences (about 17 pieces a side) costs about N/13k minutes an epoch:
+for 100k pairs or more, lower `train.num_epochs` or use a GPU. The base preset's step (64 rows
+of 128) takes 11.3 s there, 727 tokens/s: about N/2.5k minutes an epoch, 80 minutes for 200k
+pairs. The big preset runs at 179 tokens/s (16 rows of 256; its own 96 rows need more than 24
+GiB), about N/600 minutes an epoch: neither is a CPU preset. On one GPU, pass
+`--config.model.dtype=bfloat16`. The presets themselves have not been timed on a GPU yet
+(`launch/gpu_bench.sh OUT_DIR small` times the small one); for scale, on an H200 the paper's
+base and big models train at 658k and 294k tokens/s (length 512, 16k tokens a step), which would
+put an epoch of 1M such pairs at about 26 s and 58 s. The presets' shorter rows and smaller
+steps will run below those rates.
 
 Files may be gzipped; `--config.data.train_tsv=train.tsv` (source<TAB>target) replaces a pair.
 A SentencePiece model of `data.spm_vocab_size` pieces is trained on the training files and kept
