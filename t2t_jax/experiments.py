@@ -68,8 +68,9 @@ def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     from t2t_jax.train import train_and_evaluate
 
     saved = checkpoint.saved_config(workdir)
-    if saved is not None:  # a run of an earlier t2t_jax resumes with the layout it was built in
-        config.model.attention_bias = saved.model.attention_bias
+    if saved is not None:  # a run of an earlier t2t_jax resumes with the defaults it was built in
+        for key in checkpoint.PREDATING_MODEL_DEFAULTS:
+            config.model[key] = saved.model[key]
     result = train_and_evaluate(config, workdir, jax.devices()[:1])
     curve = []
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -574,8 +574,15 @@ def test_a_workdir_from_before_attention_bias_decodes_and_asks_for_it_on_resume(
         assert f.read() == before  # the run's own record kept
     tiny_config.model.attention_bias = True  # as the error says
     assert train_and_evaluate(tiny_config, workdir)["step"] == 4
+    # `t2t-jax experiment` reruns resume such a workdir with its run's layout by themselves.
+    from t2t_jax.experiments import train_variant
+
+    tiny_config.model.attention_bias = False
+    tiny_config.train.num_steps = 6
+    assert train_variant(tiny_config, workdir)["curve"][-1][0] == 6
+    assert tiny_config.model.attention_bias
     # Clipping adds a part to the optimizer state: Orbax would only say the trees differ.
-    tiny_config.train.update(num_steps=6, grad_clip_norm=1.0)
+    tiny_config.train.update(num_steps=8, grad_clip_norm=1.0)
     with pytest.raises(ValueError, match=r"resume with --config.train.grad_clip_norm=0.0,"):
         train_and_evaluate(tiny_config, workdir)
 
