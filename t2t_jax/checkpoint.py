@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t2t_jax import files
+from t2t_jax.config import RETIRED_KEYS
 from t2t_jax.data.tokenizer import Tokenizer, tokenizer_from_json
-from t2t_jax.lazy_tf import tf
 
 CONFIG_FILENAME = "config.json"
 # Settings of `config.model` that may change the params' tree or shapes: what `check_resumable`
@@ -34,6 +35,8 @@ OPTIMIZER_SHAPING_KEYS = {"grad_clip_norm": 0.0, "grad_accum_steps": 1}
 # What a `config.model` key meant before it existed, for configs saved by an earlier t2t_jax:
 # attention projections had biases until model.attention_bias came (2026-11-27).
 PREDATING_MODEL_DEFAULTS = {"attention_bias": True}
+# Data settings that change how the input is read, not which batches it gives.
+QUIET_DATA_KEYS = ("data.input_workers", "data.prepare_threads")
 
 
 def absolute(path: str) -> str:
@@ -53,7 +56,8 @@ def make_manager(workdir: str, train_config: Any) -> ocp.CheckpointManager:
         create=True,
     )
     return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=("state", "config", "tokenizer")
+        checkpoint_dir(workdir), options=options,
+        item_names=("state", "config", "tokenizer", "input"),
     )
 
 
@@ -63,19 +67,30 @@ def save(
     state: Any,
     config: ml_collections.ConfigDict,
     tokenizer: Tokenizer,
+    input_position: dict | None = None,
 ) -> None:
-    """Starts saving `state`, `config` and `tokenizer` as checkpoint `step`, so that a checkpoint
-    alone is enough to decode (returns before it is written when saves are asynchronous;
+    """Starts saving `state`, `config`, `tokenizer` and the train input's position (the same on
+    every process: the epoch and index of the next global batch, and the prepared dataset's
+    key) as checkpoint `step`, so that a checkpoint alone is enough to decode and to resume
+    (returns before it is written when saves are asynchronous;
     `manager.wait_until_finished()` waits)."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-            tokenizer=ocp.args.JsonSave(tokenizer.to_json()),
-        ),
-        force=True,
+    items = dict(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        tokenizer=ocp.args.JsonSave(tokenizer.to_json()),
     )
+    if input_position is not None:
+        items["input"] = ocp.args.JsonSave(input_position)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_input_position(workdir: str, step: int) -> dict | None:
+    """The train input's position saved with checkpoint `step`; None for checkpoints written
+    before it was saved there (t2t_jax of before 2026-12-04 kept tf.data iterator states)."""
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    if not files.isdir(os.path.join(step_dir, "input")):
+        return None
+    return _json_item(step_dir, "input")
 
 
 def restore_tokenizer(manager: ocp.CheckpointManager, step: int) -> Tokenizer:
@@ -111,10 +126,9 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of the finished checkpoints in `workdir`, oldest first."""
     directory = checkpoint_dir(workdir)
-    if not tf.io.gfile.isdir(directory):
+    if not files.isdir(directory):
         return []
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(directory))
-    return sorted(int(name) for name in names if name.isdigit())
+    return sorted(int(name) for name in files.listdir(directory) if name.isdigit())
 
 
 def _step_or_latest(workdir: str, step: int | None) -> int:
@@ -179,7 +193,7 @@ def restore_config_and_tokenizer(workdir: str, step: int) -> tuple[ml_collection
 def _json_item(step_dir: str, name: str) -> Any:
     """The JSON item `name` of one checkpoint step (its config or tokenizer)."""
     path = os.path.join(step_dir, name)
-    if not tf.io.gfile.isdir(path):
+    if not files.isdir(path):
         raise FileNotFoundError(
             f"checkpoint {step_dir} has no {name}; it is incomplete or from an older t2t_jax"
         )
@@ -235,48 +249,17 @@ def average_checkpoints(workdir: str, last: int, output: str) -> list[int]:
     return steps
 
 
-def input_state_dir(workdir: str, step: int, process_index: int, process_count: int) -> str:
-    """Where one process keeps its input position for checkpoint `step`."""
-    return os.path.join(
-        absolute(workdir), "input_state", str(step),
-        f"process_{process_index}_of_{process_count}",
-    )
-
-
-def find_input_state(
-    workdir: str, step: int, process_index: int, process_count: int, any_process: bool
-) -> str | None:
-    """This process's saved input position for checkpoint `step`, or with `any_process` (every
-    process reads the same global order) the one any process saved, whatever their count then."""
-    mine = input_state_dir(workdir, step, process_index, process_count)
-    if tf.io.gfile.exists(mine) or not any_process:
-        return mine if tf.io.gfile.exists(mine) else None
-    saved = tf.io.gfile.glob(os.path.join(os.path.dirname(mine), "process_*_of_*"))
-    return sorted(saved)[0] if saved else None
-
-
-def prune_input_states(
-    workdir: str, keep_steps: set[int], process_index: int, process_count: int
-) -> None:
-    """Removes this process's input positions of checkpoints that no longer exist (each process
-    removes only its own, so that hosts sharing a file system do not race)."""
-    root = os.path.join(absolute(workdir), "input_state")
-    for name in tf.io.gfile.listdir(root) if tf.io.gfile.exists(root) else []:
-        name = name.rstrip("/")
-        if not name.isdigit() or int(name) in keep_steps:
-            continue
-        mine = input_state_dir(workdir, int(name), process_index, process_count)
-        if tf.io.gfile.exists(mine):
-            tf.io.gfile.rmtree(mine)
-        if not tf.io.gfile.listdir(os.path.join(root, name)):
-            tf.io.gfile.rmtree(os.path.join(root, name))
+def has_tf_data_input_state(workdir: str, step: int) -> bool:
+    """Whether an older t2t_jax saved a tf.data iterator state for checkpoint `step`
+    (WORKDIR/input_state/STEP), which the prepared-ids reader cannot read."""
+    return files.isdir(os.path.join(absolute(workdir), "input_state", str(step)))
 
 
 def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes the resolved config as WORKDIR/config.json (what decode and info rebuild from)."""
     path = os.path.join(workdir, CONFIG_FILENAME)
-    tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(path, "w") as f:
+    files.makedirs(workdir)
+    with files.open_file(path, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
@@ -284,13 +267,14 @@ def save_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
 def warn_on_changed_data(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Logs a warning for each seed or data field that differs from the run this workdir holds:
     a resumed run then no longer sees the batches the first run would have. Returns them."""
-    if not tf.io.gfile.exists(os.path.join(workdir, CONFIG_FILENAME)):
+    if not files.exists(os.path.join(workdir, CONFIG_FILENAME)):
         return []
     old = _flatten(load_config_json(workdir).to_dict())
     new = _flatten(json.loads(config.to_json_best_effort()))
     changed = [
         key for key in sorted(set(old) | set(new))
         if key.split(".")[0] in ("seed", "data") and old.get(key) != new.get(key)
+        and key not in RETIRED_KEYS and key not in QUIET_DATA_KEYS
     ]
     for key in changed:
         logging.warning(
@@ -314,9 +298,9 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict:
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
     """WORKDIR/config.json, with `with_predating_defaults` for keys it was written before."""
     path = os.path.join(workdir, CONFIG_FILENAME)
-    if not tf.io.gfile.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"no {CONFIG_FILENAME} in {workdir}; is it a t2t-jax workdir?")
-    with tf.io.gfile.GFile(path) as f:
+    with files.open_file(path) as f:
         return with_predating_defaults(ml_collections.ConfigDict(json.load(f)))
 
 

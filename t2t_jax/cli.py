@@ -35,7 +35,8 @@ USAGE = """usage: t2t-jax COMMAND --config FILE [--config.key=value ...] [--work
 
 commands:
   train   train (or resume) in --workdir on --config
-  prepare download and prepare --config's datasets and train its tokenizer into --workdir
+  prepare download --config's datasets, train its tokenizer into --workdir, and tokenize the
+          data once into prepared ids beside it (train does this on first use)
   info    parameters per module, mesh, batch and memory estimate of --config
   decode  --workdir DIR[,DIR2 ensemble] [--step N] [--input FILE|-] [--output FILE]
           [--beam_size 4] [--alpha 0.6] [--nbest N] [--format plain|nbest|jsonl]
@@ -54,8 +55,10 @@ commands:
   experiment NAME --output DIR [--smoke]: the paper guide's experiments (positional, scaling,
           heads, attention_maps, rnn_vs_transformer, residual_norm, hparams); JSON, PNG in DIR
   attention --workdir DIR [--input "3 1 4"] [--output DIR2]: attention heat maps per head
-  bench-input  input pipeline examples/s and tokens/s next to the train step's consumption
-               (on a generated WMT-like corpus when --config is parallel_text without files)
+  bench-input  input pipeline examples/s and tokens/s (prepared ids: padded, packed, token
+               budget, sampled; --workers 0,1,2) next to SentencePiece in Python and the train
+               step's consumption [--accelerator h200|h100|v5e] [--output DIR]; on a generated
+               WMT-like corpus when --config is parallel_text without files
   compile --config X --topology v5e:4x4|h100:8 [--num_slices N] [--mode train|decode]
           [--rows_per_chip N] [--search] [--seq_lens 4096,...] [--attention auto,xla]
           [--output DIR]: compile the train step (or decode loop) for a TPU topology or GPU
@@ -128,23 +131,33 @@ def train_command() -> None:
 
 
 def prepare_command() -> None:
-    from t2t_jax.data import tasks
+    from t2t_jax.data import prepare, tasks
 
     config = _require(_CONFIG.value, "config")
     workdir = _require(_WORKDIR.value, "workdir")
-    builder = tasks.builder_from_config(config.data, prepare=True)
-    test_builder = tasks.builder_from_config(config.data, split="test", prepare=True)
-    tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
+    builders = {split: tasks.builder_from_config(config.data, split=split, prepare=True)
+                for split in ("train", "test")}
+    tokenizer = tasks.tokenizer_from_config(config.data, workdir, builders["train"])
     tokenizer.save(workdir)
-    for name, b in (("data", builder), ("test data", test_builder)):
-        splits = ", ".join(f"{k} {v.num_examples:,d}" for k, v in b.info.splits.items())
-        print(f"{name}: {b.data_dir} ({splits})")
+    dataset = prepare.open_or_prepare(
+        config.data, tokenizer, lambda split: builders["test" if split == "test" else "train"])
+    for name, info in dataset.manifest["splits"].items():
+        tokens = info["tokens"]
+        print(f"{name}: {info['examples']:,d} pairs, {tokens['inputs']:,d} + "
+              f"{tokens['targets']:,d} tokens")
+    print(f"prepared ids: {dataset.directory} (key {dataset.key})")
     print(f"tokenizer: {tokenizer.vocab_size} ids, saved in {os.path.abspath(workdir)}")
 
 
 _PAIRS = flags.DEFINE_integer("pairs", 100_000, "bench-input: generated sentence pairs.")
-_BATCHES = flags.DEFINE_integer("batches", 50, "bench-input: pipeline batches to time.")
-_STEPS = flags.DEFINE_integer("steps", 3, "bench, bench-input: steps to time after warm-up.")
+_BATCHES = flags.DEFINE_integer("batches", 300, "bench-input: batches to time per variant.")
+_STEPS = flags.DEFINE_integer("steps", 3, "bench, bench-input: steps to time after warm-up "
+                              "(bench-input: 0 skips the train step).")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "bench-input: input worker counts to "
+                             "time (0: a thread of this process).")
+_ACCELERATOR = flags.DEFINE_string("accelerator", None, "bench-input: also print each variant's "
+                                   "share of what one such accelerator consumes "
+                                   "(h200, h100, v5e).")
 
 
 def bench_input_command() -> None:
@@ -152,20 +165,35 @@ def bench_input_command() -> None:
 
     config = _require(_CONFIG.value, "config")
     workdir = _require(_WORKDIR.value, "workdir")
+    if _ACCELERATOR.value:
+        input_bench.demand_ratios([], _ACCELERATOR.value)  # an unknown name fails before work
     if config.data.task == "parallel_text" and not config.data.train_source:
         print(f"generating {_PAIRS.value:,d} WMT-like sentence pairs in {workdir}/corpus")
         files = input_bench.synthetic_corpus(os.path.join(workdir, "corpus"), _PAIRS.value)
         config.data.update(files)
-    for what, figures in input_bench.run(config, workdir, _BATCHES.value, _STEPS.value):
-        shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
-        print(f"{what:<28s} {shown}")
+    workers = tuple(int(w) for w in _WORKERS.value)
+    rows = input_bench.run(config, workdir, _BATCHES.value, _STEPS.value, workers)
+    for row in rows:
+        shown = ", ".join(f"{k} {v:,.1f}" for k, v in row.items() if isinstance(v, float))
+        print(f"{row['what']:<50s} workers {row['workers']}  {shown}")
+    reference = [r for r in rows if r["what"].startswith("SentencePiece")]
+    packed = [r for r in rows if r["what"] == "prepared, packed"]
+    if reference and packed:
+        best = max(r["tokens_per_s"] for r in packed)
+        print(f"prepared, packed: {best / reference[0]['tokens_per_s']:.2f}x the tokens/s of "
+              "SentencePiece in Python on the same lines")
+    if _ACCELERATOR.value:
+        print("\n".join(input_bench.demand_ratios(rows, _ACCELERATOR.value)))
+    if _OUTPUT.value:
+        print(f"wrote {input_bench.write_json(rows, _OUTPUT.value)}")
 
 
 _STEP = flags.DEFINE_integer("step", None, "decode/evaluate: checkpoint step (default: latest).")
 _INPUT = flags.DEFINE_string("input", "-", "decode: file of source lines, or - for stdin.")
 _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdout); "
                               "average: the new workdir; bench: folder for json, csv, png; "
-                              "compile: folder for compile.json.")
+                              "compile: folder for compile.json; bench-input: folder for "
+                              "bench_input.json.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "decode/evaluate: sentences per batch; "
                                   "compile --mode decode: per host.")
 _BEAM_SIZE = flags.DEFINE_list("beam_size", ["4"], "decode/evaluate: beams; 1 is greedy. "
@@ -621,6 +649,10 @@ def _unknown_key_message(argv: list[str], message: str) -> str:
     for arg in argv:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=")[0]
+            from t2t_jax.config import RETIRED_KEYS
+
+            if key in RETIRED_KEYS:
+                return f"{key} was retired: {RETIRED_KEYS[key]}"
             if f"'{key.split('.')[-1]}'" in message:
                 return (
                     f"unknown config key {key!r} in {arg}; check the spelling against the "

@@ -8,6 +8,24 @@ from __future__ import annotations
 
 import ml_collections
 
+# Keys that no longer exist, and what to do instead: a config that still sets one is an error
+# that says so, not a setting silently ignored.
+RETIRED_KEYS = {
+    "data.input_order": "the input order no longer depends on the number of processes (every "
+    "process plans the global batches and reads its own rows of them), so it has no setting: "
+    "remove data.input_order from the config",
+    "data.shuffle_buffer": "each epoch is shuffled whole, by a permutation of its examples, "
+    "with no shuffle buffer: remove data.shuffle_buffer from the config",
+}
+
+
+def check_retired(config: ml_collections.ConfigDict) -> None:
+    """A one-line error for the first retired key the config sets."""
+    for key, why in RETIRED_KEYS.items():
+        parent, leaf = key.rsplit(".", 1)
+        if leaf in config.get(parent, {}):
+            raise ValueError(f"{key} was retired: {why}")
+
 
 def default_config() -> ml_collections.ConfigDict:
     """The paper's base model on the built-in reverse task, one process, data parallel."""
@@ -109,14 +127,15 @@ def default_config() -> ml_collections.ConfigDict:
     # >0 (with packing off): batches of about this many tokens a side instead, in length
     # buckets, as the paper's ~25,000-token batches; each bucket's row count varies.
     config.data.token_budget = 0
-    # "per_process": each process reads its own part of the data (scales with hosts; the order
-    # depends on the process count). "global": each reads all of it in one order and keeps its
-    # rows (input work times the process count; the batches, and so the run, do not depend on
-    # the process count, which a resumed run may then change).
-    config.data.input_order = "per_process"
+    # Training reads prepared ids (t2t_jax/data/prepare.py: the corpus tokenized once, kept
+    # beside the TFDS data or in prepared_dir, a local directory). Batches are gathered ahead of
+    # the step by this many worker processes; 0: one thread of the training process, which is
+    # enough unless subword sampling is on (it tokenizes as it goes) or the step is very fast.
+    config.data.input_workers = 0
+    config.data.prepared_dir = ml_collections.config_dict.placeholder(str)
+    config.data.prepare_threads = 0  # SentencePiece's threads when preparing; 0: every core
     config.data.eval_batch_size = 128
     config.data.eval_steps = -1  # batches per eval; -1: the whole split
-    config.data.shuffle_buffer = 10_000
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 100_000
@@ -261,7 +280,6 @@ def tiny_config() -> ml_collections.ConfigDict:
     config.data.max_source_length = config.data.max_target_length = 8
     config.data.test_max_source_length = config.data.test_max_target_length = 10
     config.data.batch_size = config.data.eval_batch_size = 16
-    config.data.shuffle_buffer = 64
     config.model.num_encoder_layers = config.model.num_decoder_layers = 1
     config.model.d_model, config.model.d_ff, config.model.num_heads = 32, 64, 4
     config.model.dropout_rate = 0.0

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import t2t_jax
+from t2t_jax import files
 
 # Environment variables that say this process is one of several, and where the count is.
 _CLUSTER_TASK_COUNTS = (
@@ -133,14 +134,12 @@ def check_same_versions(width: int = 128) -> None:
 def log_to_file(directory: str) -> str:
     """Adds DIRECTORY/host_<process index>.log, at INFO, to Python's logging; returns its path.
     Every host keeps its own, so a failure on one host can be read after the run."""
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(directory)
+    files.makedirs(directory)
     name = f"host_{jax.process_index()}"
     if "://" in directory:  # object stores cannot append: one file per start
         name += time.strftime("_%Y%m%d_%H%M%S")
     path = os.path.join(directory, name + ".log")
-    handler = logging.StreamHandler(tf.io.gfile.GFile(path, "a" if "://" not in path else "w"))
+    handler = logging.StreamHandler(files.open_file(path, "a" if "://" not in path else "w"))
     handler.setLevel(logging.INFO)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s [process %(process)d] %(message)s")

@@ -20,7 +20,7 @@ import ml_collections
 from flax import linen as nn
 
 from t2t_jax import sharding
-from t2t_jax.data import pipeline, tasks
+from t2t_jax.data import batching, tasks
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.optimizer import make_optimizer
 from t2t_jax.train_step import init_boxed_params
@@ -64,7 +64,7 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
     """Lines of the `t2t-jax info` report; the last is `total parameters: N`."""
     model_config = ModelConfig.from_config(config.model, tasks.expected_vocab_size(config))
     model = build_model(model_config)
-    lengths = pipeline.Lengths(
+    lengths = batching.Lengths(
         config.data.max_source_length, config.data.max_target_length
     ).feature_lengths(model_config.type)
     boxed = jax.eval_shape(lambda: init_boxed_params(model, jax.random.key(0), lengths))

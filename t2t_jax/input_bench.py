@@ -1,13 +1,16 @@
-"""Is the input pipeline fast enough? Its examples/s and tokens/s alone, next to the tokens/s
-that the train step of the same config consumes.
+"""Is the input pipeline fast enough? Its examples/s and tokens/s from prepared ids (padded,
+packed, token-budget, with subword sampling on), with 0, 1 and 2 workers, next to plain-Python
+SentencePiece on the same lines and to the tokens/s the train step of the same config consumes
+(or, with `accelerator`, what one such accelerator consumes: `topology.INPUT_DEMAND`).
 
-The corpus is WMT-like and generated: Zipf-distributed words from a 20,000-word vocabulary,
+The generated corpus is WMT-like: Zipf-distributed words from a 20,000-word vocabulary,
 sentence lengths around 25 words, and a target side that maps each word to another and swaps
 neighbouring pairs, so that SentencePiece, lengths and packing behave as on real text.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -16,77 +19,110 @@ import jax
 import ml_collections
 import numpy as np
 
-from t2t_jax.data import pipeline, tasks
+from t2t_jax import topology
+from t2t_jax.data import loader, prepare, tasks
+from t2t_jax.data.batching import Position
 
 
 def synthetic_corpus(directory: str, pairs: int = 100_000, seed: int = 0) -> dict[str, str]:
-    """Writes train/eval/test source and target files; returns the data.* keys naming them."""
+    """Writes train/eval/test source and target files; returns the data.* keys naming them.
+    Streamed in blocks, so that millions of pairs take little memory."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words = ["".join(rng.choice(letters, size=rng.integers(2, 10))) for _ in range(20_000)]
+    words = np.array(["".join(rng.choice(letters, size=rng.integers(2, 10)))
+                      for _ in range(20_000)])
     translation = rng.permutation(len(words))
     zipf = 1.0 / np.arange(1, len(words) + 1)
     zipf /= zipf.sum()
     os.makedirs(directory, exist_ok=True)
     keys = {}
     for split, count in (("train", pairs), ("eval", 500), ("test", 500)):
-        lengths = np.clip(rng.poisson(25, size=count), 1, 80)
-        ids = rng.choice(len(words), size=int(lengths.sum()), p=zipf)
-        sources, targets, offset = [], [], 0
-        for length in lengths:
-            sentence = ids[offset : offset + length]
-            offset += length
-            mapped = translation[sentence]
-            mapped[: len(mapped) // 2 * 2] = mapped[: len(mapped) // 2 * 2].reshape(-1, 2)[
-                :, ::-1
-            ].reshape(-1)
-            sources.append(" ".join(words[i] for i in sentence).capitalize() + ".")
-            targets.append(" ".join(words[i] for i in mapped).capitalize() + ".")
-        for side, lines in (("source", sources), ("target", targets)):
-            path = os.path.join(directory, f"{split}.{side}")
-            with open(path, "w") as f:
-                f.write("\n".join(lines) + "\n")
-            keys[f"{split}_{side}"] = path
+        paths = {side: os.path.join(directory, f"{split}.{side}") for side in ("source", "target")}
+        with open(paths["source"], "w") as source, open(paths["target"], "w") as target:
+            for first in range(0, count, 50_000):
+                sources, targets = _sentences(rng, words, translation, zipf,
+                                              min(50_000, count - first))
+                source.write("\n".join(sources) + "\n")
+                target.write("\n".join(targets) + "\n")
+        keys |= {f"{split}_{side}": path for side, path in paths.items()}
     return keys
+
+
+def _sentences(rng, words, translation, zipf, count) -> tuple[list[str], list[str]]:
+    lengths = np.clip(rng.poisson(25, size=count), 1, 80)
+    ids = rng.choice(len(words), size=int(lengths.sum()), p=zipf)
+    sources, targets, offset = [], [], 0
+    for length in lengths:
+        sentence = ids[offset : offset + length]
+        offset += length
+        mapped = translation[sentence]
+        pairs = len(mapped) // 2 * 2
+        mapped[:pairs] = mapped[:pairs].reshape(-1, 2)[:, ::-1].reshape(-1)
+        sources.append(" ".join(words[sentence]).capitalize() + ".")
+        targets.append(" ".join(words[mapped]).capitalize() + ".")
+    return sources, targets
 
 
 def _real_tokens(batch: dict[str, np.ndarray]) -> int:
     """Non-padding source and target tokens of a batch."""
-    return sum(int((batch[k] > 0).sum()) for k in ("inputs", "targets") if k in batch)
+    return sum(int(np.count_nonzero(batch[k])) for k in ("inputs", "targets") if k in batch)
 
 
-def measure_pipeline(
-    config: ml_collections.ConfigDict, builder: Any, tokenizer: Any, num_batches: int
-) -> dict[str, float]:
-    """Examples/s and non-padding tokens/s (source + target) of the train pipeline alone."""
-    batches = pipeline.train_dataset(config, builder, tokenizer).as_numpy_iterator()
-    next(batches)  # start-up (file opening, shuffle buffer) is not throughput
-    examples = tokens = 0
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        batch = next(batches)
-        tokens += _real_tokens(batch)
-        if "targets_segmentation" in batch:
-            examples += int(batch["targets_segmentation"].max(axis=1).sum())
-        else:
-            examples += int((batch["targets"] > 0).any(axis=1).sum())
-    seconds = time.perf_counter() - start
+def _examples(batch: dict[str, np.ndarray]) -> int:
+    if "targets_segmentation" in batch:
+        return int(batch["targets_segmentation"].max(axis=1).sum())
+    return int(np.count_nonzero(batch["targets"].any(axis=1)))
+
+
+def measure_input(config: ml_collections.ConfigDict, dataset: Any, tokenizer: Any,
+                  num_batches: int, workers: int) -> dict[str, float]:
+    """Examples/s and non-padding tokens/s (source + target) of the train input alone, after
+    its first batches (start-up: worker processes, the first epoch's plan)."""
+    split = dataset.split("train")
+    sampler = loader.sampling_tokenizer(config, tokenizer)
+    planner = loader.make_planner(config, split, sampler)
+    batches = loader.TrainInput(split, planner, Position(), workers)
+    try:
+        for _ in range(max(2 * workers, 2)):
+            next(batches)
+        examples = tokens = 0
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            batch = next(batches)
+            tokens += _real_tokens(batch)
+            examples += _examples(batch)
+        seconds = time.perf_counter() - start
+    finally:
+        batches.close()
     return {"examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
 
 
-def measure_train_step(
-    config: ml_collections.ConfigDict, workdir: str, num_steps: int
-) -> dict[str, float]:
+def measure_sentencepiece(dataset: Any, tokenizer: Any, count: int = 20_000) -> dict[str, float]:
+    """Plain-Python SentencePiece on the train split's lines, one call a sentence, both sides:
+    pairs/s and tokens/s (EOS counted, as in the prepared ids)."""
+    split = dataset.split("train")
+    indices = range(min(count, split.num_examples))
+    lines = [split.texts(side, indices) for side in ("inputs", "targets")]
+    start = time.perf_counter()
+    tokens = sum(len(tokenizer.encode(line)) + 1 for side in lines for line in side)
+    seconds = time.perf_counter() - start
+    return {"examples_per_s": len(indices) / seconds, "tokens_per_s": tokens / seconds}
+
+
+def measure_train_step(config: ml_collections.ConfigDict, workdir: str, num_steps: int
+                       ) -> dict[str, float]:
     """Non-padding tokens/s (source + target) the compiled train step consumes on this machine,
     from the median step time after one warm-up step."""
     from t2t_jax.train import build_experiment  # the model side is only needed here
 
     exp = build_experiment(config, workdir=workdir)
-    batches = pipeline.train_dataset(config, exp.builder, exp.tokenizer).as_numpy_iterator()
+    batches = loader.TrainInput(exp.dataset.split("train"),
+                                loader.make_planner(config, exp.dataset.split("train")),
+                                Position())
     rng = jax.random.key(0)
+    times, tokens = [], []
     with exp.stepper.activate():
         state = exp.stepper.init_state(rng)
-        times, tokens = [], []
         for _ in range(num_steps + 1):
             batch = next(batches)
             device_batch = exp.stepper.put_batch(batch)
@@ -95,25 +131,70 @@ def measure_train_step(
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
             tokens.append(_real_tokens(batch))
+    batches.close()
     step = float(np.median(times[1:]))
     return {"step_time_s": step, "tokens_per_s": float(np.mean(tokens[1:])) / step}
 
 
-def run(
-    config: ml_collections.ConfigDict, workdir: str, num_batches: int, num_steps: int
-) -> list[tuple[str, dict[str, float]]]:
-    """(what, figures) rows: the pipeline padded, packed and token-budgeted, then the step."""
-    builder = tasks.builder_from_config(config.data)
-    tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
-    rows = []
-    for name, packing, budget in (
-        ("padded", False, 0),
-        ("packed", True, 0),
-        ("token budget", False, config.data.batch_size * config.data.max_target_length),
+def variants(config: ml_collections.ConfigDict, sampling: bool) -> list[tuple[str, Any]]:
+    """(what, config) of each pipeline variant measured."""
+    out = []
+    for name, packing, budget, alpha in (
+        ("prepared, padded", False, 0, 0.0),
+        ("prepared, packed", True, 0, 0.0),
+        ("prepared, token budget", False,
+         config.data.batch_size * config.data.max_target_length, 0.0),
+        ("text, packed, sampled (SentencePiece on the fly)", True, 0,
+         config.data.spm_sampling_alpha or 0.1),
     ):
+        if alpha and not sampling:
+            continue
         variant = ml_collections.ConfigDict(config.to_dict())
         variant.data.packing, variant.data.token_budget = packing, budget
-        rows.append((f"pipeline, {name}", measure_pipeline(variant, builder, tokenizer,
-                                                            num_batches)))
-    rows.append(("train step (consumes)", measure_train_step(config, workdir, num_steps)))
+        variant.data.spm_sampling_alpha = alpha
+        out.append((name, variant))
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, num_batches: int, num_steps: int,
+        workers: tuple[int, ...] = (0, 1, 2)) -> list[dict[str, Any]]:
+    """Rows {what, workers, examples_per_s, tokens_per_s}: plain SentencePiece, each pipeline
+    variant with each worker count, then the train step (`num_steps` 0: not measured)."""
+    tokenizer = tasks.tokenizer_from_config(config.data, workdir)
+    dataset = prepare.open_or_prepare(config.data, tokenizer)
+    rows = []
+    sentencepiece = hasattr(tokenizer, "sampled")
+    if sentencepiece:
+        rows.append({"what": "SentencePiece in Python, one call a sentence", "workers": 0}
+                    | measure_sentencepiece(dataset, tokenizer))
+    for what, variant in variants(config, sampling=sentencepiece):
+        for count in workers:
+            batches = num_batches // 10 if "sampled" in what else num_batches
+            rows.append({"what": what, "workers": count}
+                        | measure_input(variant, dataset, tokenizer, max(batches, 5), count))
+    if num_steps:
+        rows.append({"what": "train step (consumes)", "workers": 0}
+                    | measure_train_step(config, workdir, num_steps))
     return rows
+
+
+def demand_ratios(rows: list[dict[str, Any]], accelerator: str) -> list[str]:
+    """Lines saying what share of one accelerator's demand each prepared variant meets."""
+    if accelerator not in topology.INPUT_DEMAND:
+        raise ValueError(f"unknown --accelerator {accelerator!r}; choose one of "
+                         f"{', '.join(topology.INPUT_DEMAND)}")
+    demand = topology.INPUT_DEMAND[accelerator]
+    lines = [f"{accelerator} consumes {demand.tokens_per_s:,.0f} tokens/s ({demand.source})"]
+    for row in rows:
+        if row["what"].startswith(("prepared", "text")):
+            lines.append(f"  {row['what']}, {row['workers']} workers: "
+                         f"{row['tokens_per_s'] / demand.tokens_per_s:.2f}x its demand")
+    return lines
+
+
+def write_json(rows: list[dict[str, Any]], directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "bench_input.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    return path

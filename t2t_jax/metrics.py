@@ -10,26 +10,28 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
-from clu import metric_writers
+
+from t2t_jax import files
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """Appends scalars to a JSON-lines file; other summary kinds are ignored. On object stores
-    (gs://), which cannot append, the file is rewritten on each flush."""
+class JsonlWriter:
+    """Appends scalars to a JSON-lines file; other summary kinds are ignored (a clu
+    `MetricWriter` by its methods, so that it needs no TensorFlow). On object stores (gs://),
+    which cannot append, the file is rewritten on each flush."""
 
     def __init__(self, path: str):
         self._path = path
-        self._remote = "://" in path
+        self._remote = files.is_url(path)
         if self._remote:
             previous = ""
-            if tf.io.gfile.exists(path):
-                with tf.io.gfile.GFile(path) as f:
+            if files.exists(path):
+                with files.open_file(path) as f:
                     previous = f.read()
             self._file = io.StringIO(previous)
             self._file.seek(0, io.SEEK_END)
@@ -65,9 +67,9 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def flush(self):
         if self._remote:  # a whole new file, then renamed over the old: never half a file
-            with tf.io.gfile.GFile(self._path + ".tmp", "w") as f:
+            with files.open_file(self._path + ".tmp", "w") as f:
                 f.write(self._file.getvalue())
-            tf.io.gfile.rename(self._path + ".tmp", self._path, overwrite=True)
+            files.rename(self._path + ".tmp", self._path, overwrite=True)
         else:
             self._file.flush()
 
@@ -76,11 +78,65 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._file.close()
 
 
-def make_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWriter:
-    """TensorBoard + log + metrics.jsonl on process 0; logging only elsewhere."""
+class _LogWriter(JsonlWriter):
+    """Scalars and texts to the log, where clu (which needs TensorFlow) is not installed."""
+
+    def __init__(self):
+        pass
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        shown = ", ".join(f"{k} = {float(np.asarray(v)):.6g}" for k, v in scalars.items())
+        logging.info("[%d] %s", step, shown)
+
+    def write_texts(self, step, texts):
+        logging.info("[%d] %s", step, ", ".join(f"{k} = {v}" for k, v in texts.items()))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Writers(_LogWriter):
+    """Each call to each of `writers`: clu's MultiWriter, without clu."""
+
+    def __init__(self, writers: list):
+        self._writers = writers
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        for writer in self._writers:
+            writer.write_scalars(step, scalars)
+
+    def write_texts(self, step, texts):
+        for writer in self._writers:
+            writer.write_texts(step, texts)
+
+    def flush(self):
+        for writer in self._writers:
+            writer.flush()
+
+    def close(self):
+        for writer in self._writers:
+            writer.close()
+
+
+def make_writer(workdir: str, is_main_process: bool) -> Any:
+    """TensorBoard + log + metrics.jsonl on process 0; logging only elsewhere. Without
+    TensorFlow (and so clu), no TensorBoard events: metrics.jsonl and the log."""
+    try:
+        from clu import metric_writers
+    except ImportError:
+        if is_main_process:
+            logging.warning("TensorBoard events need TensorFlow: metrics go to metrics.jsonl "
+                            "and the log only")
+        if not is_main_process:
+            return _LogWriter()
+        files.makedirs(workdir)
+        return _Writers([_LogWriter(), JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
     if not is_main_process:
         return metric_writers.create_default_writer(just_logging=True)
-    tf.io.gfile.makedirs(workdir)
+    files.makedirs(workdir)
     return metric_writers.MultiWriter(
         [
             metric_writers.create_default_writer(workdir, asynchronous=False),
@@ -89,9 +145,11 @@ def make_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWri
     )
 
 
-def summarize_train(sums: Mapping[str, Any], seconds: float) -> dict[str, float]:
+def summarize_train(sums: Mapping[str, Any], seconds: float,
+                    input_wait: float = 0.0) -> dict[str, float]:
     """Interval sums of the train step's metrics -> the logged scalars (`tokens_per_s` counts
-    the target tokens that enter the loss)."""
+    the target tokens that enter the loss; `input_wait_s` is the mean time a step waited for
+    its batch on the host, beside `step_time_s`, the mean time a step took)."""
     steps = max(float(sums["steps"]), 1.0)
     weight = max(float(sums["weight"]), 1.0)
     return {
@@ -102,6 +160,8 @@ def summarize_train(sums: Mapping[str, Any], seconds: float) -> dict[str, float]
         "grad_norm": float(sums["grad_norm"]) / steps,
         "tokens_per_s": float(sums["weight"]) / max(seconds, 1e-9),
         "steps_per_s": steps / max(seconds, 1e-9),
+        "step_time_s": seconds / steps,
+        "input_wait_s": input_wait / steps,
         "nonfinite_steps": float(sums["nonfinite"]),
     }
 

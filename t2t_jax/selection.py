@@ -29,8 +29,7 @@ from typing import Any
 
 import ml_collections
 
-from t2t_jax import checkpoint
-from t2t_jax.lazy_tf import tf
+from t2t_jax import checkpoint, files
 
 BEST = "best"
 POOL = "average_pool"
@@ -86,9 +85,9 @@ def load_record(workdir: str, metric: str = "dev_bleu") -> DevRecord:
     """The record a previous run of this workdir left for `metric`, or a fresh one (also when
     that run selected by another metric, whose best says nothing of this one)."""
     path = _record_path(workdir)
-    if not tf.io.gfile.exists(path):
+    if not files.exists(path):
         return DevRecord(metric)
-    with tf.io.gfile.GFile(path) as f:
+    with files.open_file(path) as f:
         saved = json.load(f)
     if "best_bleu" in saved:  # written before select_by existed
         saved = {"metric": "dev_bleu", "best_score": saved.pop("best_bleu"), **saved}
@@ -102,10 +101,10 @@ def load_record(workdir: str, metric: str = "dev_bleu") -> DevRecord:
 def save_record(workdir: str, record: DevRecord) -> None:
     """Writes the record whole or not at all (a new file renamed over the old)."""
     path = _record_path(workdir)
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    files.makedirs(os.path.dirname(path))
+    with files.open_file(path + ".tmp", "w") as f:
         json.dump(dataclasses.asdict(record), f)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    files.rename(path + ".tmp", path, overwrite=True)
 
 
 def open_kept(workdir: str, name: str, keep: int, asynchronous: bool) -> Any:
@@ -121,7 +120,7 @@ def save_kept(
     """Saves `state` as checkpoint `step` of the kept set, with what decoding it needs."""
     checkpoint.save(manager, step, state, config, tokenizer)
     kept = os.path.join(workdir, name)
-    if not tf.io.gfile.exists(os.path.join(kept, checkpoint.CONFIG_FILENAME)):
+    if not files.exists(os.path.join(kept, checkpoint.CONFIG_FILENAME)):
         checkpoint.save_config_json(config, kept)
         tokenizer.save(kept)
 
@@ -155,8 +154,8 @@ def average_pool(workdir: str, last: int) -> tuple[str, list[int]] | None:
     if not available:
         return None
     output = os.path.join(workdir, AVERAGED)
-    if tf.io.gfile.exists(output):  # derived from the pool: made again from what it holds now
-        tf.io.gfile.rmtree(output)
+    if files.exists(output):  # derived from the pool: made again from what it holds now
+        files.rmtree(output)
     steps = checkpoint.average_checkpoints(pool, min(last, available), output)
     return output, steps
 

@@ -98,6 +98,31 @@ GPUS = {
                  GpuSpec((8, 0), 108, 64, 1.41, 40 * 2**20, 167_936, 166_912)),
 }
 
+# What one accelerator's train step of the paper's base model consumes, in tokens/s (source plus
+# target, not padding), for `t2t-jax bench-input --accelerator`: a measurement where we have one,
+# else the data sheet's bf16 peak at 40% MFU over the base model's 434.5 MFLOP a target token
+# (t2t_jax/bench.py's formula at length 512, source as long as target; tests check the sums).
+BASE_TRAIN_FLOPS_PER_TARGET_TOKEN = 434.5e6
+MFU_FOR_DEMAND = 0.40
+
+
+@dataclasses.dataclass(frozen=True)
+class InputDemand:
+    tokens_per_s: float
+    source: str
+
+
+INPUT_DEMAND = {
+    "h200": InputDemand(2 * 657_662, "measured: base, bf16, length 512, 657,662 target tokens/s "
+                        "(docs/benchmarks.md, H200), x2 for the source side"),
+    "h100": InputDemand(2 * 989e12 * MFU_FOR_DEMAND / BASE_TRAIN_FLOPS_PER_TARGET_TOKEN,
+                        "data sheet: 989 TFLOP/s bf16 at 40% MFU, base model, x2 for the "
+                        "source side"),
+    "v5e": InputDemand(2 * 197e12 * MFU_FOR_DEMAND / BASE_TRAIN_FLOPS_PER_TARGET_TOKEN,
+                       "data sheet: 197 TFLOP/s bf16 at 40% MFU, base model, x2 for the source "
+                       "side (one chip; a host has 4 or 8)"),
+}
+
 _FORMS = ("GEN:AxB (v5e, v6e), GEN:AxBxC (v4, v5p) or GEN-N (v5e-16, v5p-128, v4-8) for TPUs; "
           "GPU or GPU:N (N per host) for GPUs")
 

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,10 +21,11 @@ import ml_collections
 import tqdm
 from flax import linen as nn
 
-from t2t_jax import bleu, checkpoint, decode, metrics, selection, sharding
-from t2t_jax.data import pipeline, tasks
+from t2t_jax import bleu, checkpoint, decode, files, metrics, selection, sharding
+from t2t_jax.config import check_retired
+from t2t_jax.data import batching, loader, prepare, prepared, tasks
+from t2t_jax.data.batching import Position
 from t2t_jax.data.tokenizer import has_tokenizer
-from t2t_jax.lazy_tf import tf
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.train_step import Stepper, TrainState, accumulate, make_rngs, make_step_fns
 
@@ -34,8 +35,7 @@ class Experiment:
     """Everything built from a config before training starts."""
 
     config: ml_collections.ConfigDict
-    builder: Any  # train and validation splits
-    test_builder: Any  # the test split (another dataset for WMT17, newstest2014)
+    dataset: prepared.PreparedDataset  # train, validation and test ids, tokenized once
     tokenizer: Any
     model_config: ModelConfig
     model: nn.Module
@@ -54,21 +54,21 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
 
 
 def train_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
-    lengths = pipeline.Lengths(config.data.max_source_length, config.data.max_target_length)
+    lengths = batching.Lengths(config.data.max_source_length, config.data.max_target_length)
     return lengths.feature_lengths(config.model.type)
 
 
 def build_experiment(
     config: ml_collections.ConfigDict, devices: list | None = None, workdir: str | None = None
 ) -> Experiment:
-    """Prepares the data and tokenizer (kept in `workdir`) and builds the model, optimizer, mesh
-    and compiled steps."""
-    builder = tasks.builder_from_config(config.data)
-    test_builder = tasks.builder_from_config(config.data, split="test")
-    tokenizer = tasks.tokenizer_from_config(config.data, workdir, builder)
+    """Finds (or makes) the tokenizer, kept in `workdir`, and the prepared ids, and builds the
+    model, optimizer, mesh and compiled steps."""
+    check_retired(config)
+    tokenizer = tasks.tokenizer_from_config(config.data, workdir)
+    dataset = prepare.open_or_prepare(config.data, tokenizer)
     model_config = ModelConfig.from_config(config.model, tokenizer.vocab_size)
     model, stepper = build_stepper(config, model_config, sharding.make_mesh(config.mesh, devices))
-    return Experiment(config, builder, test_builder, tokenizer, model_config, model, stepper)
+    return Experiment(config, dataset, tokenizer, model_config, model, stepper)
 
 
 def build_stepper(
@@ -90,7 +90,9 @@ def in_epochs(exp: Experiment) -> Experiment:
     if epochs < 0:
         raise ValueError(f"train.num_epochs must be positive (or 0 to use train.num_steps), "
                          f"got {epochs}")
-    per_epoch = pipeline.steps_per_epoch(exp.config, exp.builder, exp.tokenizer)
+    planner = loader.make_planner(exp.config, exp.dataset.split("train"))
+    per_epoch = planner.batches_per_epoch()
+    planner.close()
     config = exp.config.copy_and_resolve_references()
     config.train.num_steps = max(1, math.ceil(epochs * per_epoch))
     logging.info("train.num_epochs=%g: %.1f steps an epoch, %d steps", epochs, per_epoch,
@@ -142,9 +144,9 @@ class PreemptionWatch:
 
 class DevicePrefetcher:
     """Keeps `size` batches in flight to the devices ahead of the step that consumes them, and
-    their host copies, which a checkpoint saves as not yet trained on."""
+    what a checkpoint needs of them: the input position of the oldest not yet trained on."""
 
-    def __init__(self, batches: Iterator, put: Callable, size: int = 2):
+    def __init__(self, batches: loader.TrainInput, put: Callable, size: int = 2):
         self._batches, self._put, self._size = batches, put, size
         self._queue: collections.deque = collections.deque()
 
@@ -152,58 +154,58 @@ class DevicePrefetcher:
         return self
 
     def __next__(self):
-        try:
-            while len(self._queue) <= self._size:
-                host = next(self._batches)
-                self._queue.append((host, self._put(host)))
-        except StopIteration:
-            if not self._queue:
-                raise
+        while len(self._queue) <= self._size:
+            position = self._batches.position
+            self._queue.append((position, self._put(next(self._batches))))
         return self._queue.popleft()[1]
 
-    def pending(self) -> list:
-        """Host batches taken from the input but not yet returned, oldest first."""
-        return [host for host, _ in self._queue]
+    def position(self) -> Position:
+        """Where the input resumes after the batches returned so far: the position of the
+        oldest batch put on the devices but not yet returned."""
+        return self._queue[0][0] if self._queue else self._batches.position
 
 
-def open_input(exp: Experiment, workdir: str, start: int) -> pipeline.InputIterator:
-    """The train input positioned after `start` steps: restored from the input state saved with
-    that checkpoint, or (none saved, or saved with another process count) replayed from the
-    start of the data order, which is exact only with the same process count or with
-    `data.input_order` "global"."""
-    global_order = exp.config.data.input_order == "global"
-    state_dir = start > 0 and checkpoint.find_input_state(
-        workdir, start, jax.process_index(), jax.process_count(), any_process=global_order
-    )
-    if start > 0 and not state_dir:
-        logging.warning(
-            "no input state for step %d with %d processes in %s; skipping %d batches from the "
-            "start of the data order instead (the same batches only if the process count is "
-            "unchanged or data.input_order is global)",
-            start, jax.process_count(), workdir, start,
-        )
-    index, count = exp.stepper.batch_shard
-    ds = pipeline.train_dataset(
-        exp.config,
-        exp.builder,
-        exp.tokenizer,
-        index,
-        count,
-        skip_batches=0 if state_dir or start == 0 else start,
-        batch_multiple=jax.local_device_count(),
-    )
-    batches = pipeline.InputIterator(ds)
-    if state_dir:
-        batches.restore(state_dir)
-    return batches
+def input_position(exp: Experiment, workdir: str, start: int,
+                   planner: loader.Planner) -> Position:
+    """Where the train input of a run resumed at step `start` continues: the position saved
+    with that checkpoint; for checkpoints of an older t2t_jax (tf.data iterator states), the
+    position this version's batch order reaches after `start` batches."""
+    saved = checkpoint.restore_input_position(workdir, start) if start else None
+    if saved is not None:
+        if saved.get("dataset") != exp.dataset.key:
+            logging.warning("the prepared ids changed since step %d was saved (dataset %s, now "
+                            "%s: another tokenizer or changed files); the resumed input differs",
+                            start, saved.get("dataset"), exp.dataset.key)
+        return Position.from_json(saved)
+    if start:
+        old = ("a tf.data iterator state, which t2t_jax no longer reads"
+               if checkpoint.has_tf_data_input_state(workdir, start) else "no input position")
+        logging.warning("checkpoint %d has %s; continuing at the batch this version's input "
+                        "order reaches after %d steps (not the batches the old run would have "
+                        "seen next)", start, old, start)
+    return planner.advance(Position(), start)
+
+
+def open_input(exp: Experiment, workdir: str, start: int) -> loader.TrainInput:
+    """The train input positioned after `start` steps (`input_position`), this process's block
+    of each global batch, gathered by `data.input_workers` workers."""
+    data = exp.config.data
+    split = exp.dataset.split("train")
+    sampler = loader.sampling_tokenizer(exp.config, exp.tokenizer)
+    block = exp.stepper.batch_shard
+    planner = loader.make_planner(exp.config, split, sampler, block,
+                                  rows_multiple=jax.local_device_count())
+    loader.log_plan(planner)
+    position = input_position(exp, workdir, start, planner)
+    return loader.TrainInput(split, planner, position, data.input_workers)
 
 
 def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dict[str, float]:
     """Loss and token accuracy over a split (or its first data.eval_steps batches)."""
     totals = None
-    builder = exp.test_builder if split == "test" else exp.builder
-    for local in pipeline.eval_batches(
-        exp.config, builder, exp.tokenizer, split, *exp.stepper.batch_shard
+    for local in loader.eval_batches(
+        exp.dataset.split(split), loader.eval_layout(exp.config, split),
+        exp.config.data.eval_batch_size, exp.stepper.batch_shard, exp.config.data.eval_steps,
     ):
         sums = exp.stepper.evaluate(state, exp.stepper.put_batch(local))
         totals = accumulate(totals, sums)
@@ -241,8 +243,11 @@ def _decode(
 
 
 def _text_examples(exp: Experiment, split: str, count: int) -> tuple[list[str], list[str]]:
-    builder = exp.test_builder if split == "test" else exp.builder
-    return tasks.text_examples(builder, split, exp.config.data, count)
+    """(sources, targets) of the first `count` (-1: all) examples of a split, in its files'
+    line order."""
+    data = exp.dataset.split(split)
+    indices = range(data.num_examples if count < 0 else min(count, data.num_examples))
+    return data.texts("inputs", indices), data.texts("targets", indices)
 
 
 def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, str]]:
@@ -262,7 +267,7 @@ def bleu_scores(exp: Experiment, state: TrainState) -> tuple[dict[str, float], d
     params = host_params(exp, state)
     scores, signatures = {}, {}
     for split, name in (("test", "bleu"), ("validation", "dev_bleu")):
-        if split == "validation" and "validation" not in exp.builder.info.splits:
+        if split == "validation" and "validation" not in exp.dataset.splits:
             continue
         sources, references = _text_examples(exp, split, exp.config.train.bleu_examples)
         score, signature = bleu.corpus_bleu(_decode(exp, params, sources, split), references)
@@ -284,7 +289,7 @@ def final_report(exp: Experiment, workdir: str) -> tuple[dict[str, float], dict[
     source = averaged[0] if averaged else workdir
     params = checkpoint.restore_host_state(source)[0]["params"]
     outputs = _decode(exp, params, sources, "test", train.final_beam_size, train.final_alpha)
-    with tf.io.gfile.GFile(os.path.join(workdir, "hypotheses_test_final.txt"), "w") as f:
+    with files.open_file(os.path.join(workdir, "hypotheses_test_final.txt"), "w") as f:
         f.write("".join(line + "\n" for line in outputs))
     scores, texts = {}, {}
     scores["test_bleu"], texts["test_bleu_signature"] = bleu.corpus_bleu(outputs, references)
@@ -333,7 +338,7 @@ class LoopParts:
     checkpoint saves, and the batches in flight to the devices), the kept checkpoints, the
     progress bar and the preemption watch."""
 
-    batches: pipeline.InputIterator
+    batches: loader.TrainInput
     device_batches: DevicePrefetcher
     kept: selection.KeptCheckpoints
     progress: tqdm.tqdm
@@ -377,17 +382,12 @@ def train_and_evaluate(
 
 
 def _save_checkpoint(run: Run, parts: LoopParts, step: int, state: TrainState) -> None:
-    """This process's input position, then the train state with Orbax. In this order, a run
-    killed in between leaves an input state without a checkpoint (ignored, later pruned), never
-    a checkpoint without its input state. Orbax writes into a temporary directory and renames
-    it when complete, so a killed save is never taken for a checkpoint."""
-    index, count = jax.process_index(), jax.process_count()
-    parts.batches.save(checkpoint.input_state_dir(run.workdir, step, index, count),
-                       parts.device_batches.pending())
+    """The train state with Orbax, and in the same checkpoint the input position (the same on
+    every process) and the prepared dataset's key. Orbax writes into a temporary directory and
+    renames it when complete, so a killed save is never taken for a checkpoint."""
+    position = parts.device_batches.position().to_json() | {"dataset": run.exp.dataset.key}
     checkpoint.save(run.manager, step, run.exp.stepper.to_checkpoint(state), run.exp.config,
-                    run.exp.tokenizer)
-    checkpoint.prune_input_states(run.workdir, set(run.manager.all_steps()) | {step}, index,
-                                  count)
+                    run.exp.tokenizer, position)
 
 
 def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dict | None:
@@ -411,15 +411,10 @@ def _check_finite(exp: Experiment, sums: dict | None, step: int, manager) -> dic
     )
 
 
-def _open_device_input(run: Run, start: int) -> tuple[pipeline.InputIterator, DevicePrefetcher]:
+def _open_device_input(run: Run, start: int) -> tuple[loader.TrainInput, DevicePrefetcher]:
     """The host input after `start` steps, and the batches it feeds to the devices."""
-    stepper = run.exp.stepper
     batches = open_input(run.exp, run.workdir, start)
-    put = stepper.put_batch
-    if run.exp.config.data.input_order == "global":  # global batches: keep our rows
-        def put(host, index=stepper.batch_shard[0], count=stepper.batch_shard[1]):
-            return stepper.put_batch(pipeline.block_of(host, index, count))
-    return batches, DevicePrefetcher(batches, put)
+    return batches, DevicePrefetcher(batches, run.exp.stepper.put_batch)
 
 
 def _train_loop(run: Run, state: TrainState, start: int) -> dict[str, Any]:
@@ -435,10 +430,13 @@ def _train_loop(run: Run, state: TrainState, start: int) -> dict[str, Any]:
                          disable=None if is_main else True, unit="step")
     preemption = PreemptionWatch()
     kept = selection.KeptCheckpoints(run.workdir, config, exp.tokenizer, is_main)
+    parts = None
     try:
         parts = LoopParts(*_open_device_input(run, start), kept, progress, preemption)
         last = _loop(run, parts, state, start)
     finally:
+        if parts is not None:
+            parts.batches.close()
         kept.close()
         preemption.close()
         progress.close()
@@ -466,13 +464,15 @@ def _loop(run: Run, parts: LoopParts, state: TrainState, start: int) -> dict:
     exp, config, stepper, writer = run.exp, run.exp.config, run.exp.stepper, run.writer
     num_steps = config.train.num_steps
     kept = parts.kept
-    sums, tick, last = None, time.perf_counter(), {}
+    sums, tick, last, waited = None, time.perf_counter(), {}, 0.0
     restored = start
     if kept.stopped():
         logging.info("early stopping ended this run at step %d; not training further", start)
         start = num_steps
     for step in range(start + 1, num_steps + 1):
+        before = time.perf_counter()
         batch = next(parts.device_batches)
+        waited += time.perf_counter() - before
         # Everything the step takes is on the devices already: an implicit host transfer here
         # would be a hidden round-trip on every step, so it is an error.
         with jax.transfer_guard("disallow"):
@@ -486,25 +486,25 @@ def _loop(run: Run, parts: LoopParts, state: TrainState, start: int) -> dict:
             return last | {"preempted_at": step}
         if step % config.train.log_every == 0 or step == num_steps:
             fetched = _check_finite(exp, sums, step, run.manager)
-            last = metrics.summarize_train(fetched, time.perf_counter() - tick)
+            last = metrics.summarize_train(fetched, time.perf_counter() - tick, waited)
             if exp.steps_per_epoch:
                 last["epoch"] = step / exp.steps_per_epoch
             _write(writer, step, last)
             parts.progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
-            sums, tick = None, time.perf_counter()
+            sums, tick, waited = None, time.perf_counter(), 0.0
         dev_scores = {}
         if step % config.train.eval_every == 0 or step == num_steps:
             evals = _run_evals(exp, state)
             _write(writer, step, evals)
             last, dev_scores = last | evals, dev_scores | evals
-            tick = time.perf_counter()
+            tick, waited = time.perf_counter(), 0.0
         bleu_every = config.train.bleu_every
         if bleu_every and (step % bleu_every == 0 or step == num_steps):
             scores, signatures = bleu_scores(exp, state)
             writer.write_texts(step, signatures)
             _write(writer, step, scores)
             last, dev_scores = last | scores | signatures, dev_scores | scores
-            tick = time.perf_counter()
+            tick, waited = time.perf_counter(), 0.0
         stop = bool(dev_scores) and kept.note_dev_scores(
             step, dev_scores, stepper.to_checkpoint(state))
         if kept.pool_due(step):

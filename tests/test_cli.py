@@ -52,6 +52,8 @@ def test_info_reports_the_base_model_size():
         (["--config.model.d_model=abc"], "--config.model.d_model=abc"),
         (["--config.mesh.ici.data=3"], "needs 3 devices but 1 are present"),
         (["--config.model.num_heads=7"], "must be divisible by model.num_heads=7"),
+        (["--config.data.input_order=global"], "data.input_order was retired: the input order "
+         "no longer depends on the number of processes"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_problem(args, message):

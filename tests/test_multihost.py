@@ -73,25 +73,30 @@ def params_of(workdir, step):
     return checkpoint.restore_host_state(workdir, step)[0]["params"]
 
 
-# Both sides: the same global batches (global input order) on the same (data=4, tensor=2) mesh.
-# Two processes: ici (data=2, tensor=2) within each, dcn data=2 across them.
+# Every run below: the same (data=4, tensor=2) mesh. Two processes: ici (data=2, tensor=2)
+# within each, dcn data=2 across them; one process: its eight devices.
 # No samples decoded at the end: a decode compile per process says nothing of these tests.
-SHARED = dict(data__input_order="global", mesh__ici__tensor=2, train__eval_every=1000,
-              train__num_decode_examples=0)
+SHARED = dict(mesh__ici__tensor=2, train__eval_every=1000, train__num_decode_examples=0)
 
 
-def test_two_processes_train_save_and_resume_like_one(tiny_config, data_dir, tmp_path):
+def test_a_run_saved_by_two_processes_resumes_on_one_like_an_unstopped_one(
+    tiny_config, data_dir, tmp_path
+):
     multi = tmp_path / "multi"
     launch(2, multi, overrides(data_dir, train__num_steps=4, **SHARED))
     assert checkpoint.checkpoint_steps(str(multi)) == [2, 4]
-    assert sorted(os.listdir(multi / "input_state" / "4")) == ["process_0_of_2", "process_1_of_2"]
-    launch(2, multi, overrides(data_dir, train__num_steps=6, **SHARED))  # resumes from step 4
-    with open(multi / "metrics.jsonl") as f:  # written by process 0 alone: each step once
-        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [2, 4, 6]
     for host in (0, 1):
         with open(multi / "logs" / f"host_{host}.log") as f:
-            log = f.read()
-        assert "restored checkpoint at step 4" in log and f"process {host} of 2" in log
+            assert f"process {host} of 2" in f.read()
+    # The input position (the same on every process) is in the checkpoint: one process goes on
+    # with the same global batches, reading all the rows the two read between them.
+    position = checkpoint.restore_input_position(str(multi), 4)
+    assert (position["epoch"], position["index"]) == (0, 4 * 16)
+    launch(1, multi, overrides(data_dir, train__num_steps=6, **SHARED), devices=8)
+    with open(multi / "metrics.jsonl") as f:  # written by process 0 alone: each step once
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [2, 4, 6]
+    with open(multi / "logs" / "host_0.log") as f:
+        assert "restored checkpoint at step 4" in f.read()
 
     single = str(tmp_path / "single")
     train_and_evaluate(apply(tiny_config, train__num_steps=6, **SHARED), single)
@@ -123,11 +128,9 @@ def test_sigterm_to_one_process_saves_every_process_at_one_step(data_dir, tmp_pa
     os.kill(pids[1], signal.SIGTERM)  # the notice reaches one host only
     _, err = popen.communicate(timeout=240)
     assert popen.returncode == 0, err[-3000:] + logs_tail(workdir)
-    # One checkpoint, and both processes' input positions at its step: they agreed on it.
+    # One checkpoint, at the step both processes agreed on, with the input position there.
     [step] = checkpoint.checkpoint_steps(workdir)
-    assert sorted(os.listdir(os.path.join(workdir, "input_state", str(step)))) == [
-        "process_0_of_2", "process_1_of_2"
-    ]
+    assert checkpoint.restore_input_position(workdir, step)["index"] == step * 16
     with open(os.path.join(workdir, "logs", "process_0.out")) as f:
         assert f"preempted: saved step {step}" in f.read()
     # What the save holds is the state of step `step`: the exact-resume test below and the

@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t2t_jax import sharding
-from t2t_jax.data import pipeline
+from t2t_jax.data import loader
+from t2t_jax.data.batching import Position
 from t2t_jax.train import build_experiment
 from tests.conftest import assert_params_close, make_tiny_config
 
@@ -37,13 +38,15 @@ def run_steps(config, devices, mode="jit", steps=2):
     """Params and last metrics after `steps` train steps on the first `steps` batches."""
     config.train.mode = mode
     exp = build_experiment(config, devices)
-    batches = pipeline.train_dataset(config, exp.builder, exp.tokenizer).take(steps)
+    split = exp.dataset.split("train")
+    batches = loader.TrainInput(split, loader.make_planner(config, split), Position())
     with exp.stepper.activate():
         state = exp.stepper.init_state(jax.random.key(0))
-        for batch in batches.as_numpy_iterator():
+        for batch in [next(batches) for _ in range(steps)]:
             device_batch = exp.stepper.put_batch(batch)
             state, metrics = exp.stepper.train(state, device_batch, jax.random.key(1))
         final = exp.stepper.to_checkpoint(state)
+    batches.close()
     return exp, final, exp.stepper.fetch_metrics(metrics)
 
 

@@ -10,12 +10,12 @@ import random
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 
 from t2t_jax import bleu, checkpoint, selection
-from t2t_jax.data import parallel_text, pipeline, tasks
+from t2t_jax.data import batching, loader, parallel_text, prepare, tasks
+from t2t_jax.data.batching import Position
 from t2t_jax.data.tokenizer import (
     EOS_ID,
     SentencePieceTokenizer,
@@ -68,7 +68,6 @@ def small_text_config(data_dir, files):
     config.data.max_source_length = config.data.max_target_length = 16
     config.data.test_max_source_length = config.data.test_max_target_length = 16
     config.data.batch_size = config.data.eval_batch_size = 8
-    config.data.shuffle_buffer = 64
     config.model.update(num_encoder_layers=1, num_decoder_layers=1, d_model=32, d_ff=64,
                         num_heads=4, dropout_rate=0.0, vocab_size=None)
     config.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4,
@@ -107,68 +106,111 @@ def test_missing_file_is_a_clear_error(tiny_config, tmp_path):
         tasks.builder_from_config(tiny_config.data)
 
 
-def test_sentencepiece_round_trips_text_and_matches_tf(tmp_path):
+def test_sentencepiece_round_trips_text_and_encodes_batches_alike(tmp_path):
     tokenizer = SentencePieceTokenizer.train(iter(sentences(500, 3)), vocab_size=300)
-    for text in ["the cat sat", "Straße über a red dog", "unseen Wörter: 42!"]:
+    texts = ["the cat sat", "Straße über a red dog", "unseen Wörter: 42!"]
+    for text in texts:
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids + [EOS_ID, 7]) == text
-        assert tokenizer.tf_encode(tf.constant(text)).numpy().tolist() == ids
+    assert tokenizer.encode_batch(texts, threads=2) == [tokenizer.encode(t) for t in texts]
     tokenizer.save(str(tmp_path))
     assert load_tokenizer(str(tmp_path)).encode("the cat") == tokenizer.encode("the cat")
     restored = tokenizer_from_json(json.loads(json.dumps(tokenizer.to_json())))
     assert restored.encode("red dog") == tokenizer.encode("red dog")
 
 
-def test_subword_sampling_varies_segmentations_of_training_text_only(tiny_config):
+def test_subword_sampling_draws_from_the_nbest_by_p_to_the_alpha(tiny_config):
     tokenizer = SentencePieceTokenizer.train(iter(sentences(500, 3)), vocab_size=300)
-    sampled = tokenizer.sampled(0.2)
+    sampled = tokenizer.sampled(0.2, nbest=8)
     text = "the red cat sat on a mat far über Straße"
-    draws = {tuple(sampled.encode_sampled(text, [0, i])) for i in range(30)}
-    assert len(draws) > 1 and all(tokenizer.decode(list(ids)) == text for ids in draws)
-    # A draw is a function of the text and its seed; plain encoding keeps the one best.
-    assert sampled.encode_sampled(text, [0, 7]) == sampled.encode_sampled(text, [0, 7])
+    [(candidates, logps)] = sampled.nbest([text], 8)
+    assert all(tokenizer.decode(c) == text for c in candidates)
+    # The log-probabilities are SentencePiece's own n-best scores, up to a constant per text.
+    nbest = tokenizer._processor.nbest_encode(text, nbest_size=8, return_type="proto").nbests
+    assert candidates == [[p.id for p in n.pieces] for n in nbest]
+    assert np.ptp(np.array(logps) - [n.score for n in nbest]) < 1e-3
+    # 200 examples of this text, drawn with evenly spread numbers: each candidate's share of
+    # the draws is its weight, P^alpha normalized.
+    lengths = np.tile([len(c) + 1 for c in candidates], 200)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    first = np.arange(0, 201 * len(candidates), len(candidates))
+    logp = np.tile(np.array(logps, np.float32), 200)
+    draws = np.linspace(0, 0.999, 200)
+    pick, length = batching.draw_candidates(first, offsets, logp, draws, 0.2, 64)
+    assert (pick >= first[:-1]).all() and (pick < first[1:]).all()
+    weights = np.exp(0.2 * np.array(logps))
+    shares = np.bincount(pick - first[:-1], minlength=len(candidates)) / 200
+    np.testing.assert_allclose(shares, weights / weights.sum(), atol=0.006)
+    np.testing.assert_array_equal(length, lengths[pick])
+    # Only candidates within the limit are drawn (the best always is: see the planner).
+    shortest = min(len(c) + 1 for c in candidates)
+    _, capped = batching.draw_candidates(first, offsets, logp, draws, 0.2, shortest)
+    assert set(capped) == {shortest}
+    # The uniform numbers depend on (seed, epoch, example, side) alone.
+    examples = np.arange(1000)
+    u = loader.uniforms(0, np.zeros(1000), examples, 0)
+    assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.03
+    np.testing.assert_array_equal(u[500:], loader.uniforms(0, np.zeros(500), examples[500:], 0))
+    for other in (loader.uniforms(1, np.zeros(1000), examples, 0),
+                  loader.uniforms(0, np.ones(1000), examples, 0),
+                  loader.uniforms(0, np.zeros(1000), examples, 1)):
+        assert np.corrcoef(u, other)[0, 1] < 0.1
     assert sampled.encode(text) == tokenizer.encode(text)
-    seeds = tf.data.Dataset.range(20).map(lambda i: tf.stack([tf.constant(0, tf.int64), i]))
-    texts = tf.data.Dataset.from_tensors(tf.constant(text)).repeat(20)
-    ds = tf.data.Dataset.zip(texts, seeds).map(sampled.tf_encode)
-    assert len({tuple(ids) for ids in ds.as_numpy_iterator()}) > 1  # anew at every pass
-    with pytest.raises(ValueError, match="needs a seed"):
-        sampled.tf_encode(tf.constant(text))
     with pytest.raises(ValueError, match="spm_sampling_alpha must be in"):
         tokenizer.sampled(0.0)
-    from t2t_jax.data import pipeline
-
     tiny_config.data.spm_sampling_alpha = 0.1  # a built-in task has no SentencePiece
-    builder = tasks.builder_from_config(tiny_config.data)
     with pytest.raises(ValueError, match="spm_sampling_alpha samples SentencePiece"):
-        pipeline.train_dataset(tiny_config, builder, tasks.tokenizer_from_config(tiny_config.data))
+        loader.sampling_tokenizer(tiny_config, tasks.tokenizer_from_config(tiny_config.data))
+
+
+def text_input(config, dataset, tokenizer, position=None, workers=0):
+    split = dataset.split("train")
+    sampler = loader.sampling_tokenizer(config, tokenizer)
+    planner = loader.make_planner(config, split, sampler)
+    return loader.TrainInput(split, planner, position or Position(), workers)
+
+
+def take(batches, count):
+    out = [next(batches) for _ in range(count)]
+    batches.close()
+    return out
 
 
 def test_resumed_input_draws_the_same_sampled_segmentations(data_dir, corpus, tmp_path):
     config = small_text_config(data_dir, corpus)
-    builder = tasks.builder_from_config(config.data)
-    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path), builder)
-
-    def batches(alpha, skip=0):
-        config.data.spm_sampling_alpha = alpha
-        return pipeline.InputIterator(
-            pipeline.train_dataset(config, builder, tokenizer, skip_batches=skip))
-
-    def take(iterator, count):
-        return [next(iterator) for _ in range(count)]
-
-    straight = take(batches(0.5), 6)
+    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path))
+    dataset = prepare.open_or_prepare(config.data, tokenizer)
+    config.data.spm_sampling_alpha = 0.5
+    straight = take(text_input(config, dataset, tokenizer), 6)
+    config.data.spm_sampling_alpha = 0.0
+    plain = take(text_input(config, dataset, tokenizer), 6)
     assert not all(np.array_equal(a["inputs"], b["inputs"])  # sampling changed segmentations
-                   for a, b in zip(take(batches(0.0), 6), straight, strict=True))
-    interrupted = batches(0.5)
+                   for a, b in zip(plain, straight, strict=True))
+    config.data.spm_sampling_alpha = 0.5
+    interrupted = text_input(config, dataset, tokenizer)
     take(interrupted, 3)
-    interrupted.save(str(tmp_path / "input"), [])
-    resumed = batches(0.5)
-    resumed.restore(str(tmp_path / "input"))
-    replayed = batches(0.5, skip=3)  # no input state saved: the order replayed from the start
-    for again in (take(resumed, 3), take(replayed, 3)):
+    position = interrupted.position
+    # Resumed, and drawn by a worker process instead of a thread: the same batches.
+    for again in (take(text_input(config, dataset, tokenizer, position), 3),
+                  take(text_input(config, dataset, tokenizer, position, workers=1), 3)):
         for a, b in zip(again, straight[3:], strict=True):
             assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # The n-best lists, computed once, are the same from worker processes.
+    candidates = prepare.prepared.Candidates(dataset.split("train"), 64)
+    files = {kind: open(candidates.path("targets", kind), "rb").read()
+             for kind in ("ids", "offsets", "first", "logp")}
+    os.remove(candidates.done_path)
+    prepare.prepared.ensure_candidates(dataset.split("train"), tokenizer.sampled(0.5), 64,
+                                       workers=2, chunk=100)
+    for kind, data in files.items():
+        with open(candidates.path("targets", kind), "rb") as f:
+            assert f.read() == data, kind
+    # Every drawn segmentation decodes to its sentence.
+    sources = set(dataset.split("train").texts("inputs"))
+    for row, segments in zip(straight[0]["inputs"], straight[0]["inputs_segmentation"],
+                             strict=True):
+        for segment in range(1, segments.max() + 1):
+            assert tokenizer.decode(list(row[segments == segment])) in sources
 
 
 def test_bleu_is_sacrebleu_13a_cased():
@@ -240,9 +282,12 @@ def test_wmt_configs_build_their_pipelines_on_mock_data(path, tmp_path):
     with tfds.testing.mock_data(num_examples=40):
         builder = tasks.builder_from_config(config.data, prepare=True)
         tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path), builder)
-        batch = next(pipeline.train_dataset(config, builder, tokenizer).as_numpy_iterator())
         test_builder = tasks.builder_from_config(config.data, split="test", prepare=True)
+        dataset = prepare.open_or_prepare(
+            config.data, tokenizer, lambda split: test_builder if split == "test" else builder)
+    [batch] = take(text_input(config, dataset, tokenizer), 1)
     assert test_builder.name == "wmt14_translate"
+    assert dataset.split("train").num_examples == 40
     assert batch["inputs"].shape == (4, 256) and batch["targets"].shape == (4, 256)
     assert batch["targets_segmentation"].max() >= 1
     assert np.all(batch["targets"] < tokenizer.vocab_size)
@@ -283,7 +328,17 @@ def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     with gzip.open(corpus["train_source"], "rt") as s, gzip.open(corpus["train_target"], "rt") as t:
         sizes = [(len(spm.encode(a.strip())) + 1, len(spm.encode(b.strip())) + 1)
                  for a, b in zip(s, t, strict=True)]
-    rows = sum(max(a, b) / 16 for a, b in sizes if a <= 16 and b <= 16)
+    dataset = prepare.find(config.data, spm)
+    planner = loader.make_planner(config, dataset.split("train"))
+    plan = planner.plan(0)
+    # Every training pair that fits, once an epoch; each row within the row's 16 tokens a side.
+    fitting = [i for i, (a, b) in enumerate(sizes) if a <= 16 and b <= 16]
+    assert sorted(plan.examples) == fitting
+    used = planner.pieces[plan.examples]
+    for r in range(plan.num_rows):
+        assert (used[plan.row_starts[r] : plan.row_starts[r + 1]].sum(axis=0) <= 16).all()
+    rows = plan.num_rows
+    assert rows >= sum(max(a, b) for a, b in (sizes[i] for i in fitting)) / 16
     steps = math.ceil(2 * rows / 8)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f]
@@ -300,11 +355,11 @@ def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     assert train_rows[-1]["learning_rate"] == pytest.approx(
         np.mean([float(cooled(count)) for count in last_window]), rel=1e-4)
     # A bound on the examples a row holds can make more rows than the tokens fill.
-    fitting = sum(1 for a, b in sizes if a <= 16 and b <= 16)
     config.model.max_segments_per_row = 2
-    builder = tasks.builder_from_config(config.data)
-    assert pipeline.steps_per_epoch(config, builder, spm) == pytest.approx(
-        max(rows, fitting / 2) / 8)
+    capped = loader.make_planner(config, dataset.split("train"))
+    assert capped.batches_per_epoch() >= len(fitting) / 2 / 8 > rows / 8
+    planner.close()
+    capped.close()
 
 
 def test_parallel_text_presets_size_the_model_for_the_corpus():
@@ -392,3 +447,75 @@ def test_best_checkpoint_early_stopping_and_final_averaged_beam_numbers(
     # Started again, the stopped run does not train further.
     again = train_and_evaluate(config, workdir, jax.devices()[:1])
     assert checkpoint.checkpoint_steps(workdir) == [6] and "test_bleu" in again
+
+
+def test_prepared_splits_keep_their_files_line_order(data_dir, tmp_path):
+    source = [f"sentence {i}" for i in range(40)]
+    files = {"train_source": write(tmp_path / "tr.src", source[:5]),
+             "train_target": write(tmp_path / "tr.tgt", source[:5]),
+             "test_source": write(tmp_path / "te.src", source),
+             "test_target": write(tmp_path / "te.tgt", [s.upper() for s in source])}
+    config = small_text_config(data_dir, files)
+    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path / "run"))
+    test = prepare.open_or_prepare(config.data, tokenizer).split("test")
+    assert test.texts("inputs") == source and test.texts("targets") == [s.upper() for s in source]
+
+
+def test_a_changed_file_is_noticed_said_and_its_ids_prepared_again(data_dir, corpus, tmp_path,
+                                                                    caplog):
+    config = small_text_config(data_dir, corpus)
+    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path / "run"))
+    first = prepare.open_or_prepare(config.data, tokenizer)
+    assert first.split("train").texts("inputs", [0])[0] in sentences(300, 0)
+    changed = sentences(300, 9)
+    write(corpus["train_source"], changed, gz=True)
+    write(corpus["train_target"], [" ".join(s.split()[::-1]) for s in changed], gz=True)
+    with caplog.at_level("WARNING"):
+        assert prepare.find(config.data, tokenizer) is None
+    assert any("changed since its ids were prepared" in r.getMessage() for r in caplog.records)
+    again = prepare.open_or_prepare(config.data, tokenizer)
+    assert again.directory == first.directory and again.key != first.key
+    assert sorted(again.split("train").texts("inputs")) == sorted(changed)
+
+
+def test_a_new_workdir_borrows_the_tokenizer_of_prepared_ids(data_dir, corpus, tmp_path):
+    config = small_text_config(data_dir, corpus)
+    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path / "first"))
+    dataset = prepare.open_or_prepare(config.data, tokenizer)
+    # No TFDS read and no SentencePiece training: the prepared dataset's tokenizer is taken.
+    borrowed = tasks.tokenizer_from_config(config.data, str(tmp_path / "second"))
+    assert borrowed.model_proto == tokenizer.model_proto
+    assert load_tokenizer(str(tmp_path / "second")).model_proto == tokenizer.model_proto
+    config.data.spm_vocab_size = 299  # other settings: a tokenizer of their own
+    assert tasks.prepared_tokenizer(config.data) is None
+    assert prepare.find(config.data, tokenizer).key == dataset.key
+
+
+def test_training_on_prepared_ids_needs_no_tensorflow(tiny_config, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import FAST_COMPILE_XLA_FLAGS
+
+    prepare.open_or_prepare(tiny_config.data, tasks.tokenizer_from_config(tiny_config.data))
+    code = (
+        "import sys, json\n"
+        "sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+        "from t2t_jax.config import tiny_config\n"
+        "from t2t_jax.train import train_and_evaluate\n"
+        "config = tiny_config()\n"
+        f"config.data.data_dir = {tiny_config.data.data_dir!r}\n"
+        "config.train.compilation_cache_dir = ''\n"
+        "config.train.num_decode_examples = 1\n"
+        f"result = train_and_evaluate(config, {str(tmp_path)!r})\n"
+        "print(json.dumps({'step': result['step'], 'loss': result['loss']}))\n"
+    )
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["step"] == 4
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    assert all(0 <= r["input_wait_s"] < r["step_time_s"] for r in rows if "loss" in r)

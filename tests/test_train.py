@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -320,6 +321,18 @@ def test_compiled_train_step_holds_no_one_hot_array(tiny_config, monkeypatch):
     assert len(vocab_sized_broadcasts(compiled_train_step_text(tiny_config, vocab), vocab)) >= 1
 
 
+def first_batch(config):
+    from t2t_jax.data import loader, prepare, tasks
+    from t2t_jax.data.batching import Position
+
+    split = prepare.open_or_prepare(
+        config.data, tasks.tokenizer_from_config(config.data)).split("train")
+    batches = loader.TrainInput(split, loader.make_planner(config, split), Position())
+    batch = next(batches)
+    batches.close()
+    return batch
+
+
 def run_two_steps(config, batch):
     exp = build_experiment(config, jax.devices()[:1])
     with exp.stepper.activate():
@@ -330,11 +343,7 @@ def run_two_steps(config, batch):
 
 
 def test_accumulating_one_batch_twice_equals_one_step_on_it(tiny_config):
-    from t2t_jax.data import pipeline, tasks
-
-    builder = tasks.builder_from_config(tiny_config.data)
-    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
-    batch = next(pipeline.train_dataset(tiny_config, builder, tokenizer).as_numpy_iterator())
+    batch = first_batch(tiny_config)
     single = run_two_steps(tiny_config, batch)
     tiny_config.train.grad_accum_steps = 2
     accumulated = run_two_steps(tiny_config, batch)
@@ -427,12 +436,35 @@ def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path, dropout_rn
     train_and_evaluate(tiny_config, straight, jax.devices()[:2])
     tiny_config.train.num_steps = 2
     train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
-    assert os.path.isdir(checkpoint.input_state_dir(resumed, 2, 0, 1))
+    # The input position is two integers in the checkpoint: the next batch's epoch and row.
+    assert checkpoint.restore_input_position(resumed, 2)["index"] == 2 * 16
     tiny_config.train.num_steps = 4
     train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
     a, b = final_params(tiny_config, straight), final_params(tiny_config, resumed)
     assert int(a.step) == int(b.step) == 4
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a.params, b.params)
+
+
+def test_a_checkpoint_with_an_old_tf_data_input_state_resumes_with_a_warning(
+    tiny_config, tmp_path, caplog
+):
+    tiny_config.train.num_decode_examples = 0
+    tiny_config.train.num_steps = 2
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_config, workdir, jax.devices()[:1])
+    # As t2t_jax wrote it before 2026-12-04: no input position in the checkpoint, and a
+    # tf.data iterator state beside it.
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(workdir), "2", "input"))
+    os.makedirs(os.path.join(workdir, "input_state", "2", "process_0_of_1"))
+    assert checkpoint.restore_input_position(workdir, 2) is None
+    tiny_config.train.num_steps = 4
+    with caplog.at_level("WARNING"):
+        result = train_and_evaluate(tiny_config, workdir, jax.devices()[:1])
+    assert result["step"] == 4
+    assert any("a tf.data iterator state, which t2t_jax no longer reads" in r.getMessage()
+               for r in caplog.records)
+    # It went on from where this version's order is after two steps.
+    assert checkpoint.restore_input_position(workdir, 4)["index"] == 4 * 16
 
 
 def test_training_learns_and_writes_metrics_config_and_checkpoints(tiny_config, tmp_path):
@@ -449,15 +481,15 @@ def test_training_learns_and_writes_metrics_config_and_checkpoints(tiny_config, 
         rows = [json.loads(line) for line in f]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [20, 40, 60]
-    assert {"accuracy", "learning_rate", "grad_norm", "tokens_per_s"} <= set(train_rows[0])
+    assert {"accuracy", "learning_rate", "grad_norm", "tokens_per_s", "input_wait_s",
+            "step_time_s"} <= set(train_rows[0])
+    assert all(0 <= r["input_wait_s"] < 0.5 * r["step_time_s"] for r in train_rows)
     assert train_rows[-1]["loss"] < 0.8 * train_rows[0]["loss"]
     eval_row = next(r for r in rows if "eval_loss" in r)
     assert eval_row["step"] == 60 and 0 < eval_row["eval_accuracy"] <= 1
     assert "test_accuracy" in eval_row
     assert result["eval_accuracy"] == pytest.approx(eval_row["eval_accuracy"])
     assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ["40", "60"]
-    # The input positions are pruned with the checkpoints they belong to.
-    assert sorted(os.listdir(os.path.join(workdir, "input_state"))) == ["40", "60"]
     saved = checkpoint.load_config_json(workdir)
     assert saved.model.d_model == 32 and saved.train.num_steps == 60
     assert os.path.exists(os.path.join(workdir, "vocab.txt"))
@@ -515,14 +547,16 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss():
 
     padded = [loss({"inputs": jnp.asarray(s)[None], "targets": jnp.asarray(t)[None]})
               for s, t in zip(src, tgt, strict=True)]
-    from t2t_jax.data.pipeline import pack_lists
+    from t2t_jax.data import batching
 
-    [row] = pack_lists(
-        [{"inputs": s.astype(np.int32), "targets": t.astype(np.int32)}
-         for s, t in zip(src, tgt, strict=True)],
-        {"inputs": 8, "targets": 8},
-    )
-    packed = loss({k: jnp.asarray(v)[None] for k, v in row.items()})
+    layout = batching.Layout(batching.Lengths(8, 8), packing=True)
+    sizes = np.array([[len(s), len(t)] for s, t in zip(src, tgt, strict=True)])
+    spec = batching.BlockSpec(np.arange(2), np.zeros(2, np.int64), sizes, None, 1,
+                              layout.feature_lengths)
+    starts = np.array([0, len(src[0])]), np.array([0, len(tgt[0])])
+    row = batching.gather({"inputs": (np.concatenate(src), starts[0]),
+                           "targets": (np.concatenate(tgt), starts[1])}, sizes, spec, layout)
+    packed = loss({k: jnp.asarray(v) for k, v in row.items()})
     assert float(packed["weight"]) == 7
     assert float(packed["loss"]) == pytest.approx(
         float(padded[0]["loss"] + padded[1]["loss"]), rel=1e-5

@@ -64,12 +64,6 @@ TASKS: dict[str, Callable[[np.random.Generator, int, int], tuple[list, list]]] =
 }
 
 
-def task_symbols(task: str, vocab_size: int) -> list[str]:
-    """The symbols a task's examples use, in vocabulary order."""
-    symbols = [str(i) for i in range(vocab_size)]
-    return symbols + ["+"] if task == "addition" else symbols
-
-
 def generate_examples(
     task: str, vocab_size: int, min_length: int, max_length: int, count: int, seed: int
 ) -> Iterator[tuple[str, str]]:

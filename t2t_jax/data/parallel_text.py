@@ -17,8 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from t2t_jax.data.algorithmic import text_pair_info
-
-SPLIT_KEYS = {"train": "train", "validation": "eval", "test": "test"}
+from t2t_jax.data.tasks import files_from_config
 
 
 def read_lines(path: str) -> Iterator[str]:
@@ -101,26 +100,6 @@ class ParallelText(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, source: str, target: str | None):
         for index, (src, tgt) in enumerate(read_pairs(source, target)):
             yield index, {"inputs": src, "targets": tgt, "line": index}
-
-
-def files_from_config(data_config) -> tuple:
-    """(split, source, target) triples from data.{train,eval,test}_{source,target,tsv}."""
-    files = []
-    for split, key in SPLIT_KEYS.items():
-        tsv = data_config.get(f"{key}_tsv")
-        source, target = data_config.get(f"{key}_source"), data_config.get(f"{key}_target")
-        if tsv:
-            files.append((split, tsv, None))
-        elif source or target:
-            if not (source and target):
-                raise ValueError(f"set both data.{key}_source and data.{key}_target (or {key}_tsv)")
-            files.append((split, source, target))
-        elif split == "train":
-            raise ValueError(
-                "data.task='parallel_text' needs data.train_source and data.train_target "
-                "(or data.train_tsv)"
-            )
-    return tuple(files)
 
 
 def parallel_text_builder(data_config) -> ParallelText:

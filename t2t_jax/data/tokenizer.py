@@ -1,4 +1,4 @@
-"""Tokenizers: text <-> ids, in Python for decoding and in TensorFlow for the input pipeline.
+"""Tokenizers: text <-> ids, one text at a time (decoding) or in batches (preparing ids).
 
 `SymbolTokenizer` maps space-separated symbols (the built-in tasks) one to one onto ids;
 `SentencePieceTokenizer` splits real text into subwords (one vocabulary for both languages).
@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from t2t_jax.lazy_tf import tf
+from t2t_jax import files
 
 PAD_ID = 0
 EOS_ID = 1
@@ -32,9 +32,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]: ...
 
-    def tf_encode(self, text: tf.Tensor) -> tf.Tensor: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def save(self, directory: str) -> None: ...
 
@@ -49,7 +49,6 @@ class SymbolTokenizer:
     def __init__(self, symbols: Sequence[str]):
         self.symbols = list(RESERVED) + [s for s in symbols if s not in RESERVED]
         self._ids = {symbol: i for i, symbol in enumerate(self.symbols)}
-        self._table = None
 
     @property
     def vocab_size(self) -> int:
@@ -57,6 +56,9 @@ class SymbolTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [self._ids.get(symbol, UNK_ID) for symbol in text.split()]
+
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Stops at the first end-of-sequence id and drops padding."""
@@ -69,26 +71,9 @@ class SymbolTokenizer:
                 out.append(self.symbols[i] if i < len(self.symbols) else RESERVED[UNK_ID])
         return " ".join(out)
 
-    def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
-        """Scalar string tensor -> int32 ids [length]."""
-        if self._table is None:
-            # Built eagerly even when first called while tracing a tf.data map, so every
-            # pipeline of the process can share it.
-            with tf.init_scope():
-                self._table = self._make_table()
-        return tf.cast(self._table.lookup(tf.strings.split(text)), tf.int32)
-
-    def _make_table(self) -> tf.lookup.StaticHashTable:
-        return tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(self.symbols), tf.range(len(self.symbols), dtype=tf.int64)
-            ),
-            default_value=UNK_ID,
-        )
-
     def save(self, directory: str) -> None:
-        tf.io.gfile.makedirs(directory)
-        with tf.io.gfile.GFile(os.path.join(directory, self.FILENAME), "w") as f:
+        files.makedirs(directory)
+        with files.open_file(os.path.join(directory, self.FILENAME), "w") as f:
             f.write("\n".join(self.symbols) + "\n")
 
     def to_json(self) -> dict:
@@ -97,9 +82,9 @@ class SymbolTokenizer:
     @classmethod
     def load(cls, directory: str) -> SymbolTokenizer:
         path = os.path.join(directory, cls.FILENAME)
-        if not tf.io.gfile.exists(path):
+        if not files.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; train in this workdir first")
-        with tf.io.gfile.GFile(path) as f:
+        with files.open_file(path) as f:
             return cls([line.rstrip("\n") for line in f if line.strip()])
 
 
@@ -121,6 +106,13 @@ class SentencePieceTokenizer:
                 f"SentencePiece model has pad/eos/unk ids {reserved}, t2t_jax needs "
                 f"{(PAD_ID, EOS_ID, UNK_ID)}; train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1"
             )
+
+    def __getstate__(self) -> dict:  # for worker processes: the model's bytes, not the C++ object
+        return {"model_proto": self.model_proto, "sampling_alpha": self.sampling_alpha,
+                "sampling_nbest": self.sampling_nbest}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     @classmethod
     def train(
@@ -173,8 +165,8 @@ class SentencePieceTokenizer:
         """This model drawing a segmentation of each text from its `nbest` best ones, with
         probabilities proportional to P(segmentation)^alpha (subword regularization, Kudo 2018,
         l-best sampling; unigram models): for training batches only, so that a small corpus is
-        seen in many segmentations. The draw is a function of the text and a seed
-        (`encode_sampled`), so that a resumed run draws again what it drew before."""
+        seen in many segmentations. The draw is a function of the text and a uniform number
+        (`sample_ids`), so that a resumed run draws again what it drew before."""
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"data.spm_sampling_alpha must be in (0, 1], got {alpha}")
         if nbest < 2:
@@ -182,23 +174,28 @@ class SentencePieceTokenizer:
         return SentencePieceTokenizer(self.model_proto, alpha, nbest)
 
     def encode(self, text: str) -> list[int]:
-        """The best segmentation's ids (sampled tokenizers too: they sample in
-        `encode_sampled`)."""
+        """The best segmentation's ids (sampled tokenizers too: they sample in `sample_ids`)."""
         return self._processor.encode(text)
 
-    def encode_sampled(self, text: str, seed: Sequence[int]) -> list[int]:
-        """A segmentation drawn with numpy's generator seeded by `seed` (non-negative ints)
-        from the `sampling_nbest` best, weighted by P^alpha: the same text and seed always give
-        the same ids, on any machine (SentencePiece's own sampler cannot be seeded per call)."""
-        nbests = self._processor.nbest_encode(
-            text, return_type="proto", nbest_size=self.sampling_nbest
-        ).nbests
-        if len(nbests) < 2:
-            return [piece.id for piece in nbests[0].pieces] if nbests else []
-        logits = self.sampling_alpha * np.array([n.score for n in nbests], np.float64)
-        weights = np.exp(logits - logits.max())
-        choice = np.random.default_rng(list(seed)).choice(len(nbests), p=weights / weights.sum())
-        return [piece.id for piece in nbests[choice].pieces]
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
+        """The best segmentations of many texts, on `threads` of SentencePiece's own threads."""
+        return self._processor.encode(list(texts), num_threads=threads)
+
+    def _piece_scores(self) -> np.ndarray:
+        if not hasattr(self, "_scores"):
+            self._scores = np.array([self._processor.get_score(i)
+                                     for i in range(self.vocab_size)], np.float64)
+        return self._scores
+
+    def nbest(self, texts: Sequence[str], nbest: int) -> list[tuple[list[list[int]], list[float]]]:
+        """Each text's `nbest` best segmentations and their log-probabilities (up to a
+        constant per text, for characters outside the vocabulary, which cancels when they are
+        weighed against each other): what subword sampling draws from."""
+        scores, out = self._piece_scores(), []
+        for text in texts:
+            candidates = self._processor.nbest_encode(text, nbest_size=nbest, out_type=int)
+            out.append((candidates, [float(scores[c].sum()) for c in candidates]))
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Stops at the first end-of-sequence id and drops padding."""
@@ -207,30 +204,9 @@ class SentencePieceTokenizer:
             ids = ids[: ids.index(EOS_ID)]
         return self._processor.decode([i for i in ids if i != PAD_ID])
 
-    def tf_encode(self, text: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
-        """Scalar string tensor -> int32 ids [length] (runs SentencePiece in Python); a sampled
-        tokenizer draws with `seed` (int64 [k], non-negative), which it needs."""
-        if not self.sampling_alpha:
-            def encode(value) -> np.ndarray:
-                return np.asarray(self.encode(np.asarray(value).item().decode("utf-8")), np.int32)
-
-            ids = tf.numpy_function(encode, [text], tf.int32, stateful=False)
-        else:
-            if seed is None:
-                raise ValueError("a sampling SentencePiece tokenizer needs a seed per example")
-
-            def encode(value, seed_value) -> np.ndarray:
-                ids = self.encode_sampled(np.asarray(value).item().decode("utf-8"),
-                                           np.asarray(seed_value).tolist())
-                return np.asarray(ids, np.int32)
-
-            ids = tf.numpy_function(encode, [text, seed], tf.int32, stateful=False)
-        ids.set_shape([None])
-        return ids
-
     def save(self, directory: str) -> None:
-        tf.io.gfile.makedirs(directory)
-        with tf.io.gfile.GFile(os.path.join(directory, self.FILENAME), "wb") as f:
+        files.makedirs(directory)
+        with files.open_file(os.path.join(directory, self.FILENAME), "wb") as f:
             f.write(self.model_proto)
 
     def to_json(self) -> dict:
@@ -239,25 +215,25 @@ class SentencePieceTokenizer:
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
         """From a model file, or from the spm.model in a directory."""
-        if tf.io.gfile.isdir(path):
+        if files.isdir(path):
             path = os.path.join(path, cls.FILENAME)
-        if not tf.io.gfile.exists(path):
+        if not files.exists(path):
             raise FileNotFoundError(f"no SentencePiece model at {path}")
-        with tf.io.gfile.GFile(path, "rb") as f:
+        with files.open_file(path, "rb") as f:
             return cls(f.read())
 
 
 def has_tokenizer(workdir: str) -> bool:
     """Whether a training run saved its tokenizer in `workdir`."""
     names = (SentencePieceTokenizer.FILENAME, SymbolTokenizer.FILENAME)
-    return any(tf.io.gfile.exists(os.path.join(workdir, name)) for name in names)
+    return any(files.exists(os.path.join(workdir, name)) for name in names)
 
 
 def load_tokenizer(workdir: str) -> Tokenizer:
     """The tokenizer a training run saved in `workdir` (spm.model or vocab.txt)."""
-    if tf.io.gfile.exists(os.path.join(workdir, SentencePieceTokenizer.FILENAME)):
+    if files.exists(os.path.join(workdir, SentencePieceTokenizer.FILENAME)):
         return SentencePieceTokenizer.load(workdir)
-    if tf.io.gfile.exists(os.path.join(workdir, SymbolTokenizer.FILENAME)):
+    if files.exists(os.path.join(workdir, SymbolTokenizer.FILENAME)):
         return SymbolTokenizer.load(workdir)
     raise FileNotFoundError(
         f"no tokenizer ({SentencePieceTokenizer.FILENAME} or {SymbolTokenizer.FILENAME}) in "

@@ -90,7 +90,7 @@ def segment_spans(segments: Array, max_segments: int) -> tuple[Array, Array]:
     offsets [batch, M + 1]) int32, where M = `max_segments`. Example k of a row (segment id k + 1)
     starts at offsets[:, k] and has lengths[:, k] tokens; slots past a row's last example hold
     -1. Segment ids must number a row's examples 1, 2, ... in order, each contiguous, as
-    `pipeline.pack` writes them; ids above M are not described.
+    `data.batching.gather` writes them; ids above M are not described.
     """
     ids = jnp.arange(1, max_segments + 1, dtype=segments.dtype)
     member = segments[:, None, :] == ids[None, :, None]  # [batch, M, length]
