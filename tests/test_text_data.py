@@ -197,14 +197,16 @@ def test_resumed_input_draws_the_same_sampled_segmentations(data_dir, corpus, tm
             assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # The n-best lists, computed once, are the same from worker processes.
     candidates = prepare.prepared.Candidates(dataset.split("train"), 64)
-    files = {kind: open(candidates.path("targets", kind), "rb").read()
-             for kind in ("ids", "offsets", "first", "logp")}
+    def read(kind):
+        with open(candidates.path("targets", kind), "rb") as f:
+            return f.read()
+
+    files = {kind: read(kind) for kind in ("ids", "offsets", "first", "logp")}
     os.remove(candidates.done_path)
     prepare.prepared.ensure_candidates(dataset.split("train"), tokenizer.sampled(0.5), 64,
                                        workers=2, chunk=100)
     for kind, data in files.items():
-        with open(candidates.path("targets", kind), "rb") as f:
-            assert f.read() == data, kind
+        assert read(kind) == data, kind
     # Every drawn segmentation decodes to its sentence.
     sources = set(dataset.split("train").texts("inputs"))
     for row, segments in zip(straight[0]["inputs"], straight[0]["inputs_segmentation"],
