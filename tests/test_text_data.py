@@ -336,7 +336,7 @@ def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
     # Every training pair that fits, once an epoch; each row within the row's 16 tokens a side.
     fitting = [i for i, (a, b) in enumerate(sizes) if a <= 16 and b <= 16]
     assert sorted(plan.examples) == fitting
-    used = planner.pieces[plan.examples]
+    used = plan.pieces[plan.examples]
     for r in range(plan.num_rows):
         assert (used[plan.row_starts[r] : plan.row_starts[r + 1]].sum(axis=0) <= 16).all()
     rows = plan.num_rows

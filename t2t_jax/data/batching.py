@@ -130,20 +130,26 @@ def first_fit_rows(planned: np.ndarray, capacity: np.ndarray, max_segments: int 
 
     Windows of `window` consecutive examples are packed independently and side by side, so
     that each numpy operation works on every window at once: `window` steps for any n.
+    `planned` may also be [epochs, n, quantities]: several epochs' orders packed at once (each
+    as it would be alone), which makes the steps' fixed costs count once for all of them.
     """
-    count, quantities = planned.shape
+    groups = planned[None] if planned.ndim == 2 else planned
+    epochs, count, quantities = groups.shape
     if count == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(planned.shape[:-1], np.int64)
     window = min(window, count)
-    windows = -(-count // window)
-    sizes = np.zeros((windows * window, quantities), np.int32)
-    sizes[:count] = planned  # the last window's tail: size 0, after all its real examples
+    per_epoch = -(-count // window)
+    windows = epochs * per_epoch
+    sizes = np.zeros((epochs, per_epoch * window, quantities), np.int32)
+    sizes[:, :count] = groups  # each epoch's last window's tail: size 0, after its examples
     sizes = np.ascontiguousarray(sizes.reshape(windows, window, quantities).transpose(1, 2, 0))
     free = [np.full((windows, open_rows), c, np.int32) for c in capacity]
     held = np.zeros((windows, open_rows), np.int32) if max_segments else None
-    row = np.full((windows, open_rows), -1, np.int64)  # -1: empty, no number yet
-    opened = np.zeros(windows, np.int64)
-    out = np.empty((window, windows), np.int64)
+    # A slot's rows are told apart by a generation, counted up when the slot's row closes;
+    # rows are numbered after the loop, in the order they first took an example.
+    generation = np.zeros((windows, open_rows), np.int64)
+    slots = np.empty((window, windows), np.int64)
+    generations = np.empty((window, windows), np.int64)
     every = np.arange(windows)
     for step in range(window):
         size = sizes[step]  # [quantity, window]
@@ -154,26 +160,32 @@ def first_fit_rows(planned: np.ndarray, capacity: np.ndarray, max_segments: int 
             fits &= held < max_segments
         slot = fits.argmax(axis=1)
         full = np.flatnonzero(~fits[every, slot])
-        if len(full):  # no room anywhere: the fullest row makes way for an empty one
-            room = sum(f[full] for f in free)
-            slot[full] = room.argmin(axis=1)
+        if len(full):  # no room anywhere: the fullest row closes, an empty one takes its slot
+            fullest = sum(f[full] for f in free).argmin(axis=1)
+            slot[full] = fullest
             for q, c in enumerate(capacity):
-                free[q][full, slot[full]] = c
-            row[full, slot[full]] = -1
+                free[q][full, fullest] = c
+            generation[full, fullest] += 1
             if held is not None:
-                held[full, slot[full]] = 0
-        numbers = row[every, slot]
-        new = np.flatnonzero(numbers < 0)
-        numbers[new] = opened[new]
-        row[new, slot[new]] = opened[new]
-        opened[new] += 1
+                held[full, fullest] = 0
         for q in range(quantities):
             free[q][every, slot] -= size[q]
         if held is not None:
             held[every, slot] += 1
-        out[step] = numbers
-    first_row = np.concatenate([[0], np.cumsum(opened)[:-1]])
-    return (out.T + first_row[:, None]).reshape(-1)[:count]
+        slots[step] = slot
+        generations[step] = generation[every, slot]
+    # Number each window's rows by first use, then the windows one after another.
+    key = (every[:, None] * open_rows + slots.T) * (window + 1) + generations.T
+    key = key.reshape(epochs, per_epoch * window)[:, :count]
+    rows = np.stack([_numbered_by_first_use(k) for k in key])
+    return rows if planned.ndim == 3 else rows[0]
+
+
+def _numbered_by_first_use(key: np.ndarray) -> np.ndarray:
+    unique, first_use, row_of = np.unique(key, return_index=True, return_inverse=True)
+    number = np.empty(len(unique), np.int64)
+    number[np.argsort(first_use, kind="stable")] = np.arange(len(unique))
+    return number[row_of.reshape(-1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,16 +212,23 @@ class EpochPlan:
         return len(self.batch_starts) - 1
 
 
-def plan_rows(order: np.ndarray, pieces: np.ndarray, layout: Layout,
-              chosen: np.ndarray | None = None) -> EpochPlan:
-    """Rows of one example each, or packed first-fit, from `order` (the epoch's examples) and
-    `pieces` (their [n, 2] token counts as `Layout.pieces` gives them, indexed by example)."""
+def plan_rows(orders: list[np.ndarray], pieces: list[np.ndarray], layout: Layout,
+              chosen: list[np.ndarray | None]) -> list[EpochPlan]:
+    """Each epoch's rows, of one example each, or packed first-fit (several epochs at once),
+    from its order (the epoch's examples) and pieces (the [n, 2] token counts of every example
+    that epoch, as `Layout.pieces` gives them, indexed by example)."""
     if not layout.packing:
-        return EpochPlan(order, np.arange(len(order) + 1), pieces, chosen)
-    rows = first_fit_rows(layout.planned(pieces[order]), layout.capacity, layout.max_segments)
-    by_row = np.argsort(rows, kind="stable")
-    row_starts = np.concatenate([[0], np.cumsum(np.bincount(rows))])
-    return EpochPlan(order[by_row], row_starts, pieces, chosen)
+        return [EpochPlan(order, np.arange(len(order) + 1), p, c)
+                for order, p, c in zip(orders, pieces, chosen, strict=True)]
+    planned = np.stack([layout.planned(p[order]) for order, p in zip(orders, pieces,
+                                                                    strict=True)])
+    plans = []
+    for order, p, c, rows in zip(orders, pieces, chosen, first_fit_rows(
+            planned, layout.capacity, layout.max_segments), strict=True):
+        by_row = np.argsort(rows, kind="stable")
+        row_starts = np.concatenate([[0], np.cumsum(np.bincount(rows))])
+        plans.append(EpochPlan(order[by_row], row_starts, p, c))
+    return plans
 
 
 def bucket_lengths(longest: int) -> list[int]:
@@ -323,15 +342,15 @@ def _within_row_columns(rows_of: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def _scatter(out: np.ndarray, tokens: np.ndarray, token_starts: np.ndarray, sizes: np.ndarray,
-             destinations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             destinations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Copies tokens[token_starts[i]:][:sizes[i]] to out.flat[destinations[i]:][:sizes[i]] for
-    every i, in one vectorized gather; returns the flat destination, the example and the
-    offset within the piece of every token copied."""
-    example = np.repeat(np.arange(len(sizes)), sizes)
-    within = np.arange(len(example)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    where = destinations[example] + within
-    out.reshape(-1)[where] = tokens[token_starts[example] + within]
-    return where, example, within
+    every i, in one vectorized gather; returns the flat destination of every token copied and
+    its offset within its piece."""
+    before = np.cumsum(sizes) - sizes
+    within = np.arange(int(before[-1] + sizes[-1]) if len(sizes) else 0)
+    where = np.repeat(destinations - before, sizes) + within
+    out.reshape(-1)[where] = tokens[np.repeat(token_starts - before, sizes) + within]
+    return where, within - np.repeat(before, sizes)
 
 
 def gather(sources: dict[str, tuple[np.ndarray, np.ndarray]], sizes: np.ndarray,
@@ -360,13 +379,13 @@ def gather(sources: dict[str, tuple[np.ndarray, np.ndarray]], sizes: np.ndarray,
         ids, starts = sources[side]
         name = feature_of[side]
         length = spec.feature_lengths[name]
-        where, example, within = _scatter(batch[name], ids, starts, sizes[:, i],
-                                          spec.rows_of * length + columns[side])
+        where, within = _scatter(batch[name], ids, starts, sizes[:, i],
+                                 spec.rows_of * length + columns[side])
         if layout.decoder_only and side == "targets":
             batch["loss_mask"].reshape(-1)[where] = 1
         if layout.packing:
-            batch[f"{name}_segmentation"].reshape(-1)[where] = segment[example]
+            batch[f"{name}_segmentation"].reshape(-1)[where] = np.repeat(segment, sizes[:, i])
             if layout.decoder_only and side == "targets":
-                within = within + sizes[example, 0]
+                within = within + np.repeat(sizes[:, 0], sizes[:, i])
             batch[f"{name}_position"].reshape(-1)[where] = within
     return batch

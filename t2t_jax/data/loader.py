@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import logging
 import multiprocessing
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -60,40 +66,91 @@ class Gatherer:
         return batching.gather(sources, spec.pieces, spec, self.layout)
 
 
-class Planner:
-    """The global batches of a train split from a position on, and this host's block of each.
+@dataclasses.dataclass(frozen=True)
+class BlockRequest:
+    """One host's block of one batch, as rows of epoch plans: (epoch, first row, end row)
+    segments in order, `num_rows` rows in all (the rest padding), each feature's length."""
 
-    Fixed-size batches are `batch_rows` consecutive rows of the rows of epoch 0, 1, ... (a
-    batch may span two epochs); token-budget batches (`token_budget` > 0) are the batches of
-    each epoch's plan, their rows rounded up to a multiple of `rows_multiple`. Host `block[0]`
-    of `block[1]` gets the block-th equal share of each batch's rows."""
+    segments: tuple[tuple[int, int, int], ...]
+    num_rows: int
+    feature_lengths: dict[str, int]
 
-    def __init__(self, lengths: tuple[np.ndarray, np.ndarray], layout: Layout, seed: int,
-                 batch_rows: int, token_budget: int = 0, block: tuple[int, int] = (0, 1),
-                 rows_multiple: int = 1, sampling: tuple[prepared.Candidates, float] | None = None):
-        self.layout, self.seed = layout, seed
-        self.batch_rows, self.token_budget = batch_rows, token_budget
-        self.block, self.rows_multiple = block, rows_multiple
-        self.kept = layout.kept(*lengths)
-        if not len(self.kept):
-            raise ValueError("no training example fits data.max_source_length and "
-                             "data.max_target_length; raise them (or set data.overlong=truncate)")
-        self.pieces = layout.pieces(*lengths)
-        self.best = lengths
-        self.sampling = sampling
-        if not token_budget and batch_rows % block[1]:
-            raise ValueError(f"data.batch_size={batch_rows} must be divisible by the "
-                             f"{block[1]} blocks the batch is split into (one per process)")
-        self._plans: dict[int, concurrent.futures.Future] = {}
-        self._background = concurrent.futures.ThreadPoolExecutor(1, "t2t_jax_planner")
+    def spec(self, plan_of: Callable[[int], EpochPlan]) -> BlockSpec:
+        return batching.block_spec(plan_of, self.segments, self.num_rows, self.feature_lengths)
 
-    def _make_plan(self, epoch: int) -> EpochPlan:
-        order = batching.epoch_order(self.kept, self.seed, epoch)
-        pieces, chosen = self._draw(epoch) if self.sampling else (self.pieces, None)
+
+class PlanStore:
+    """Epoch plans as .npy files in a directory: the planning process writes each once, the
+    worker processes map them, and no plan passes through the training process."""
+
+    FIELDS = ("examples", "row_starts", "pieces", "chosen", "batch_starts", "batch_length")
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._read: dict[int, EpochPlan] = {}
+
+    def _path(self, epoch: int, field: str) -> str:
+        return os.path.join(self.directory, f"epoch{epoch}.{field}.npy")
+
+    def write(self, epoch: int, plan: EpochPlan) -> None:
+        for field in self.FIELDS:
+            value = getattr(plan, field)
+            if value is not None:
+                temporary = self._path(epoch, field) + f".tmp{os.getpid()}.npy"
+                np.save(temporary, value)
+                os.replace(temporary, self._path(epoch, field))
+
+    def read(self, epoch: int) -> EpochPlan:
+        if epoch not in self._read:
+            for old in [e for e in self._read if e < epoch - 3]:
+                del self._read[old]
+            fields = {f: np.load(self._path(epoch, f), mmap_mode="r")
+                      for f in self.FIELDS if os.path.exists(self._path(epoch, f))}
+            self._read[epoch] = EpochPlan(**fields)
+        return self._read[epoch]
+
+    def remove_before(self, epoch: int) -> None:
+        for name in os.listdir(self.directory):
+            if name.startswith("epoch") and int(name[5:].split(".")[0]) < epoch:
+                os.remove(os.path.join(self.directory, name))
+
+
+@dataclasses.dataclass
+class EpochPlanner:
+    """Makes each epoch's plan from the examples' lengths: what `Planner` runs in the
+    background, in a thread or (with worker processes) a process of its own, where its numpy
+    work on small arrays does not hold the training process's lock."""
+
+    kept: np.ndarray  # the examples that fit
+    pieces: np.ndarray  # [n, 2]: what each takes of a row (its best segmentation)
+    best: tuple[np.ndarray, np.ndarray]  # their lengths
+    layout: Layout
+    seed: int
+    token_budget: int = 0
+    sampling: tuple[prepared.Candidates, float] | None = None
+
+    @property
+    def epochs_per_job(self) -> int:
+        """How many epochs to plan at once: packing small corpora several epochs side by side
+        costs little more than one (the packer's steps cost the same for any number of
+        windows, and a small corpus has few)."""
+        if not self.layout.packing or self.token_budget:
+            return 1
+        windows = -(-len(self.kept) // batching.PACK_WINDOW)
+        return max(1, min(16, 64 // windows))
+
+    def make(self, epochs: list[int]) -> list[EpochPlan]:
+        """The plans of `epochs`, each as it would be alone."""
+        orders = [batching.epoch_order(self.kept, self.seed, epoch) for epoch in epochs]
+        drawn = [self._draw(epoch) if self.sampling else (self.pieces, None)
+                 for epoch in epochs]
         if self.token_budget:
-            return batching.plan_token_budget(order, pieces, self.layout, self.token_budget,
-                                              self.seed, epoch, chosen)
-        return batching.plan_rows(order, pieces, self.layout, chosen)
+            return [batching.plan_token_budget(order, pieces, self.layout, self.token_budget,
+                                               self.seed, epoch, chosen)
+                    for epoch, order, (pieces, chosen) in zip(epochs, orders, drawn,
+                                                              strict=True)]
+        return batching.plan_rows(orders, [d[0] for d in drawn], self.layout,
+                                  [d[1] for d in drawn])
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Every example's segmentations for `epoch` (subword sampling), drawn by (seed,
@@ -120,18 +177,94 @@ class Planner:
             lengths.append(length)
         return self.layout.pieces(*lengths), np.stack(chosen, axis=1)
 
+
+_PLANNER: tuple[EpochPlanner, PlanStore] | None = None
+
+
+def _start_planner(planner: EpochPlanner, directory: str) -> None:
+    global _PLANNER
+    _PLANNER = planner, PlanStore(directory)
+
+
+def _plan_to_store(epochs: list[int]) -> list[int]:
+    planner, store = _PLANNER
+    for epoch, plan in zip(epochs, planner.make(epochs), strict=True):
+        store.write(epoch, plan)
+    return epochs
+
+
+class Planner:
+    """The global batches of a train split from a position on, and this host's block of each.
+
+    Fixed-size batches are `batch_rows` consecutive rows of the rows of epoch 0, 1, ... (a
+    batch may span two epochs); token-budget batches (`token_budget` > 0) are the batches of
+    each epoch's plan, their rows rounded up to a multiple of `rows_multiple`. Host `block[0]`
+    of `block[1]` gets the block-th equal share of each batch's rows."""
+
+    def __init__(self, lengths: tuple[np.ndarray, np.ndarray], layout: Layout, seed: int,
+                 batch_rows: int, token_budget: int = 0, block: tuple[int, int] = (0, 1),
+                 rows_multiple: int = 1, sampling: tuple[prepared.Candidates, float] | None = None):
+        self.layout, self.seed = layout, seed
+        self.batch_rows, self.token_budget = batch_rows, token_budget
+        self.block, self.rows_multiple = block, rows_multiple
+        kept = layout.kept(*lengths)
+        if not len(kept):
+            raise ValueError("no training example fits data.max_source_length and "
+                             "data.max_target_length; raise them (or set data.overlong=truncate)")
+        if not token_budget and batch_rows % block[1]:
+            raise ValueError(f"data.batch_size={batch_rows} must be divisible by the "
+                             f"{block[1]} blocks the batch is split into (one per process)")
+        self.sampling = sampling
+        self._maker = EpochPlanner(kept, layout.pieces(*lengths), lengths, layout, seed,
+                                   token_budget, sampling)
+        self._plans: dict[int, concurrent.futures.Future] = {}  # by each job's first epoch
+        self._background = concurrent.futures.ThreadPoolExecutor(1, "t2t_jax_planner")
+        self._make = self._maker.make
+        self._forgotten = 0
+        self.store: PlanStore | None = None
+
+    def plan_in_a_process(self) -> PlanStore:
+        """Plans the coming epochs in a process of their own, into a `PlanStore` that worker
+        processes read (what `TrainInput` asks for when it has workers: this process then only
+        counts rows)."""
+        self._background.shutdown(wait=True)
+        self.store = PlanStore(tempfile.mkdtemp(prefix="t2t_jax_plans_"))
+        for start, made in self._plans.items():  # plans so far, for the workers too
+            for offset, plan in enumerate(made.result()):
+                self.store.write(start + offset, plan)
+        self._background = concurrent.futures.ProcessPoolExecutor(
+            1, multiprocessing.get_context("spawn"), _start_planner,
+            (self._maker, self.store.directory))
+        self._make = _plan_to_store
+        return self.store
+
     def plan(self, epoch: int) -> EpochPlan:
-        """The plan of `epoch`; the next one is started in the background meanwhile, so that
-        an epoch boundary does not wait for it."""
-        for wanted in (epoch, epoch + 1):
-            if wanted not in self._plans:
-                self._plans[wanted] = self._background.submit(self._make_plan, wanted)
-        for old in [e for e in self._plans if e < epoch - 1]:
-            del self._plans[old]
-        return self._plans[epoch].result()
+        """The plan of `epoch`; the next epochs are planned in the background meanwhile, so
+        that an epoch boundary does not wait for them."""
+        per_job = self._maker.epochs_per_job
+        first = epoch - epoch % per_job
+        for start in (first, first + per_job):
+            if start not in self._plans:
+                self._plans[start] = self._background.submit(
+                    self._make, list(range(start, start + per_job)))
+        made = self._plans[first].result()
+        return self.store.read(epoch) if self.store else made[epoch - first]
+
+    def forget_before(self, epoch: int) -> None:
+        """Drops the plans of epochs before `epoch`: no batch still to make reads them."""
+        if epoch <= self._forgotten:
+            return
+        self._forgotten = epoch
+        per_job = self._maker.epochs_per_job
+        for start in [e for e in self._plans if e + per_job <= epoch]:
+            del self._plans[start]
+        if self.store:
+            self.store.remove_before(epoch)
 
     def close(self) -> None:
         self._background.shutdown(wait=False, cancel_futures=True)
+        if self.store:
+            shutil.rmtree(self.store.directory, ignore_errors=True)
 
     def _rows_from(self, position: Position, count: int) -> tuple[list, Position]:
         """(epoch, first, end) row segments of the `count` rows from `position` on, and the
@@ -147,18 +280,22 @@ class Planner:
             count, row = count - take, row + take
         return segments, Position(epoch, row)
 
-    def spec_at(self, position: Position) -> tuple[BlockSpec, Position]:
+    def request_at(self, position: Position) -> tuple[BlockRequest, Position]:
         """This host's block of the batch at `position`, and the next batch's position."""
         index, count = self.block
         if self.token_budget:
-            return self._budget_spec_at(position)
+            return self._budget_request_at(position)
         share = self.batch_rows // count
         start = self._rows_from(position, index * share)[1] if index else position
         segments = self._rows_from(start, share)[0]
-        spec = batching.block_spec(self.plan, segments, share, self.layout.feature_lengths)
-        return spec, self._rows_from(position, self.batch_rows)[1]
+        request = BlockRequest(tuple(segments), share, self.layout.feature_lengths)
+        return request, self._rows_from(position, self.batch_rows)[1]
 
-    def _budget_spec_at(self, position: Position) -> tuple[BlockSpec, Position]:
+    def spec_at(self, position: Position) -> tuple[BlockSpec, Position]:
+        request, after = self.request_at(position)
+        return request.spec(self.plan), after
+
+    def _budget_request_at(self, position: Position) -> tuple[BlockRequest, Position]:
         epoch, batch = position.epoch, position.index
         while batch >= self.plan(epoch).num_batches:
             epoch, batch = epoch + 1, batch - self.plan(epoch).num_batches
@@ -169,11 +306,10 @@ class Planner:
         rows = -(-(end - first) // multiple) * multiple
         share = rows // count
         mine = (min(first + index * share, end), min(first + (index + 1) * share, end))
-        segments = [(epoch, *mine)] if mine[1] > mine[0] else []
+        segments = ((epoch, *mine),) if mine[1] > mine[0] else ()
         length = int(plan.batch_length[batch])
-        spec = batching.block_spec(self.plan, segments, share,
-                                   dict.fromkeys(self.layout.feature_lengths, length))
-        return spec, Position(epoch, batch + 1)
+        request = BlockRequest(segments, share, dict.fromkeys(self.layout.feature_lengths, length))
+        return request, Position(epoch, batch + 1)
 
     def advance(self, position: Position, batches: int) -> Position:
         """The position `batches` global batches after `position`."""
@@ -192,16 +328,65 @@ class Planner:
         return plan.num_rows / self.batch_rows
 
 
-_WORKER: Gatherer | None = None
+def _worker_loop(connection: Any, split: prepared.Split, layout: Layout, nbest: int,
+                 plans: str) -> None:
+    """A worker process: gathers each block it is sent until it is sent None."""
+    gatherer, store = Gatherer(split, layout, nbest), PlanStore(plans)
+    while (request := connection.recv()) is not None:
+        try:
+            connection.send(gatherer(request.spec(store.read)))
+        except Exception:  # to the training process, which raises it there
+            connection.send(_WorkerError(traceback.format_exc()))
 
 
-def _start_worker(directory: str, name: str, info: dict, layout: Layout, nbest: int) -> None:
-    global _WORKER
-    _WORKER = Gatherer(prepared.Split(directory, name, info), layout, nbest)
+@dataclasses.dataclass
+class _WorkerError:
+    traceback: str
 
 
-def _gather_in_worker(spec: BlockSpec) -> dict[str, np.ndarray]:
-    return _WORKER(spec)
+class _Workers:
+    """Worker processes, each with a pipe of its own: block k goes to worker k % count and
+    comes back from it in order (no pool, no queue thread: a send and a receive a batch)."""
+
+    def __init__(self, count: int, split: prepared.Split, layout: Layout, nbest: int,
+                 plans: str):
+        # spawn: the training process runs JAX's threads, which a fork would not carry.
+        context = multiprocessing.get_context("spawn")
+        self._connections, self._processes = [], []
+        for _ in range(count):
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_worker_loop, daemon=True,
+                                      args=(theirs, split, layout, nbest, plans))
+            process.start()
+            theirs.close()
+            self._connections.append(mine)
+            self._processes.append(process)
+
+    def send(self, worker: int, request: BlockRequest) -> None:
+        self._connections[worker].send(request)
+
+    def receive(self, worker: int) -> dict[str, np.ndarray]:
+        try:
+            result = self._connections[worker].recv()
+        except (EOFError, OSError) as error:
+            raise RuntimeError(
+                f"input worker {worker} died ({type(error).__name__}); rerun, or set "
+                "data.input_workers=0 to gather batches in the training process") from error
+        if isinstance(result, _WorkerError):
+            raise RuntimeError(f"input worker {worker} failed:\n{result.traceback}")
+        return result
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    def close(self) -> None:
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.send(None)
+        for process in self._processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
 
 
 class TrainInput:
@@ -217,42 +402,61 @@ class TrainInput:
         self._in_flight: collections.deque = collections.deque()
         self._prefetch = max(prefetch, 2 * workers, 1)
         nbest = planner.sampling[0].nbest if planner.sampling else 0
+        self._sent = 0
         if workers:
-            # spawn: the training process runs JAX's threads, which a fork would not carry.
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                workers, multiprocessing.get_context("spawn"), _start_worker,
-                (split.directory, split.name, split.info, planner.layout, nbest))
-            self._gather = _gather_in_worker
+            store = planner.plan_in_a_process()
+            self._workers = _Workers(workers, split, planner.layout, nbest, store.directory)
+            self._executor = None
         else:
+            self._workers = None
             self._executor = concurrent.futures.ThreadPoolExecutor(1, "t2t_jax_input")
-            self._gather = Gatherer(split, planner.layout, nbest)
+            self._gatherer = Gatherer(split, planner.layout, nbest)
         self._fill()
+
+    def _submit(self, request: BlockRequest) -> Any:
+        """Starts gathering a block; returns what `_result` takes to wait for it."""
+        if self._workers is None:
+            # The spec is built here, in the thread that plans: the other only copies tokens.
+            return self._executor.submit(self._gatherer, request.spec(self.planner.plan))
+        worker = self._sent % len(self._workers.pids())
+        self._workers.send(worker, request)
+        self._sent += 1
+        return worker
+
+    def _result(self, pending: Any) -> dict[str, np.ndarray]:
+        if self._workers is None:
+            return pending.result()
+        return self._workers.receive(pending)
 
     def _fill(self) -> None:
         while len(self._in_flight) < self._prefetch:
-            spec, after = self.planner.spec_at(self._next_to_plan)
-            self._in_flight.append(
-                (self._next_to_plan, self._executor.submit(self._gather, spec)))
+            request, after = self.planner.request_at(self._next_to_plan)
+            self._in_flight.append((self._next_to_plan, self._submit(request)))
             self._next_to_plan = after
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        _, future = self._in_flight.popleft()
-        try:
-            batch = future.result()
-        except concurrent.futures.process.BrokenProcessPool as error:
-            raise RuntimeError(
-                f"an input worker process died ({error}); rerun, or set "
-                "data.input_workers=0 to gather batches in the training process") from error
+        _, pending = self._in_flight.popleft()
+        batch = self._result(pending)
         self._fill()
         self.position = self._in_flight[0][0]
+        self.planner.forget_before(self.position.epoch)
         return batch
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._workers is None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            self._workers.close()
         self.planner.close()
+
+    def process_ids(self) -> list[int]:
+        """This process's id and its input processes' (workers and planner), for measuring
+        the CPU time the input takes."""
+        workers = self._workers.pids() if self._workers else []
+        return [os.getpid(), *workers, *getattr(self.planner._background, "_processes", {})]
 
 
 def eval_batches(split: prepared.Split, layout: Layout, batch_size: int,

@@ -71,11 +71,18 @@ class Split:
         self._ids_dtype = np.dtype(info["ids_dtype"])
         self._maps: dict[tuple[str, str], np.ndarray] = {}
 
+    def __getstate__(self) -> dict:  # to other processes by name: they map the files anew
+        return {"directory": self.directory, "name": self.name, "info": self.info}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     def _map(self, side: str, kind: str, dtype: np.dtype) -> np.ndarray:
         if (side, kind) not in self._maps:
             path = _path(self.directory, self.name, side, kind)
+            # A plain array over the map: np.memmap's indexing costs microseconds a call.
             self._maps[side, kind] = (
-                np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path)
+                np.memmap(path, dtype=dtype, mode="r").view(np.ndarray) if os.path.getsize(path)
                 else np.zeros(0, dtype)  # numpy cannot map an empty file
             )
         return self._maps[side, kind]
@@ -240,12 +247,19 @@ class Candidates:
         self.split, self.nbest = split, nbest
         self._maps: dict[tuple[str, str], np.ndarray] = {}
 
+    def __getstate__(self) -> dict:
+        return {"split": self.split, "nbest": self.nbest}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
     def path(self, side: str, kind: str) -> str:
         return _path(self.split.directory, self.split.name, side, f"nbest{self.nbest}.{kind}")
 
     def _map(self, side: str, kind: str, dtype: Any) -> np.ndarray:
         if (side, kind) not in self._maps:
-            self._maps[side, kind] = np.memmap(self.path(side, kind), dtype=dtype, mode="r")
+            self._maps[side, kind] = np.memmap(self.path(side, kind), dtype=dtype,
+                                               mode="r").view(np.ndarray)
         return self._maps[side, kind]
 
     def ids(self, side: str) -> np.ndarray:
