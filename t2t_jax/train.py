@@ -24,6 +24,7 @@ from flax import linen as nn
 from t2t_jax import bleu, checkpoint, decode, files, metrics, selection, sharding
 from t2t_jax.config import check_retired
 from t2t_jax.data import batching, loader, prepare, prepared, tasks
+from t2t_jax.data import planner as planner_lib
 from t2t_jax.data.batching import Position
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model
@@ -166,7 +167,7 @@ class DevicePrefetcher:
 
 
 def input_position(exp: Experiment, workdir: str, start: int,
-                   planner: loader.Planner) -> Position:
+                   planner: planner_lib.Planner) -> Position:
     """Where the train input of a run resumed at step `start` continues: the position saved
     with that checkpoint; for checkpoints of an older t2t_jax (tf.data iterator states), the
     position this version's batch order reaches after `start` batches."""
@@ -195,7 +196,7 @@ def open_input(exp: Experiment, workdir: str, start: int) -> loader.TrainInput:
     block = exp.stepper.batch_shard
     planner = loader.make_planner(exp.config, split, sampler, block,
                                   rows_multiple=jax.local_device_count())
-    loader.log_plan(planner)
+    planner_lib.log_plan(planner)
     position = input_position(exp, workdir, start, planner)
     return loader.TrainInput(split, planner, position, data.input_workers)
 

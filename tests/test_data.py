@@ -377,3 +377,14 @@ def test_a_killed_prepare_resumes_and_is_never_taken_for_complete(tiny_config, m
                     open(os.path.join(resumed.directory, name), "rb") as b:
                 assert a.read() == b.read(), name
     assert resumed.manifest["splits"] == fresh.manifest["splits"]
+
+
+def test_a_failing_worker_is_a_clear_error_in_the_training_process(tiny_config, tmp_path):
+    dataset, _ = prepared_tiny(tiny_config)
+    split = dataset.split("train")
+    broken = prepared.Split(split.directory, "train", split.info | {"ids_dtype": "<u8"})
+    planner = loader.make_planner(tiny_config, broken)
+    batches = loader.TrainInput(broken, planner, Position(), workers=1)
+    with pytest.raises(RuntimeError, match="(?s)input worker 0 failed:.*IndexError: index"):
+        next(batches)
+    batches.close()

@@ -31,8 +31,8 @@ def test_bench_input_rows_are_consistent_and_written_as_json(tmp_path, data_dir)
         ("prepared, padded", 0), ("prepared, padded", 1),
         ("prepared, packed", 0), ("prepared, packed", 1),
         ("prepared, token budget", 0), ("prepared, token budget", 1),
-        ("text, packed, sampled (SentencePiece on the fly)", 0),
-        ("text, packed, sampled (SentencePiece on the fly)", 1),
+        ("prepared, packed, sampled (n-best drawn each epoch)", 0),
+        ("prepared, packed, sampled (n-best drawn each epoch)", 1),
         ("train step (consumes)", 0),
     ]
     per_pair = [r["tokens_per_s"] / r["examples_per_s"] for r in rows[:-1]]

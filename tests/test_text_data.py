@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 from t2t_jax import bleu, checkpoint, selection
 from t2t_jax.data import batching, loader, parallel_text, prepare, tasks
 from t2t_jax.data.batching import Position
+from t2t_jax.data.planner import uniforms
 from t2t_jax.data.tokenizer import (
     EOS_ID,
     SentencePieceTokenizer,
@@ -148,12 +149,12 @@ def test_subword_sampling_draws_from_the_nbest_by_p_to_the_alpha(tiny_config):
     assert set(capped) == {shortest}
     # The uniform numbers depend on (seed, epoch, example, side) alone.
     examples = np.arange(1000)
-    u = loader.uniforms(0, np.zeros(1000), examples, 0)
+    u = uniforms(0, np.zeros(1000), examples, 0)
     assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.03
-    np.testing.assert_array_equal(u[500:], loader.uniforms(0, np.zeros(500), examples[500:], 0))
-    for other in (loader.uniforms(1, np.zeros(1000), examples, 0),
-                  loader.uniforms(0, np.ones(1000), examples, 0),
-                  loader.uniforms(0, np.zeros(1000), examples, 1)):
+    np.testing.assert_array_equal(u[500:], uniforms(0, np.zeros(500), examples[500:], 0))
+    for other in (uniforms(1, np.zeros(1000), examples, 0),
+                  uniforms(0, np.ones(1000), examples, 0),
+                  uniforms(0, np.zeros(1000), examples, 1)):
         assert np.corrcoef(u, other)[0, 1] < 0.1
     assert sampled.encode(text) == tokenizer.encode(text)
     with pytest.raises(ValueError, match="spm_sampling_alpha must be in"):

@@ -175,9 +175,9 @@ def prepare(data_config: Any, tokenizer: Tokenizer,
         "splits": splits, "t2t_jax": __version__, "seconds": time.perf_counter() - started,
     }
     prepared.write_json_atomically(os.path.join(directory, prepared.MANIFEST), manifest)
-    for name in os.listdir(directory):  # what resuming needed
-        if name.endswith(".progress.json") or name == PREPARING:
-            os.remove(os.path.join(directory, name))
+    for leftover in os.listdir(directory):  # what resuming needed
+        if leftover.endswith(".progress.json") or leftover == PREPARING:
+            os.remove(os.path.join(directory, leftover))
     logging.info("prepared ids of %s in %s (%.0f s)", name, directory, manifest["seconds"])
     return prepared.open_prepared(directory)
 
