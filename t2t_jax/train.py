@@ -184,7 +184,9 @@ def input_position(exp: Experiment, workdir: str, start: int,
         logging.warning("checkpoint %d has %s; continuing at the batch this version's input "
                         "order reaches after %d steps (not the batches the old run would have "
                         "seen next)", start, old, start)
-    return planner.advance(Position(), start)
+    position = planner.advance(Position(), start)
+    planner.forget_before(position.epoch)
+    return position
 
 
 def open_input(exp: Experiment, workdir: str, start: int) -> loader.TrainInput:

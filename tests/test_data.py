@@ -341,6 +341,23 @@ def test_a_retired_setting_is_a_one_line_error_naming_the_change(tiny_config):
         config_lib.check_retired(tiny_config)
 
 
+def test_a_resumed_prepare_reads_on_from_its_example_over_several_shards(tmp_path, monkeypatch,
+                                                                       tiny_config):
+    import tensorflow_datasets as tfds
+
+    builder = algorithmic.algorithmic_builder(str(tmp_path), task="copy", num_train=300)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+    assert len(builder.info.splits["train"].shard_lengths) == 3
+    monkeypatch.setattr(prepare, "CHUNK_EXAMPLES", 64)
+
+    def read(start):
+        chunks = prepare._text_chunks(builder, "train", tiny_config.data, start)
+        return [text for chunk in chunks for text in chunk["inputs"]]
+
+    whole = read(0)
+    assert len(whole) == 300 and read(130) == whole[130:]
+
+
 def test_a_killed_prepare_resumes_and_is_never_taken_for_complete(tiny_config, monkeypatch,
                                                                    tmp_path):
     tiny_config.data.prepared_dir = str(tmp_path / "prepared")

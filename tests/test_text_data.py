@@ -318,6 +318,10 @@ def test_test_split_is_read_in_the_files_line_order(data_dir, tmp_path):
     sources, targets = tasks.text_examples(builder, "test", config.data)
     assert sources == source and targets == [s.upper() for s in source]
     assert tasks.text_examples(builder, "test", config.data, count=3)[0] == source[:3]
+    # The prepared test split keeps the files' order too, which training's BLEU reads.
+    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path / "run"))
+    test = prepare.open_or_prepare(config.data, tokenizer).split("test")
+    assert test.texts("inputs") == source and test.texts("targets") == [s.upper() for s in source]
 
 
 def test_training_by_epochs_works_out_the_steps(data_dir, corpus, tmp_path):
@@ -450,18 +454,6 @@ def test_best_checkpoint_early_stopping_and_final_averaged_beam_numbers(
     # Started again, the stopped run does not train further.
     again = train_and_evaluate(config, workdir, jax.devices()[:1])
     assert checkpoint.checkpoint_steps(workdir) == [6] and "test_bleu" in again
-
-
-def test_prepared_splits_keep_their_files_line_order(data_dir, tmp_path):
-    source = [f"sentence {i}" for i in range(40)]
-    files = {"train_source": write(tmp_path / "tr.src", source[:5]),
-             "train_target": write(tmp_path / "tr.tgt", source[:5]),
-             "test_source": write(tmp_path / "te.src", source),
-             "test_target": write(tmp_path / "te.tgt", [s.upper() for s in source])}
-    config = small_text_config(data_dir, files)
-    tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path / "run"))
-    test = prepare.open_or_prepare(config.data, tokenizer).split("test")
-    assert test.texts("inputs") == source and test.texts("targets") == [s.upper() for s in source]
 
 
 def test_a_changed_file_is_noticed_said_and_its_ids_prepared_again(data_dir, corpus, tmp_path,

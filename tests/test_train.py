@@ -436,8 +436,14 @@ def test_resumed_run_ends_with_the_same_params(tiny_config, tmp_path, dropout_rn
     train_and_evaluate(tiny_config, straight, jax.devices()[:2])
     tiny_config.train.num_steps = 2
     train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
-    # The input position is two integers in the checkpoint: the next batch's epoch and row.
-    assert checkpoint.restore_input_position(resumed, 2)["index"] == 2 * 16
+    # The input position is two integers in the checkpoint, the next batch's epoch and row,
+    # beside the key of the prepared ids it indexes.
+    from t2t_jax.data import prepare, tasks
+
+    saved = checkpoint.restore_input_position(resumed, 2)
+    assert (saved["epoch"], saved["index"]) == (0, 2 * 16)
+    tokenizer = tasks.tokenizer_from_config(tiny_config.data)
+    assert saved["dataset"] == prepare.find(tiny_config.data, tokenizer).key
     tiny_config.train.num_steps = 4
     train_and_evaluate(tiny_config, resumed, jax.devices()[:2])
     a, b = final_params(tiny_config, straight), final_params(tiny_config, resumed)

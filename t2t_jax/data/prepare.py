@@ -104,9 +104,15 @@ def find(data_config: Any, tokenizer: Tokenizer) -> prepared.PreparedDataset | N
 
 def _text_chunks(builder: Any, split: str, data_config: Any, start: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """The split's examples from `start` on, in TFDS's fixed order, CHUNK_EXAMPLES at a time:
-    {"inputs", "targets": bytes arrays, "line": int64 (where the files give it)}."""
-    ds = builder.as_dataset(split=f"{split}[{start}:]", shuffle_files=False)
+    """The split's examples from `start` on, in the order of their index (a resumed prepare
+    reads on from the example where it stopped), CHUNK_EXAMPLES at a time: {"inputs",
+    "targets": bytes arrays, "line": int64 (where the files give it)}. The shards are read one
+    after another: TFDS's default interleaves them, and the order it gives the whole split is
+    not the order of its slices."""
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(split=f"{split}[{start}:]", shuffle_files=False,
+                            read_config=tfds.ReadConfig(interleave_cycle_length=1))
     ds = tasks.text_pairs(ds, data_config).batch(CHUNK_EXAMPLES).prefetch(2)
     yield from ds.as_numpy_iterator()
 

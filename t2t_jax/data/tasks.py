@@ -247,14 +247,16 @@ def tokenizer_from_config(
         raise ValueError("a text task needs a workdir to keep its tokenizer in")
     path = os.path.join(workdir, SentencePieceTokenizer.FILENAME)
     lent = None if files.exists(path) else prepared_tokenizer(data_config)
+    if lent is None and not files.exists(path):
+        # Every process makes the builder (TFDS generates on process 0 first, then syncs).
+        builder = builder or builder_from_config(data_config)
     if lent is not None and jax.process_index() == 0:
         logging.info("using the tokenizer of the prepared ids in %s", lent[0])
         lent[1].save(workdir)
     elif not files.exists(path) and jax.process_index() == 0:
         logging.info("training a %d-piece SentencePiece model", data_config.spm_vocab_size)
         sentences = itertools.islice(
-            _training_sentences(builder or builder_from_config(data_config), data_config),
-            data_config.spm_max_sentences,
+            _training_sentences(builder, data_config), data_config.spm_max_sentences
         )
         SentencePieceTokenizer.train(
             sentences, data_config.spm_vocab_size, model_type=data_config.spm_model_type
