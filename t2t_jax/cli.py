@@ -145,7 +145,8 @@ def prepare_command() -> None:
         tokens = info["tokens"]
         print(f"{name}: {info['examples']:,d} pairs, {tokens['inputs']:,d} + "
               f"{tokens['targets']:,d} tokens")
-    print(f"prepared ids: {dataset.directory} (key {dataset.key})")
+    print(f"prepared ids: {dataset.directory} (key {dataset.key}; made in "
+          f"{dataset.manifest['seconds']:.0f} s)")
     print(f"tokenizer: {tokenizer.vocab_size} ids, saved in {os.path.abspath(workdir)}")
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import tqdm
 
 from t2t_jax import __version__, files
 from t2t_jax.data import prepared, tasks
@@ -135,10 +136,15 @@ def _write_split(directory: str, split: str, builder: Any, data_config: Any,
     chunks = _text_chunks(builder, split, data_config, writer.committed())
     if split != "train":
         chunks = [_in_line_order(list(chunks))]
-    for chunk in chunks:
-        ids = {side: _encode(tokenizer, chunk[side], threads) for side in prepared.SIDES}
-        writer.append(ids, {side: list(chunk[side]) for side in prepared.SIDES})
-        writer.commit()
+    info = builder.info.splits.get(split)
+    # disable=None: a bar on a terminal, none in a log file.
+    with tqdm.tqdm(total=info.num_examples if info else None, initial=writer.committed(),
+                   unit=" pairs", desc=f"preparing {split}", disable=None) as progress:
+        for chunk in chunks:
+            ids = {side: _encode(tokenizer, chunk[side], threads) for side in prepared.SIDES}
+            writer.append(ids, {side: list(chunk[side]) for side in prepared.SIDES})
+            writer.commit()
+            progress.update(len(chunk["inputs"]))
     return writer.close()
 
 
