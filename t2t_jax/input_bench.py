@@ -141,7 +141,7 @@ def measure_train_step(config: ml_collections.ConfigDict, workdir: str, num_step
                                 loader.make_planner(config, exp.dataset.split("train")),
                                 Position())
     rng = jax.random.key(0)
-    times, tokens = [], []
+    times, tokens, examples = [], [], []
     with exp.stepper.activate():
         state = exp.stepper.init_state(rng)
         for _ in range(num_steps + 1):
@@ -152,9 +152,11 @@ def measure_train_step(config: ml_collections.ConfigDict, workdir: str, num_step
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
             tokens.append(_real_tokens(batch))
+            examples.append(_examples(batch))
     batches.close()
     step = float(np.median(times[1:]))
-    return {"step_time_s": step, "tokens_per_s": float(np.mean(tokens[1:])) / step}
+    return {"step_time_s": step, "examples_per_s": float(np.mean(examples[1:])) / step,
+            "tokens_per_s": float(np.mean(tokens[1:])) / step}
 
 
 def variants(config: ml_collections.ConfigDict, sampling: bool) -> list[tuple[str, Any]]:

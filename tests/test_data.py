@@ -97,7 +97,7 @@ def prepared_tiny(config):
     return prepare.open_or_prepare(config.data, tokenizer), tokenizer
 
 
-def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config):
+def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config, caplog):
     dataset, tokenizer = prepared_tiny(tiny_config)
     assert set(dataset.splits) == {"train", "validation", "test"}
     train = dataset.split("train")
@@ -113,8 +113,12 @@ def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config)
     # Found again without being made again, and keyed by data and tokenizer.
     again = prepare.find(tiny_config.data, tokenizer)
     assert again.directory == dataset.directory and again.key == dataset.key
+    # Another tokenizer's ids are not these: said, and made anew in a directory of their own.
     other = SymbolTokenizer(tasks.task_symbols("reverse", 12))
     assert prepare.dataset_directory(tiny_config.data, other) != dataset.directory
+    with caplog.at_level("WARNING"):
+        assert prepare.find(tiny_config.data, other) is None
+    assert any("another tokenizer's" in r.getMessage() for r in caplog.records)
 
 
 def next_fit_rows(planned, capacity):

@@ -91,9 +91,15 @@ def find(data_config: Any, tokenizer: Tokenizer) -> prepared.PreparedDataset | N
     directory = dataset_directory(data_config, tokenizer)
     dataset = prepared.open_prepared(directory)
     if dataset is None:
+        others = os.listdir(os.path.dirname(directory)) if os.path.isdir(
+            os.path.dirname(directory)) else []
         if os.path.isdir(directory):
             logging.warning("the prepared ids in %s are incomplete (a prepare was stopped); "
                             "preparing them again from where it stopped", directory)
+        elif others:
+            logging.warning("the prepared ids of this data in %s are another tokenizer's; "
+                            "preparing ids for this one in %s", os.path.dirname(directory),
+                            directory)
         return None
     changed = changed_sources(dataset.manifest)
     if changed:
