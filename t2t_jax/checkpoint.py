@@ -36,7 +36,7 @@ OPTIMIZER_SHAPING_KEYS = {"grad_clip_norm": 0.0, "grad_accum_steps": 1}
 # attention projections had biases until model.attention_bias came (2026-11-27).
 PREDATING_MODEL_DEFAULTS = {"attention_bias": True}
 # Data settings that change how the input is read, not which batches it gives.
-QUIET_DATA_KEYS = ("data.input_workers", "data.prepare_threads")
+QUIET_DATA_KEYS = ("data.input_workers", "data.prepare_threads", "data.prepared_dir")
 
 
 def absolute(path: str) -> str:

@@ -129,8 +129,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.token_budget = 0
     # Training reads prepared ids (t2t_jax/data/prepare.py: the corpus tokenized once, kept
     # beside the TFDS data or in prepared_dir, a local directory). Batches are gathered ahead of
-    # the step by this many worker processes; 0: one thread of the training process, which is
-    # enough unless subword sampling is on (it tokenizes as it goes) or the step is very fast.
+    # the step by this many worker processes, with the epochs planned in one more; 0: a thread
+    # of the training process, which on two CPU cores already delivers several H200s' worth of
+    # packed rows (docs/benchmarks.md). 1-2 leave the training process free for the steps of a
+    # host with several accelerators; the n-best pass of subword sampling runs on them too.
     config.data.input_workers = 0
     config.data.prepared_dir = ml_collections.config_dict.placeholder(str)
     config.data.prepare_threads = 0  # SentencePiece's threads when preparing; 0: every core
