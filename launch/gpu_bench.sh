@@ -20,13 +20,27 @@
 # Worked example (the three points of issue 14's targets, about 5 minutes with compiles):
 #   launch/gpu_bench.sh /tmp/gpu_bench base big beam4
 #   cat /tmp/gpu_bench/summary.txt; grep -h devices: /tmp/gpu_bench/*/log.txt
+#
+# The point `train_prepared` trains the base model (bf16) for TRAIN_STEPS steps (default 300) on
+# prepared ids, the built-in reverse task packed into 32 rows of 512 tokens, the shape of the
+# `base` point, so that its tokens/s compare with bench's on random tokens; its summary line
+# adds the time a step waited for its batch. The GPU machine needs no TensorFlow for it (only
+# ml_collections and tqdm beside JAX, Flax and Optax): make the ids where TensorFlow is, and
+# carry the folder (about 2 MB) to it as PREPARED_DATA:
+#   launch/gpu_bench.sh --prepare data/gpu_bench        # here (writes DIR's TFDS data and ids)
+#   PREPARED_DATA=data/gpu_bench launch/gpu_bench.sh /tmp/gpu_bench train_prepared   # there
 set -uo pipefail
 
 BF16=(--config.model.dtype=bfloat16 --attention auto)
 STEP_512=(--batch_tokens 16384 --seq_lens 512 --steps 10)
 DECODE=(--config configs/base.py --config.model.dtype=bfloat16 --mode decode --seq_lens 32
         --batch_tokens 8192 --steps 3)
-NAMES=(base big beam4 greedy small base_rbg packed_spans packed_dense base_no_dot_merger)
+NAMES=(base big beam4 greedy small base_rbg packed_spans packed_dense base_no_dot_merger
+       train_prepared)
+# The train_prepared point's data and run: the base model on packed rows of 512 of the reverse task.
+PREPARED=(--config configs/base.py --config.data.data_dir="${PREPARED_DATA:-data/gpu_bench}"
+          --config.data.packing=True --config.data.batch_size=32
+          --config.data.max_source_length=512 --config.data.max_target_length=512)
 
 # The command line of point $1 (after the t2t-jax command); the output and profile folders are
 # added by the loop below.
@@ -46,6 +60,10 @@ point_args() {
     packed_dense) echo bench --config configs/base.py "${BF16[@]}" "${STEP_512[@]}" \
       --packed_examples 16 ;;
     base_no_dot_merger) echo bench --config configs/base.py "${BF16[@]}" "${STEP_512[@]}" ;;
+    train_prepared) echo train "${PREPARED[@]}" --config.model.dtype=bfloat16 \
+      --config.train.num_steps="${TRAIN_STEPS:-300}" --config.train.log_every=50 \
+      --config.train.eval_every=100000 --config.train.checkpoint_every=100000 \
+      --config.train.num_decode_examples=0 --config.data.eval_steps=1 ;;
     *) return 1 ;;
   esac
 }
@@ -60,6 +78,13 @@ point_xla_flags() {
 if [[ ${1:-} == --list ]]; then
   printf '%s\n' "${NAMES[@]}"
   exit 0
+fi
+if [[ ${1:-} == --prepare ]]; then  # the train_prepared point's data, where TensorFlow is
+  [[ $# -eq 2 ]] || { echo "usage: $0 --prepare DIR" >&2; exit 2; }
+  cd "$(dirname "$0")/.." || exit 2
+  PREPARED_DATA=$(realpath -m "$2")
+  PREPARED=(--config configs/base.py --config.data.data_dir="$PREPARED_DATA")
+  exec "${T2T_JAX:-.venv/bin/t2t-jax}" prepare "${PREPARED[@]}" --workdir "$PREPARED_DATA/workdir"
 fi
 if [[ $# -lt 1 || $1 == -* ]]; then
   echo "usage: $0 OUT_DIR [NAME ...] (or --list for the names)" >&2
@@ -89,6 +114,7 @@ for name in "${selected[@]}"; do
   read -r -a args <<<"$(point_args "$name")"
   args+=("${extra_args[@]}" --output "$out_dir/$name")
   [[ $name == base ]] && args+=(--profile "$out_dir/$name/profile")
+  [[ ${args[0]} == train ]] && args+=(--workdir "$out_dir/$name/run")
   xla_flags=${XLA_FLAGS:-}
   point_flags=$(point_xla_flags "$name")
   [[ -n $point_flags ]] && xla_flags="${xla_flags:+$xla_flags }$point_flags"
@@ -96,7 +122,7 @@ for name in "${selected[@]}"; do
     echo "$name: XLA_FLAGS='$xla_flags' ${t2t_jax[*]} ${args[*]}"
     continue
   fi
-  rm -f "$out_dir/$name/bench.json"  # a point that fails leaves no stale figures
+  rm -rf "$out_dir/$name/bench.json" "$out_dir/$name/run"  # no stale figures, a fresh run
   echo "=== $name ($(date +%T)), at most ${timeout_s} s"
   mkdir -p "$out_dir/$name"
   XLA_FLAGS=$xla_flags timeout "$timeout_s" "${t2t_jax[@]}" "${args[@]}" \
@@ -116,6 +142,15 @@ import json, os, sys
 out_dir, names = sys.argv[1], sys.argv[2:]
 print(f"{'point':<20} {'tokens/s':>12} {'step ms':>9} {'MFU':>7} {'memory GiB':>11}")
 for name in names:
+    metrics = os.path.join(out_dir, name, "run", "metrics.jsonl")
+    if os.path.exists(metrics):  # a train point: its last logged interval
+        rows = [json.loads(line) for line in open(metrics)]
+        last = [row for row in rows if "step_time_s" in row][-1:] or [{}]
+        row = last[0]
+        print(f"{name:<20} {row.get('tokens_per_s', 0):>12,.0f} "
+              f"{row.get('step_time_s', 0) * 1e3:>9.2f} {'':>7} {'':>11} input wait "
+              f"{row.get('input_wait_s', 0) * 1e3:.2f} ms a step (target tokens)")
+        continue
     path = os.path.join(out_dir, name, "bench.json")
     points = json.load(open(path)) if os.path.exists(path) else []
     for p in points or [{"error": "no bench.json (see its log.txt)"}]:

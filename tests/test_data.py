@@ -2,6 +2,7 @@
 token-budget batches: their plans, their blocks on each host, and their positions."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -97,7 +98,8 @@ def prepared_tiny(config):
     return prepare.open_or_prepare(config.data, tokenizer), tokenizer
 
 
-def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config, caplog):
+def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config, caplog,
+                                                                    tmp_path):
     dataset, tokenizer = prepared_tiny(tiny_config)
     assert set(dataset.splits) == {"train", "validation", "test"}
     train = dataset.split("train")
@@ -113,6 +115,14 @@ def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config,
     # Found again without being made again, and keyed by data and tokenizer.
     again = prepare.find(tiny_config.data, tokenizer)
     assert again.directory == dataset.directory and again.key == dataset.key
+    # The data dir moves, to another path or host, with its ids: they are found there.
+    moved = str(tmp_path / "moved")
+    shutil.copytree(tiny_config.data.data_dir, moved)
+    with tiny_config.unlocked():
+        tiny_config.data.data_dir = moved
+    found = prepare.find(tiny_config.data, tokenizer)
+    assert found is not None and found.key == dataset.key
+    assert found.directory.startswith(moved)
     # Another tokenizer's ids are not these: said, and made anew in a directory of their own.
     other = SymbolTokenizer(tasks.task_symbols("reverse", 12))
     assert prepare.dataset_directory(tiny_config.data, other) != dataset.directory

@@ -165,8 +165,11 @@ def test_gpu_bench_points_are_commands_the_cli_accepts(tmp_path):
         program = argv.index("t2t_jax.cli")
         result = subprocess.run([sys.executable, "-c", parse, *argv[program + 1:]], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and result.stdout.split()[-1] == "bench", (name, result)
+        command_name = "train" if name == "train_prepared" else "bench"
+        assert result.returncode == 0 and result.stdout.split()[-1] == command_name, (name,
+                                                                                      result)
         assert f"--output {os.path.realpath(tmp_path)}/out/{name}" in command
+        assert ("--workdir" in command) == (name == "train_prepared")
         assert ("--profile" in command) == (name == "base")
         assert xla_flags == "XLA_FLAGS=--mine" + (
             " --xla_gpu_dot_merger_threshold_mb=0" if name == "base_no_dot_merger" else ""

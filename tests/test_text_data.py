@@ -496,6 +496,7 @@ def test_training_on_prepared_ids_needs_no_tensorflow(tiny_config, tmp_path):
     code = (
         "import sys, json\n"
         "sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+        "sys.modules['sacrebleu'] = None  # nor sacrebleu, with BLEU off\n"
         "from t2t_jax.config import tiny_config\n"
         "from t2t_jax.train import train_and_evaluate\n"
         "config = tiny_config()\n"

@@ -80,8 +80,8 @@ def dataset_identity(data_config: Any) -> tuple[str, dict]:
     generated tasks' settings), and a directory name for it: the task and the identity's hash.
     Tokenizer settings are not part of it (each tokenizer has its own prepared ids)."""
     task = data_config.task
-    identity = {"task": task, "data_dir": os.path.abspath(tfds_data_dir(data_config))
-                if not files.is_url(tfds_data_dir(data_config)) else tfds_data_dir(data_config)}
+    # Not the data dir: the prepared ids live under it, and may move with it to another host.
+    identity = {"task": task}
     if is_builtin(data_config):
         identity["algorithmic"] = dict(data_config.algorithmic)
     elif task == "parallel_text":
