@@ -24,7 +24,7 @@ depth for dropout, and counts its length in epochs (`train.num_epochs`), so that
 the corpus. What they cost on 2 CPU cores (JAX 0.10, float32): the small preset's train step
 takes 1.0 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.9 steps a second in training
 with its input pipeline. An epoch of a 30k-pair corpus of short sentences (Multi30k: about 13
-words a sentence, 121 steps an epoch) takes about 2.3 minutes; the whole run, evaluations and
+words a sentence, 119 steps an epoch) takes about 2.3 minutes; the whole run, evaluations and
 the final beam search included, 43 minutes (docs/benchmarks.md has the BLEU it reaches). A
 corpus of N pairs of such sentences (about 17 pieces a side) costs about N/13k minutes an epoch:
 for 100k pairs or more, lower `train.num_epochs` or use a GPU. The base preset's step (64 rows
