@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-# Quiet TensorFlow's C++ start-up chatter; TF serves only the input pipeline here.
+# Quiet TensorFlow's C++ start-up chatter; TF serves only TFDS, `prepare` and gs:// files here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -68,7 +68,7 @@ commands:
 
 
 def _hide_gpus_from_tensorflow() -> None:
-    """The input pipeline's TensorFlow must leave the GPUs to JAX."""
+    """TensorFlow (TFDS, preparing ids, gs:// files) must leave the GPUs to JAX."""
     try:
         import tensorflow as tf
     except ImportError:  # the model-only commands (bench, check-attention) run without it

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import glob as _glob
 import os
 import shutil
 from typing import IO
@@ -36,22 +35,11 @@ def listdir(path: str) -> list[str]:
     return [name.rstrip("/") for name in names]
 
 
-def glob(pattern: str) -> list[str]:
-    return tf.io.gfile.glob(pattern) if is_url(pattern) else _glob.glob(pattern)
-
-
 def rmtree(path: str) -> None:
     if is_url(path):
         tf.io.gfile.rmtree(path)
     else:
         shutil.rmtree(path)
-
-
-def remove(path: str) -> None:
-    if is_url(path):
-        tf.io.gfile.remove(path)
-    else:
-        os.remove(path)
 
 
 def rename(source: str, destination: str, overwrite: bool = False) -> None:

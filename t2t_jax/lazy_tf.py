@@ -1,8 +1,8 @@
 """TensorFlow, imported on first use.
 
-The input pipeline and file helpers use TensorFlow (tf.data, tf.io.gfile), but decoding,
-benchmarks and checkpoint restores on an accelerator machine without TensorFlow must not need
-it just to import the modules that hold them.
+TFDS, `prepare` and the helpers for gs:// files use TensorFlow, but training on prepared ids,
+decoding, benchmarks and checkpoint restores on an accelerator machine without TensorFlow must
+not need it just to import the modules that hold them.
 """
 
 from __future__ import annotations

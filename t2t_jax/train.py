@@ -198,9 +198,13 @@ def open_input(exp: Experiment, workdir: str, start: int) -> loader.TrainInput:
     block = exp.stepper.batch_shard
     planner = loader.make_planner(exp.config, split, sampler, block,
                                   rows_multiple=jax.local_device_count())
-    planner_lib.log_plan(planner)
-    position = input_position(exp, workdir, start, planner)
-    return loader.TrainInput(split, planner, position, data.input_workers)
+    try:
+        planner_lib.log_plan(planner)
+        position = input_position(exp, workdir, start, planner)
+        return loader.TrainInput(split, planner, position, data.input_workers)
+    except BaseException:
+        planner.close()
+        raise
 
 
 def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dict[str, float]:

@@ -131,6 +131,22 @@ def test_prepared_ids_are_the_tokenizers_with_eos_and_keep_the_text(tiny_config,
     assert any("another tokenizer's" in r.getMessage() for r in caplog.records)
 
 
+def test_hosts_whose_prepared_ids_differ_stop_with_one_line(tiny_config, monkeypatch):
+    """Each host plans the global batches from its own copy's lengths: copies that differ
+    would plan different batches, so they stop the run."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    dataset, _ = prepared_tiny(tiny_config)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    other = np.frombuffer(bytes.fromhex("00" * 8), np.uint8).astype(np.int32)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, other]))
+    with pytest.raises(ValueError, match="the processes' prepared ids differ .*data.prepared_dir"):
+        prepare._same_on_every_host(dataset)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
+    assert prepare._same_on_every_host(dataset) is dataset
+
+
 def next_fit_rows(planned, capacity):
     """The old packer's rule: one open row, closed when the next example does not fit."""
     rows, fill = 0, None
@@ -278,9 +294,12 @@ def test_a_resumed_input_gives_the_batches_of_an_uninterrupted_one(tiny_config, 
     interrupted.close()
     assert saved.epoch >= 1  # resumed in a later epoch than the first
     assert_batches_equal(take_some + take(train_input(tiny_config, dataset, saved), 17), whole)
-    # Worker processes give the same batches as the thread.
-    assert_batches_equal(take(train_input(tiny_config, dataset, saved, workers=2), 17),
-                         whole[23:])
+    # Worker processes give the same batches as the thread, and stop when it closes (none
+    # terminated), their plans removed.
+    with_workers = train_input(tiny_config, dataset, saved, workers=2)
+    plans = with_workers.planner.store.directory
+    assert_batches_equal(take(with_workers, 17), whole[23:])
+    assert with_workers._workers.exitcodes() == [0, 0] and not os.path.exists(plans)
 
 
 @pytest.mark.parametrize("mode", ["padded", "packed", "token_budget"])

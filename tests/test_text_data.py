@@ -15,6 +15,7 @@ from ml_collections import ConfigDict
 
 from t2t_jax import bleu, checkpoint, selection
 from t2t_jax.data import batching, loader, parallel_text, prepare, tasks
+from t2t_jax.data import planner as planner_lib
 from t2t_jax.data.batching import Position
 from t2t_jax.data.planner import uniforms
 from t2t_jax.data.tokenizer import (
@@ -177,7 +178,8 @@ def take(batches, count):
     return out
 
 
-def test_resumed_input_draws_the_same_sampled_segmentations(data_dir, corpus, tmp_path):
+def test_resumed_input_draws_the_same_sampled_segmentations(data_dir, corpus, tmp_path,
+                                                             monkeypatch):
     config = small_text_config(data_dir, corpus)
     tokenizer = tasks.tokenizer_from_config(config.data, str(tmp_path))
     dataset = prepare.open_or_prepare(config.data, tokenizer)
@@ -196,6 +198,10 @@ def test_resumed_input_draws_the_same_sampled_segmentations(data_dir, corpus, tm
                   take(text_input(config, dataset, tokenizer, position, workers=1), 3)):
         for a, b in zip(again, straight[3:], strict=True):
             assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # Drawn a few examples at a time (as a large corpus is): the same batches.
+    monkeypatch.setattr(planner_lib, "DRAW_EXAMPLES", 7)
+    for a, b in zip(take(text_input(config, dataset, tokenizer), 6), straight, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
     # The n-best lists, computed once, are the same from worker processes.
     candidates = prepare.prepared.Candidates(dataset.split("train"), 64)
     def read(kind):

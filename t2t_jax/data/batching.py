@@ -267,8 +267,8 @@ def plan_token_budget(order: np.ndarray, pieces: np.ndarray, layout: Layout, bud
 class BlockSpec:
     """What one host's block of one batch holds, for `gather`: its examples (indices into the
     split, in row order), the local row of each, their planned source and target token counts,
-    the epoch each came from (it seeds subword sampling), its row count and each feature's
-    length."""
+    with subword sampling the candidate drawn for each side (else None), its row count and each
+    feature's length."""
 
     examples: np.ndarray
     rows_of: np.ndarray

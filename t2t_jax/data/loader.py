@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -52,11 +53,13 @@ def _worker_loop(connection: Any, split: prepared.Split, layout: Layout, nbest: 
                  plans: str) -> None:
     """A worker process: gathers each block it is sent until it is sent None."""
     gatherer, store = Gatherer(split, layout, nbest), PlanStore(plans)
-    while (request := connection.recv()) is not None:
-        try:
-            connection.send(gatherer(request.spec(store.read)))
-        except Exception:  # to the training process, which raises it there
-            connection.send(_WorkerError(traceback.format_exc()))
+    with contextlib.suppress(EOFError, OSError):  # the training process closed its end: done
+        while (request := connection.recv()) is not None:
+            try:
+                result = gatherer(request.spec(store.read))
+            except Exception:  # to the training process, which raises it there
+                result = _WorkerError(traceback.format_exc())
+            connection.send(result)
 
 
 @dataclasses.dataclass
@@ -100,20 +103,29 @@ class _Workers:
         return [process.pid for process in self._processes]
 
     def close(self) -> None:
+        """Stops the workers. A worker blocked sending a batch nobody will take (a batch is
+        larger than a pipe's buffer) stops when its pipe closes, so none is waited out."""
         for connection in self._connections:
             with contextlib.suppress(OSError):
                 connection.send(None)
+            connection.close()
+        deadline = time.monotonic() + 5
         for process in self._processes:
-            process.join(timeout=5)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
             if process.is_alive():
                 process.terminate()
+                process.join(timeout=1)
+
+    def exitcodes(self) -> list[int | None]:
+        return [process.exitcode for process in self._processes]
 
 
 class TrainInput:
     """This host's blocks of the global train batches from `position` on, as numpy dicts,
     gathered ahead by `workers` processes (0: one thread of this process), `prefetch` blocks in
-    flight. `position` is always that of the next batch `next` returns: what a checkpoint
-    saves, together with the batches taken but not trained on."""
+    flight. `position` is always that of the next batch `next` returns (a checkpoint saves
+    that of the oldest batch taken but not yet trained on)."""
 
     def __init__(self, split: prepared.Split, planner: Planner, position: Position,
                  workers: int = 0, prefetch: int = 4):
@@ -243,9 +255,22 @@ def make_planner(config: Any, split: prepared.Split, sampler: Any = None,
     lengths = (split.lengths("inputs"), split.lengths("targets"))
     sampling = None
     if sampler is not None:
-        candidates = prepared.ensure_candidates(split, sampler, sampler.sampling_nbest,
-                                                data.input_workers)
-        sampling = (candidates, sampler.sampling_alpha)
+        sampling = (_candidates(split, sampler, data.input_workers), sampler.sampling_alpha)
     budget = data.token_budget if data.token_budget and not data.packing else 0
     return Planner(lengths, train_layout(config), config.seed, data.batch_size, budget, block,
                    rows_multiple, sampling)
+
+
+def _candidates(split: prepared.Split, sampler: Any, workers: int) -> prepared.Candidates:
+    """The split's n-best candidates for subword sampling: with several processes, process 0
+    computes them first, and the others then find them on a shared disk (or, on a disk of
+    their own, compute their own copy)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            prepared.ensure_candidates(split, sampler, sampler.sampling_nbest, workers)
+        multihost_utils.sync_global_devices("t2t_jax n-best candidates")
+    return prepared.ensure_candidates(split, sampler, sampler.sampling_nbest, workers)

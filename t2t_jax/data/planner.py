@@ -24,6 +24,7 @@ from t2t_jax.data import batching, prepared
 from t2t_jax.data.batching import BlockSpec, EpochPlan, Layout, Position
 
 SIDES = prepared.SIDES
+DRAW_EXAMPLES = 65_536  # examples whose subword-sampling candidates are drawn at once
 
 
 def uniforms(seed: int, epochs: np.ndarray, examples: np.ndarray, side: int) -> np.ndarray:
@@ -129,28 +130,62 @@ class EpochPlanner:
 
     def _draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Every example's segmentations for `epoch` (subword sampling), drawn by (seed,
-        epoch, example, side) alone: (pieces [n, 2] as planned, chosen candidates [n, 2])."""
+        epoch, example, side) alone: (pieces [n, 2] as planned, chosen candidates [n, 2]).
+        Drawn DRAW_EXAMPLES examples at a time, so that memory stays at a chunk's candidates
+        (about 60 bytes each) whatever the corpus size."""
         candidates, alpha = self.sampling
         count = len(self.best[0])
-        examples = np.arange(count)
-        epochs = np.full(count, epoch)
         if self.layout.overlong == "truncate":  # any candidate; cut to the row like the best
             limits = [np.inf, np.inf]
         elif self.layout.decoder_only:  # the one sequence: the source leaves the target room
             limits = [self.layout.capacity[0] - self.best[1], None]
         else:
             limits = list(self.layout.capacity)
-        chosen, lengths = [], []
-        for side_index, side in enumerate(SIDES):
-            limit = limits[side_index]
-            if limit is None:
-                limit = self.layout.capacity[0] - lengths[0]
-            pick, length = batching.draw_candidates(
-                candidates.first(side), candidates.offsets(side), candidates.logp(side),
-                uniforms(self.seed, epochs, examples, side_index), alpha, limit)
-            chosen.append(pick)
-            lengths.append(length)
-        return self.layout.pieces(*lengths), np.stack(chosen, axis=1)
+        chosen = np.zeros((count, 2), np.int64)
+        lengths = np.zeros((count, 2), np.int64)
+        for start in range(0, count, DRAW_EXAMPLES):
+            end = min(start + DRAW_EXAMPLES, count)
+            examples = np.arange(start, end)
+            for side_index, side in enumerate(SIDES):
+                limit = limits[side_index]
+                if limit is None:
+                    limit = self.layout.capacity[0] - lengths[start:end, 0]
+                elif np.ndim(limit):
+                    limit = limit[start:end]
+                pick, length = batching.draw_candidates(
+                    candidates.first(side)[start : end + 1], candidates.offsets(side),
+                    candidates.logp(side),
+                    uniforms(self.seed, np.full(end - start, epoch), examples, side_index),
+                    alpha, limit)
+                chosen[start:end, side_index] = pick
+                lengths[start:end, side_index] = length
+        return self.layout.pieces(lengths[:, 0], lengths[:, 1]), chosen
+
+
+PLANS_PREFIX = "t2t_jax_plans_"
+
+
+def _plan_directory() -> str:
+    """A new directory for this process's plans, in the temporary directory ($TMPDIR). Those a
+    killed run left (their process is gone) are removed first: a WMT epoch's plan takes about
+    150 MB."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if name.startswith(PLANS_PREFIX) and name[len(PLANS_PREFIX):].split("_")[0].isdigit():
+            pid = int(name[len(PLANS_PREFIX):].split("_")[0])
+            if pid != os.getpid() and not _alive(pid):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{PLANS_PREFIX}{os.getpid()}_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 _PLANNER: tuple[EpochPlanner, PlanStore] | None = None
@@ -203,7 +238,7 @@ class Planner:
         processes read (what `TrainInput` asks for when it has workers: this process then only
         counts rows)."""
         self._background.shutdown(wait=True)
-        self.store = PlanStore(tempfile.mkdtemp(prefix="t2t_jax_plans_"))
+        self.store = PlanStore(_plan_directory())
         for start, made in self._plans.items():  # plans so far, for the workers too
             for offset, plan in enumerate(made.result()):
                 self.store.write(start + offset, plan)
@@ -237,7 +272,9 @@ class Planner:
             self.store.remove_before(epoch)
 
     def close(self) -> None:
-        self._background.shutdown(wait=False, cancel_futures=True)
+        """Stops planning and removes the plans (a planning process is waited for first, so
+        that it writes none after)."""
+        self._background.shutdown(wait=self.store is not None, cancel_futures=True)
         if self.store:
             shutil.rmtree(self.store.directory, ignore_errors=True)
 
@@ -265,10 +302,6 @@ class Planner:
         segments = self._rows_from(start, share)[0]
         request = BlockRequest(tuple(segments), share, self.layout.feature_lengths)
         return request, self._rows_from(position, self.batch_rows)[1]
-
-    def spec_at(self, position: Position) -> tuple[BlockSpec, Position]:
-        request, after = self.request_at(position)
-        return request.spec(self.plan), after
 
     def _budget_request_at(self, position: Position) -> tuple[BlockRequest, Position]:
         epoch, batch = position.epoch, position.index
@@ -301,8 +334,6 @@ class Planner:
         if self.token_budget:
             return float(plan.num_batches)
         return plan.num_rows / self.batch_rows
-
-
 
 
 def log_plan(planner: Planner) -> None:

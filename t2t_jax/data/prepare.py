@@ -8,7 +8,8 @@ modification time) of every file it was made from, the user's text files and TFD
 so that a changed file is noticed, said, and the ids made again; a new tokenizer gets a
 directory of its own.
 
-Preparing streams the split in chunks (memory bounded by a chunk), tokenizes each on
+Preparing streams the train split in chunks (memory bounded by a chunk; the dev and test
+splits, small, are read whole to be put in line order), tokenizes each on
 `data.prepare_threads` threads (SentencePiece's batched encoder), and commits each chunk, so a
 killed prepare resumes where it stopped; the dataset counts as complete only once its manifest
 is written, last. Finding and checking a prepared dataset needs no TensorFlow; making one reads
@@ -93,9 +94,12 @@ def find(data_config: Any, tokenizer: Tokenizer) -> prepared.PreparedDataset | N
     if dataset is None:
         others = os.listdir(os.path.dirname(directory)) if os.path.isdir(
             os.path.dirname(directory)) else []
-        if os.path.isdir(directory):
+        if os.path.exists(os.path.join(directory, PREPARING)):
             logging.warning("the prepared ids in %s are incomplete (a prepare was stopped); "
                             "preparing them again from where it stopped", directory)
+        elif os.path.isdir(directory):
+            logging.warning("the prepared ids in %s are of another format or incomplete; "
+                            "preparing them again", directory)
         elif others:
             logging.warning("the prepared ids of this data in %s are another tokenizer's; "
                             "preparing ids for this one in %s", os.path.dirname(directory),
@@ -189,7 +193,8 @@ def prepare(data_config: Any, tokenizer: Tokenizer,
     manifest = {
         "format": prepared.FORMAT_VERSION, "name": name, "identity": identity,
         "tokenizer": token, "tokenizer_settings": tasks.tokenizer_settings(data_config),
-        "sources": states, "key": prepared.dataset_key(name, token, fingerprint),
+        "sources": states,
+        "key": prepared.dataset_key(name, token, prepared.contents_hash(directory, splits)),
         "splits": splits, "t2t_jax": __version__, "seconds": time.perf_counter() - started,
     }
     prepared.write_json_atomically(os.path.join(directory, prepared.MANIFEST), manifest)
@@ -230,7 +235,7 @@ def open_or_prepare(data_config: Any, tokenizer: Tokenizer,
 
         missing = bool(np.any(multihost_utils.process_allgather(np.array([missing]))))
     if not missing:
-        return found
+        return _same_on_every_host(found)
     if not tasks.tensorflow_available():
         raise FileNotFoundError(
             f"no prepared ids for this config in {dataset_directory(data_config, tokenizer)}, "
@@ -243,4 +248,22 @@ def open_or_prepare(data_config: Any, tokenizer: Tokenizer,
             found = prepare(data_config, tokenizer, split_builders)
         multihost_utils.sync_global_devices("t2t_jax ids prepared")
         found = found or find(data_config, tokenizer)
-    return found or prepare(data_config, tokenizer, split_builders)
+    return _same_on_every_host(found or prepare(data_config, tokenizer, split_builders))
+
+
+def _same_on_every_host(dataset: prepared.PreparedDataset) -> prepared.PreparedDataset:
+    """`dataset`, once every process holds ids of the same key: each plans the global batches
+    from its own copy's lengths, so copies that differ would plan different batches."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(bytes.fromhex(dataset.key), np.uint8).astype(np.int32)
+        keys = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
+        if (keys != keys[0]).any():
+            raise ValueError(
+                f"the processes' prepared ids differ (this one's {dataset.directory}, key "
+                f"{dataset.key}): prepare them once on a disk all hosts share "
+                "(data.prepared_dir), or from the same files and TFDS version on every host")
+    return dataset

@@ -21,12 +21,15 @@ and TPU hosts we target have no array_record. What it costs: the files must be o
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,10 +55,24 @@ def tokenizer_hash(tokenizer_json: dict) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
-def dataset_key(name: str, tokenizer: str, sources: str) -> str:
-    """The key checkpoints store: what the data is, which tokenizer, and the files' state."""
-    text = f"{FORMAT_VERSION}|{name}|{tokenizer}|{sources}".encode()
+def dataset_key(name: str, tokenizer: str, contents: str) -> str:
+    """The key checkpoints store: what the data is, which tokenizer, and the ids' contents
+    (`contents_hash`), so that copies made apart from the same data, on other hosts or at other
+    times, have the same key, and ids that differ never do."""
+    text = f"{FORMAT_VERSION}|{name}|{tokenizer}|{contents}".encode()
     return hashlib.sha256(text).hexdigest()[:16]
+
+
+def contents_hash(directory: str, splits: Iterable[str]) -> str:
+    """The hash of every split's ids and offsets (about 1 s a GB)."""
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for side in SIDES:
+            for kind in ("ids", "offsets"):
+                with open(_path(directory, split, side, kind), "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+    return digest.hexdigest()
 
 
 def _path(directory: str, split: str, side: str, kind: str) -> str:
@@ -119,6 +136,8 @@ class PreparedDataset:
 
     directory: str
     manifest: dict
+    # Each split opened once: its memory maps are shared by every eval and the train input.
+    _opened: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -130,9 +149,11 @@ class PreparedDataset:
 
     def split(self, name: str) -> Split:
         if name not in self.manifest["splits"]:
-            raise KeyError(f"the prepared dataset in {self.directory} has no {name} split "
-                           f"(it has {', '.join(self.splits)})")
-        return Split(self.directory, name, self.manifest["splits"][name])
+            raise ValueError(f"the prepared dataset in {self.directory} has no {name} split "
+                             f"(it has {', '.join(self.splits)})")
+        if name not in self._opened:
+            self._opened[name] = Split(self.directory, name, self.manifest["splits"][name])
+        return self._opened[name]
 
     def tokenizer_json(self) -> dict:
         with open(os.path.join(self.directory, TOKENIZER)) as f:
@@ -229,7 +250,7 @@ class SplitWriter:
 def write_json_atomically(path: str, value: Any) -> None:
     """Writes JSON to a temporary file and renames it over `path`: readers see the old file or
     the new one, never half of one."""
-    temporary = f"{path}.tmp{os.getpid()}"
+    temporary = f"{path}.tmp{os.getpid()}.{os.urandom(4).hex()}"  # unique across hosts too
     with open(temporary, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
         f.flush()
@@ -301,13 +322,14 @@ def ensure_candidates(split: Split, tokenizer: Any, nbest: int, workers: int = 0
             workers, multiprocessing.get_context("spawn"))
     try:
         for side in SIDES:
-            texts = split.texts(side)
-            chunks = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
+            chunks = (split.texts(side, range(i, min(i + chunk, split.num_examples)))
+                      for i in range(0, split.num_examples, chunk))
             if executor is None:
                 results = (_nbest_chunk(tokenizer, c, nbest) for c in chunks)
             else:
-                results = executor.map(_nbest_chunk, [tokenizer] * len(chunks), chunks,
-                                       [nbest] * len(chunks))
+                results = _bounded_map(executor, functools.partial(_nbest_chunk, tokenizer,
+                                                                   nbest=nbest),
+                                       chunks, 2 * workers)
             _write_candidates(candidates, side, results, split._ids_dtype)
     finally:
         if executor is not None:
@@ -316,11 +338,29 @@ def ensure_candidates(split: Split, tokenizer: Any, nbest: int, workers: int = 0
     return candidates
 
 
+def _bounded_map(executor: Any, function: Callable, items: Iterable, in_flight: int
+                 ) -> Iterator:
+    """`executor.map` in order, with at most `in_flight` items read ahead (a split's texts are
+    not all held at once)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(executor.submit(function, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _write_candidates(candidates: Candidates, side: str, results: Iterable, dtype: np.dtype
                       ) -> None:
     kinds = ("ids", "offsets", "first", "logp")
-    temporary = {kind: f"{candidates.path(side, kind)}.tmp{os.getpid()}" for kind in kinds}
-    handles = {kind: open(path, "wb") for kind, path in temporary.items()}  # noqa: SIM115
+    # Temporary files of unique names in the same directory: hosts sharing it do not collide.
+    temporary, handles = {}, {}
+    for kind in kinds:
+        target = candidates.path(side, kind)
+        descriptor, temporary[kind] = tempfile.mkstemp(
+            prefix=os.path.basename(target) + ".", dir=os.path.dirname(target))
+        handles[kind] = os.fdopen(descriptor, "wb")
     tokens = count = 0
     handles["offsets"].write(np.zeros(1, OFFSET_DTYPE).tobytes())
     handles["first"].write(np.zeros(1, OFFSET_DTYPE).tobytes())
@@ -341,4 +381,5 @@ def _write_candidates(candidates: Candidates, side: str, results: Iterable, dtyp
         for handle in handles.values():
             handle.close()
     for kind, path in temporary.items():
+        os.chmod(path, 0o644)  # as open() would have made it, not mkstemp's 0600
         os.replace(path, candidates.path(side, kind))

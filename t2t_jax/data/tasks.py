@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 
 from t2t_jax import files
 from t2t_jax.data.tokenizer import SentencePieceTokenizer, SymbolTokenizer, Tokenizer
@@ -247,7 +248,12 @@ def tokenizer_from_config(
         raise ValueError("a text task needs a workdir to keep its tokenizer in")
     path = os.path.join(workdir, SentencePieceTokenizer.FILENAME)
     lent = None if files.exists(path) else prepared_tokenizer(data_config)
-    if lent is None and not files.exists(path):
+    trains = lent is None and not files.exists(path)
+    if jax.process_count() > 1:  # process 0's disks decide, so that all take the same barriers
+        from jax.experimental import multihost_utils
+
+        trains = bool(multihost_utils.broadcast_one_to_all(np.array(trains)))
+    if trains:
         # Every process makes the builder (TFDS generates on process 0 first, then syncs).
         builder = builder or builder_from_config(data_config)
     if lent is not None and jax.process_index() == 0:
