@@ -14,13 +14,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import numpy as np
 
 import t2t_jax
 from t2t_jax import files
+
+T = TypeVar("T")
 
 # Environment variables that say this process is one of several, and where the count is.
 _CLUSTER_TASK_COUNTS = (
@@ -156,3 +159,16 @@ def log_to_file(directory: str) -> str:
         jax.process_count(), jax.local_device_count(), jax.device_count(), versions(),
     )
     return path
+
+
+def process_0_first(make: Callable[[], T], barrier: str) -> T:
+    """`make()`, run by process 0 before the others (a barrier named `barrier` between), so
+    that processes sharing a disk do not write the same files at once and the others find
+    process 0's; on disks of their own, each makes its own copy. Returns this process's."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            make()
+        multihost_utils.sync_global_devices(barrier)
+    return make()

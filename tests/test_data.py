@@ -429,6 +429,19 @@ def test_a_killed_prepare_resumes_and_is_never_taken_for_complete(tiny_config, m
     assert resumed.manifest["splits"] == fresh.manifest["splits"]
 
 
+def test_workers_blocked_sending_stop_when_the_input_closes(tiny_config, tmp_path):
+    """Batches of 128 KiB, larger than a pipe holds: each worker is still sending one when the
+    input closes. They stop on their own (exit code 0), none is waited out and terminated."""
+    tiny_config.data.data_dir = str(tmp_path)
+    tiny_config.data.algorithmic.num_train = 4096
+    tiny_config.data.batch_size = 2048
+    dataset, _ = prepared_tiny(tiny_config)
+    batches = train_input(tiny_config, dataset, workers=2)
+    assert sum(v.nbytes for v in next(batches).values()) > 100_000
+    batches.close()
+    assert batches._workers.exitcodes() == [0, 0]
+
+
 def test_a_failing_worker_is_a_clear_error_in_the_training_process(tiny_config, tmp_path):
     dataset, _ = prepared_tiny(tiny_config)
     split = dataset.split("train")

@@ -265,12 +265,8 @@ def _candidates(split: prepared.Split, sampler: Any, workers: int) -> prepared.C
     """The split's n-best candidates for subword sampling: with several processes, process 0
     computes them first, and the others then find them on a shared disk (or, on a disk of
     their own, compute their own copy)."""
-    import jax
+    from t2t_jax.distributed import process_0_first
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        if jax.process_index() == 0:
-            prepared.ensure_candidates(split, sampler, sampler.sampling_nbest, workers)
-        multihost_utils.sync_global_devices("t2t_jax n-best candidates")
-    return prepared.ensure_candidates(split, sampler, sampler.sampling_nbest, workers)
+    return process_0_first(
+        lambda: prepared.ensure_candidates(split, sampler, sampler.sampling_nbest, workers),
+        "t2t_jax n-best candidates")

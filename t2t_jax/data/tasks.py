@@ -125,16 +125,15 @@ def prepare_once(make_builder: Callable[[], Any]) -> Any:
     processes, process 0 first and the others after it (with builders made then, which see its
     files), so that processes sharing a file system do not write the same files at once; hosts
     with their own disks each generate their copy."""
-    with _without_custom_config_warning():
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    from t2t_jax.distributed import process_0_first
 
-            if jax.process_index() == 0:
-                make_builder().download_and_prepare()
-            multihost_utils.sync_global_devices("t2t_jax dataset prepared")
+    def made() -> Any:
         builder = make_builder()
-    builder.download_and_prepare()
-    return builder
+        builder.download_and_prepare()
+        return builder
+
+    with _without_custom_config_warning():
+        return process_0_first(made, "t2t_jax dataset prepared")
 
 
 class _NotCustomConfigWarning(logging.Filter):
