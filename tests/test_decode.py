@@ -16,6 +16,7 @@ from t2t_jax.decode import (
     Search,
     best_texts,
     decoder_for_params,
+    load_decoder,
     search_batch,
     translate,
 )
@@ -478,3 +479,29 @@ def test_overlong_input_is_cut_with_a_warning_naming_it(mesh_trained_workdir, ca
                                                                           batch_size=8))
     assert len(outputs) == 2
     assert "over 10 tokens and were cut (lines 2)" in caplog.text
+
+
+def test_a_workdir_written_before_the_reorganisation_decodes_and_scores_as_it_did(tmp_path):
+    import json
+    import shutil
+
+    from t2t_jax.scoring import score_pairs
+
+    golden = os.path.join(os.path.dirname(__file__), "golden", "reverse_workdir")
+    workdir = shutil.copytree(golden, tmp_path / "workdir")  # decoding must not write to it
+    with open(os.path.join(golden, "expected.json")) as f:
+        expected = json.load(f)
+    decoder = load_decoder(str(workdir))
+    assert decoder.step == 600
+    greedy, _ = translate(decoder, expected["sources"],
+                          DecodeOptions(search=Search(beam_size=1)))
+    assert [h[0].text for h in greedy] == expected["greedy"]
+    beam, _ = translate(decoder, expected["sources"],
+                        DecodeOptions(search=Search(beam_size=4, alpha=0.6, nbest=2)))
+    found = [[h.text, h.log_prob, h.score] for hypotheses in beam for h in hypotheses]
+    assert [f[0] for f in found] == [e[0] for e in expected["beam4_nbest2"]]
+    np.testing.assert_allclose([f[1:] for f in found],
+                               [e[1:] for e in expected["beam4_nbest2"]], atol=2e-5)
+    scores, _ = score_pairs(decoder, expected["sources"], expected["targets"])
+    np.testing.assert_allclose([s.log_prob for s in scores], expected["score_log_probs"],
+                               atol=2e-5)
