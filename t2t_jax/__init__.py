@@ -1,6 +1,6 @@
 """t2t_jax: the Transformer of "Attention Is All You Need" in JAX and Flax."""
 
-from t2t_jax.accelerator_probe import quiet_without_accelerators
+from t2t_jax.runtime.accelerator_probe import quiet_without_accelerators
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from t2t_jax import host_allocator  # noqa: E402
-from t2t_jax.xla_flags import with_default_xla_flags  # noqa: E402
+from t2t_jax.runtime import host_allocator  # noqa: E402
+from t2t_jax.runtime.xla_flags import with_default_xla_flags  # noqa: E402
 
 os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
@@ -102,7 +102,7 @@ def train_command() -> None:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
         ).strip()
-    from t2t_jax import distributed
+    from t2t_jax.runtime import distributed
 
     distributed.initialize(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -162,7 +162,7 @@ _ACCELERATOR = flags.DEFINE_string("accelerator", None, "bench-input: also print
 
 
 def bench_input_command() -> None:
-    from t2t_jax import input_bench
+    from t2t_jax.perf import input_bench
 
     config = _require(_CONFIG.value, "config")
     workdir = _require(_WORKDIR.value, "workdir")
@@ -417,7 +417,7 @@ def _expected_vocab_size(config) -> int:
 
 
 def bench_command() -> None:
-    from t2t_jax import bench, profiling
+    from t2t_jax.perf import bench, profiling
 
     config = _require(_CONFIG.value, "config")
 
@@ -460,7 +460,7 @@ _LENGTH = flags.DEFINE_integer("length", 256, "check-attention: query and key le
 
 
 def check_attention_command() -> None:
-    from t2t_jax import kernel_check
+    from t2t_jax.perf import kernel_check
 
     implementations = [a for a in _ATTENTION.value if a != "auto"]
     checks = kernel_check.check_kernels(implementations, _DTYPE.value, _LENGTH.value)
@@ -487,16 +487,16 @@ _SEARCH = flags.DEFINE_bool("search", False, "compile: compile candidate meshes 
 
 
 def compile_command() -> None:
-    from t2t_jax import aot
+    from t2t_jax.perf import aot_report, aot_search
 
     config = _require(_CONFIG.value, "config")
     topology = _require(_TOPOLOGY.value, "topology")
 
     def progress(row) -> None:  # rows as they come, on stderr: compiles take minutes
-        print(aot.format_table([row])[-1], file=sys.stderr, flush=True)
+        print(aot_report.format_table([row])[-1], file=sys.stderr, flush=True)
 
-    print(aot.format_table([])[0], file=sys.stderr, flush=True)
-    rows = aot.run(
+    print(aot_report.format_table([])[0], file=sys.stderr, flush=True)
+    rows = aot_search.run(
         config, topology, config.model.vocab_size or _expected_vocab_size(config),
         num_slices=_NUM_SLICES.value, mode=_MODE.value, rows_per_chip=_ROWS_PER_CHIP.value,
         seq_lens=[int(s) for s in _SEQ_LENS.value] if FLAGS["seq_lens"].present else None,
@@ -506,16 +506,16 @@ def compile_command() -> None:
     )
     print(f"{rows[0].model}; {rows[0].mode} step; estimates are a roofline, not a measurement:"
           f" {rows[0].estimate_method or 'none'}")
-    print("\n".join(aot.format_table(rows)))
+    print("\n".join(aot_report.format_table(rows)))
     fitting = [r for r in rows if r.fits and r.estimated_tokens_per_s]
     if _SEARCH.value:
         if fitting:
-            print(f"best: {aot.mesh_flags(fitting[0])}")
+            print(f"best: {aot_search.mesh_flags(fitting[0])}")
         else:
             print("no candidate fits: use a larger topology, fewer --rows_per_chip, or "
                   "shorter sequences")
     if _OUTPUT.value:
-        for path in aot.write_outputs(rows, _OUTPUT.value):
+        for path in aot_report.write_outputs(rows, _OUTPUT.value):
             print(f"wrote {path}")
 
 
@@ -526,7 +526,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "experiment: TFDS data dir for
 
 
 def experiment_command() -> None:
-    from t2t_jax import experiments
+    from t2t_jax.guide import experiments
 
     if len(_ARGS) != 1:
         raise ValueError(f"name one experiment: t2t-jax experiment NAME --output DIR; "
@@ -541,7 +541,7 @@ def experiment_command() -> None:
 
 
 def attention_command() -> None:
-    from t2t_jax import experiments
+    from t2t_jax.guide import experiments
 
     workdir = _require(_WORKDIR.value, "workdir")
     output = _OUTPUT.value or os.path.join(workdir, "attention_maps")
@@ -558,7 +558,7 @@ def jax_device_summary() -> str:
 
 
 def info_command() -> None:
-    from t2t_jax.info import describe
+    from t2t_jax.perf.info import describe
 
     print("\n".join(describe(_require(_CONFIG.value, "config"))))
 

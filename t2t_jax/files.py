@@ -7,7 +7,7 @@ import os
 import shutil
 from typing import IO
 
-from t2t_jax.lazy_tf import tf
+from t2t_jax.runtime.lazy_tf import tf
 
 
 def is_url(path: str) -> bool:

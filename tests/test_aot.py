@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from t2t_jax import aot, sharding, topology
+from t2t_jax import sharding
 from t2t_jax.config import tiny_config
 from t2t_jax.model import ModelConfig
 from t2t_jax.model.masks import AttentionMask
 from t2t_jax.model.splash import splash_attention
+from t2t_jax.perf import aot, aot_args, aot_collectives, aot_report, aot_search, topology
+from t2t_jax.runtime import chips
 from t2t_jax.train import build_stepper, train_lengths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +72,7 @@ def test_topology_devices_are_tpus_in_slices():
     devices = topology.devices(topology.parse("v5e:2x2", num_slices=2))
     assert len(devices) == 8 and {d.platform for d in devices} == {"tpu"}
     assert sorted({d.slice_index for d in devices}) == [0, 1]
-    assert devices[0].device_kind == topology.CHIPS["v5e"].device_kind
+    assert devices[0].device_kind == chips.CHIPS["v5e"].device_kind
 
 
 # What each layout's compiled step must hold besides its arithmetic.
@@ -116,7 +118,7 @@ def test_the_compiled_step_lays_params_out_as_the_stepper_asks(v5e_2x2):
     config.mesh.ici.update(data=1, fsdp=2, tensor=2)
     mesh = sharding.make_mesh(config.mesh, v5e_2x2[1])
     _, stepper = build_stepper(config, ModelConfig.from_config(config.model, TINY_VOCAB), mesh)
-    args = aot.train_step_args(stepper, train_lengths(config), 16, packed=False)
+    args = aot_args.train_step_args(stepper, train_lengths(config), 16, packed=False)
     with stepper.activate():
         compiled = stepper.jitted_train_step.lower(*args).compile()
     compiled_params = compiled.input_shardings[0][0].params
@@ -192,25 +194,25 @@ def test_the_decode_loop_compiles_for_one_host():
 
 def test_search_ranks_fitting_meshes_by_estimated_tokens_per_s(v5e_2x2, monkeypatch):
     candidates = [dict(data=4, fsdp=1, tensor=1), dict(data=1, fsdp=2, tensor=2)]
-    monkeypatch.setattr(aot, "candidate_meshes", lambda chips, heads: candidates)
-    rows = aot.search(tiny_config(), *v5e_2x2, TINY_VOCAB, rows_per_chip=2)
+    monkeypatch.setattr(aot_search, "candidate_meshes", lambda chips, heads: candidates)
+    rows = aot_search.search(tiny_config(), *v5e_2x2, TINY_VOCAB, rows_per_chip=2)
     assert sorted(r.mesh["tensor"] for r in rows) == [1, 2]
     assert all(r.fits for r in rows)
     speeds = [r.estimated_tokens_per_s for r in rows]
     assert speeds == sorted(speeds, reverse=True)
     assert {r.batch_rows for r in rows} == {8, 4}  # 2 rows per data-parallel shard
-    flags = aot.mesh_flags(rows[0])
+    flags = aot_search.mesh_flags(rows[0])
     assert flags.startswith("--config.mesh.ici.data=") and "--config.model.remat=none" in flags
 
 
 def test_candidate_meshes_cover_data_fsdp_and_tensor_splits():
-    meshes = aot.candidate_meshes(256, num_heads=16)
+    meshes = aot_search.candidate_meshes(256, num_heads=16)
     assert {"data": 256, "fsdp": 1, "tensor": 1} in meshes
     assert {"data": 1, "fsdp": 256, "tensor": 1} in meshes
     assert {"data": 16, "fsdp": 16, "tensor": 1} in meshes
     assert {"data": 1, "fsdp": 64, "tensor": 4} in meshes
     assert all(m["data"] * m["fsdp"] * m["tensor"] == 256 for m in meshes)
-    assert all(m["tensor"] in (1, 2) for m in aot.candidate_meshes(16, num_heads=6))
+    assert all(m["tensor"] in (1, 2) for m in aot_search.candidate_meshes(16, num_heads=6))
 
 
 def test_a_batch_that_does_not_divide_names_rows_per_chip():
@@ -218,21 +220,21 @@ def test_a_batch_that_does_not_divide_names_rows_per_chip():
     config.data.batch_size = 6
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
     with pytest.raises(ValueError, match="--rows_per_chip"):
-        aot.global_rows(config, mesh, None)
-    assert aot.global_rows(config, mesh, 3) == 12
+        aot_args.global_rows(config, mesh, None)
+    assert aot_args.global_rows(config, mesh, 3) == 12
 
 
 def test_collective_groups_are_read_in_all_three_hlo_spellings():
     line = "%x = f32[8] all-reduce(%y), replica_groups={{0,1},{2,3}}, to_apply=%add"
-    assert aot._groups(line, 4) == [[0, 1], [2, 3]]
+    assert aot_collectives._groups(line, 4) == [[0, 1], [2, 3]]
     line = "%x = f32[8] all-gather(%y), replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}"
-    assert aot._groups(line, 4) == [[0, 2], [1, 3]]
+    assert aot_collectives._groups(line, 4) == [[0, 2], [1, 3]]
     line = ("%x = f32[8] all-reduce(%y), replica_groups=mesh['axis_0'=2,'axis_1'=2] "
             "{'axis_0'}, to_apply=%add")
-    assert aot._groups(line, 4) == [[0, 2], [1, 3]]
+    assert aot_collectives._groups(line, 4) == [[0, 2], [1, 3]]
     line = "%x = (f32[8], f32[8], u32[], u32[]) collective-permute-start(%y), " \
         "source_target_pairs={{0,1},{1,0}}"
-    assert aot._groups(line, 2) == [[0, 1], [1, 0]]
+    assert aot_collectives._groups(line, 2) == [[0, 1], [1, 0]]
 
 
 def test_collectives_count_bytes_and_dcn_crossings():
@@ -246,13 +248,13 @@ def test_collectives_count_bytes_and_dcn_crossings():
         "  %c = (f32[256]{0}, f32[1024]{0}) all-gather-start(%r), replica_groups={{0,1,2,3}}",
         "  %d = f32[1024]{0} all-gather-done(%c)",
     ])
-    found = aot.collectives(text, devices)
+    found = aot_collectives.collectives(text, devices)
     assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 2**20
     assert found["all-reduce"]["dcn_count"] == 0
     gather = found["all-gather"]
     assert gather["count"] == 2 and gather["bytes"] == 2 * 4096
     assert gather["dcn_count"] == 1 and gather["dcn_bytes"] == 4096
-    chip = topology.CHIPS["v5e"]
+    chip = chips.CHIPS["v5e"]
     ring = 2 * (4 - 1) / 4 * 2**20 / (2 * chip.ici_link_bandwidth)
     assert found["all-reduce"]["ici_seconds"] == pytest.approx(ring)
     assert found["all-reduce"]["dcn_seconds"] == 0
@@ -294,7 +296,7 @@ def test_compile_command_errors_are_one_line(args, message):
 
 
 def test_the_roofline_takes_the_slower_of_compute_and_memory_unless_xla_knows_better():
-    v5e = topology.CHIPS["v5e"]
+    v5e = chips.CHIPS["v5e"]
     cost = {"flops": 197e12, "bytes accessed": 8.19e11 / 2, "optimal_seconds": -686.0}
     terms = aot._roofline(cost, v5e)
     assert terms["core"] == pytest.approx(1.0) and not terms["xla"]  # a second of peak FLOPs
@@ -317,10 +319,10 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_row_that_does_not_fit(me
     def lower():
         raise jax.errors.JaxRuntimeError(message)
 
-    assert aot._compile(row, lower, topology.CHIPS["v5e"]) is None
+    assert aot._compile(row, lower, chips.CHIPS["v5e"]) is None
     assert row.fits is False and row.memory_per_chip_bytes == int(gib * 2**30)
     assert row.error.startswith("does not fit: Ran out of memory")
-    line = aot.format_table([row])[-1]
+    line = aot_report.format_table([row])[-1]
     assert line.endswith(row.error)
     # The second message names the temporaries alone: the total is at least that.
     assert (f">{gib:.2f}" in line) == ("temporaries" in message)
@@ -341,7 +343,7 @@ def test_the_tpu_compilers_reduce_scatter_is_counted_as_one():
         "  %all-reduce.9 = f32[8]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add",
         "}",
     ])
-    found = aot.collectives(text, devices)
+    found = aot_collectives.collectives(text, devices)
     assert found["reduce-scatter"]["count"] == 1
     assert found["reduce-scatter"]["bytes"] == 4096 * 256 * 2  # the slice each chip keeps
     assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 32

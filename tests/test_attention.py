@@ -348,7 +348,7 @@ def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
 
 
 def test_check_attention_reports_small_errors_and_names_fallbacks():
-    from t2t_jax import kernel_check
+    from t2t_jax.perf import kernel_check
 
     checks = kernel_check.check_kernels(["blockwise"], "float32", length=16)
     assert {(c.case, c.rows) for c in checks} == {

@@ -8,8 +8,8 @@ import sys
 import jax
 import pytest
 
-from t2t_jax import bench, profiling
 from t2t_jax.model import ModelConfig
+from t2t_jax.perf import bench, hlo, profiling
 from tests.conftest import FAST_COMPILE_XLA_FLAGS
 
 
@@ -122,14 +122,14 @@ ENTRY %main.1 (p0: bf16[8,16], p1: bf16[16,16]) -> f32[8,16] {
 
 
 def test_ops_are_classified_by_what_they_compute_and_where_they_come_from():
-    instructions, computations = profiling.parse_hlo(HLO)
+    instructions, computations = hlo.parse_hlo(HLO)
     expected = {
         "gemm.1": "matmul", "fmha.1": "attention", "loop_exp_fusion": "softmax and loss",
         "all-reduce.1": "collectives", "transpose_fusion": "copies and transposes",
         "adam": "optimizer", "bits": "dropout RNG and masks",
     }
     for name, category in expected.items():
-        assert profiling.classify(instructions[name], computations) == category, name
+        assert hlo.classify(instructions[name], computations) == category, name
     # 1 ms of gemm, 0.5 ms of attention under a kernel name only, a 0.5 ms gap, 1 ms of loss:
     # two steps of 3 ms each.
     events = [
@@ -179,7 +179,8 @@ def test_bench_and_decoding_need_no_tensorflow():
     # Accelerator images often lack TensorFlow, which only the input pipeline needs.
     code = (
         "import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
-        "from t2t_jax import bench, decode\n"
+        "from t2t_jax.perf import bench\n"
+        "from t2t_jax import decode\n"
         "from t2t_jax.config import tiny_config\n"
         "points, _ = bench.run_bench(tiny_config(), 13, [8], ['xla'], 'decode',"
         " batch_tokens=16, steps=1, beam_size=2)\n"

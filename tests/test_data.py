@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from t2t_jax import config as config_lib
-from t2t_jax.data import algorithmic, batching, loader, prepare, prepared, tasks
+from t2t_jax.data import algorithmic, batching, loader, prepare, prepared, sources, tasks
 from t2t_jax.data.batching import Layout, Lengths, Position
 from t2t_jax.data.tokenizer import EOS_ID, SymbolTokenizer
 from t2t_jax.model import ModelConfig
@@ -90,7 +90,7 @@ def test_tokenizer_round_trips(tmp_path):
 
 
 def test_the_builtin_task_list_is_the_generators():
-    assert tuple(algorithmic.TASKS) == tasks.BUILTIN_TASKS
+    assert tuple(algorithmic.TASKS) == sources.BUILTIN_TASKS
 
 
 def prepared_tiny(config):

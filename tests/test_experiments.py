@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from t2t_jax import experiments
+from t2t_jax.guide import experiments
 
 
 def read(output, name):
@@ -98,7 +98,7 @@ def test_unknown_experiment_is_a_clear_error(tmp_path):
 
 def assert_attention_maps_are_distributions(workdir):
     from t2t_jax.decode import load_decoder
-    from t2t_jax.experiments import capture_attention
+    from t2t_jax.guide.experiments import capture_attention
 
     captured = capture_attention(load_decoder(workdir), "3 1 4")
     assert len(captured["maps"]) == 3

@@ -13,8 +13,10 @@ import jax
 import optax
 import pytest
 
-from t2t_jax import accelerator_probe, aot, profiling, topology, train_step, xla_flags
+from t2t_jax import train_step
 from t2t_jax.config import tiny_config
+from t2t_jax.perf import aot, aot_report, hlo, topology
+from t2t_jax.runtime import accelerator_probe, chips, xla_flags
 from tests.conftest import FAST_COMPILE_XLA_FLAGS
 from tests.test_train import one_hot_cross_entropy_sums
 
@@ -63,14 +65,14 @@ def test_gpu_names_become_hosts_of_gpus():
 
 
 def test_described_gpus_are_compile_only_devices_of_their_hosts():
-    config = topology.gpu_target_config(topology.GPUS["h100"])
+    config = topology.gpu_target_config(chips.GPUS["h100"])
     assert "core_count: 132" in config and "major: 9" in config
     devices = topology.devices(topology.parse("h100:2", num_slices=2))
     assert len(devices) == 4 and {d.platform for d in devices} == {"gpu"}
     assert [d.process_index for d in devices] == [0, 0, 1, 1]
     assert devices[0].device_kind == "NVIDIA H100 80GB HBM3"
     assert devices[0].compute_capability == "9.0"
-    assert topology.chip_of(devices[0].device_kind) is topology.GPUS["h100"]
+    assert chips.chip_of(devices[0].device_kind) is chips.GPUS["h100"]
 
 
 def compile_for_h100(config, monkeypatch=None, loss=None):
@@ -115,15 +117,15 @@ def test_the_train_step_compiles_for_an_h100_with_cudnn_attention(medium_on_h100
     # XLA counts no FLOPs for a GPU it does not see; the estimate uses the model formula and
     # the kernels' bytes.
     assert row.flops_per_chip is None and row.hbm_bytes_per_chip > 0
-    assert row.hbm_per_chip_bytes == int(0.75 * topology.GPUS["h100"].hbm_bytes)
+    assert row.hbm_per_chip_bytes == int(0.75 * chips.GPUS["h100"].hbm_bytes)
     assert 0 < row.memory_per_chip_bytes < 2**30
     assert 0 < row.estimated_mfu < 1 and "kernels' operands" in row.estimate_method
-    assert "-" in aot.format_table([row])[-1].split()
+    assert "-" in aot_report.format_table([row])[-1].split()
 
 
 def logits_readers(hlo_text):
     """Kernels (library calls aside) that read a float32 [.., VOCAB] array: the logits."""
-    instructions, computations = profiling.parse_hlo(hlo_text)
+    instructions, computations = hlo.parse_hlo(hlo_text)
     entry = next(line.split()[1].lstrip("%") for line in hlo_text.splitlines()
                  if line.startswith("ENTRY"))
     return [
@@ -159,8 +161,8 @@ def test_the_optimizer_launches_a_kernel_per_array_and_a_few_for_the_norm_on_an_
     # The finite guard reads no update: with eps = 0, where updates may be infinite, it does.
     checked, checked_text = compile_for_h100(medium_config(adam_eps=0.0))
     update_bytes = 4 * sum(math.prod(shape) for shape in shapes)
-    assert (profiling.kernel_census(checked_text).bytes["optimizer"]
-            >= profiling.kernel_census(text).bytes["optimizer"] + update_bytes)
+    assert (hlo.kernel_census(checked_text).bytes["optimizer"]
+            >= hlo.kernel_census(text).bytes["optimizer"] + update_bytes)
     # optax.tree.norm, a reduction per array (two for large ones), launches many more.
     monkeypatch.setattr(train_step, "global_norm", optax.tree.norm)
     per_array, _ = compile_for_h100(medium_config())
@@ -314,7 +316,7 @@ ENTRY %main (a: f32[4,256], b: f32[8], c: f32[64,8], r: f32[1,8], i: s32[]) -> (
   ROOT %while.1 = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body
 }
 """  # noqa: E501
-    census = profiling.kernel_census(text)
+    census = hlo.kernel_census(text)
     # Two fusions, the matmul, the collective (its start, not its done), and the loop body's
     # negate once.
     assert census.kernels == {"normalization and elementwise": 2, "matmul": 1,

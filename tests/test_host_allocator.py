@@ -1,4 +1,4 @@
-"""The command line's restart with glibc's huge-page tunable (t2t_jax/host_allocator.py)."""
+"""The command line's restart with glibc's huge-page tunable (t2t_jax/runtime/host_allocator.py)."""
 
 import os
 import platform
@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from t2t_jax import accelerator_probe, host_allocator
-from t2t_jax.host_allocator import HUGE_PAGES_TUNABLE, huge_pages_environment
+from t2t_jax.runtime import accelerator_probe, host_allocator
+from t2t_jax.runtime.host_allocator import HUGE_PAGES_TUNABLE, huge_pages_environment
 
 GLIBC = ("glibc", "2.36")
 
@@ -63,7 +63,7 @@ def test_restart_keeps_the_process_and_backs_large_buffers_with_huge_pages():
     script = textwrap.dedent("""
         import os, sys
         print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
-        from t2t_jax import accelerator_probe, host_allocator
+        from t2t_jax.runtime import accelerator_probe, host_allocator
         host_allocator.restart_with_huge_pages()
         import ctypes
         libc = ctypes.CDLL(None)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from t2t_jax import input_bench
 from t2t_jax.data import parallel_text
+from t2t_jax.perf import input_bench
 
 from .test_text_data import small_text_config
 
@@ -52,9 +52,9 @@ def test_bench_input_rows_are_consistent_and_written_as_json(tmp_path, data_dir)
 
 
 def test_demand_figures_follow_from_the_data_sheets_and_the_flops_formula():
-    from t2t_jax.bench import model_flops_per_step
     from t2t_jax.model import ModelConfig
-    from t2t_jax.topology import CHIPS, GPUS, INPUT_DEMAND
+    from t2t_jax.perf.bench import model_flops_per_step
+    from t2t_jax.runtime.chips import CHIPS, GPUS, INPUT_DEMAND
 
     base = ModelConfig(vocab_size=37_000)
     per_target_token = model_flops_per_step(base, 1, 512, "train") / 512

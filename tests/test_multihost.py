@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from t2t_jax import checkpoint, distributed
+from t2t_jax import checkpoint
+from t2t_jax.runtime import distributed
 from t2t_jax.train import build_experiment, train_and_evaluate
 from tests.conftest import FAST_COMPILE_XLA_FLAGS, assert_params_close
 

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 
 from t2t_jax import bleu, checkpoint, selection
-from t2t_jax.data import batching, loader, parallel_text, prepare, tasks
+from t2t_jax.data import batching, loader, parallel_text, prepare, prepared, tasks
 from t2t_jax.data import planner as planner_lib
 from t2t_jax.data.batching import Position
 from t2t_jax.data.planner import uniforms
@@ -488,7 +488,7 @@ def test_a_new_workdir_borrows_the_tokenizer_of_prepared_ids(data_dir, corpus, t
     assert borrowed.model_proto == tokenizer.model_proto
     assert load_tokenizer(str(tmp_path / "second")).model_proto == tokenizer.model_proto
     config.data.spm_vocab_size = 299  # other settings: a tokenizer of their own
-    assert tasks.prepared_tokenizer(config.data) is None
+    assert prepared.prepared_tokenizer(config.data) is None
     assert prepare.find(config.data, tokenizer).key == dataset.key
 
 

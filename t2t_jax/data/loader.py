@@ -265,7 +265,7 @@ def _candidates(split: prepared.Split, sampler: Any, workers: int) -> prepared.C
     """The split's n-best candidates for subword sampling: with several processes, process 0
     computes them first, and the others then find them on a shared disk (or, on a disk of
     their own, compute their own copy)."""
-    from t2t_jax.distributed import process_0_first
+    from t2t_jax.runtime.distributed import process_0_first
 
     return process_0_first(
         lambda: prepared.ensure_candidates(split, sampler, sampler.sampling_nbest, workers),

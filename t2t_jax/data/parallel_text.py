@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from t2t_jax.data.algorithmic import text_pair_info
-from t2t_jax.data.tasks import files_from_config
+from t2t_jax.data.sources import files_from_config
 
 
 def read_lines(path: str) -> Iterator[str]:

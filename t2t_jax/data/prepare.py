@@ -31,7 +31,7 @@ import numpy as np
 import tqdm
 
 from t2t_jax import __version__, files
-from t2t_jax.data import prepared, tasks
+from t2t_jax.data import prepared, sources, tasks
 from t2t_jax.data.tokenizer import EOS_ID, Tokenizer
 
 CHUNK_EXAMPLES = 16_384
@@ -40,24 +40,11 @@ SHARD_MARKERS = (".tfrecord", ".array_record", "dataset_info.json")
 PREPARING = "preparing.json"  # an unfinished prepare: the source files' fingerprint
 
 
-def prepared_root(data_config: Any) -> str:
-    """Where prepared datasets live: `data.prepared_dir`, else beside the TFDS data."""
-    if data_config.get("prepared_dir"):
-        root = data_config.prepared_dir
-    else:
-        root = os.path.join(tasks.tfds_data_dir(data_config), "t2t_jax_prepared")
-    if files.is_url(root):
-        raise ValueError(
-            f"prepared ids are memory-mapped from a local disk, and {root} is not local: set "
-            "data.prepared_dir to a local directory (each host prepares its own copy)")
-    return os.path.abspath(os.path.expanduser(root))
-
-
 def dataset_directory(data_config: Any, tokenizer: Tokenizer) -> str:
     """The directory of the config's data tokenized by `tokenizer`."""
-    name, _ = tasks.dataset_identity(data_config)
+    name, _ = sources.dataset_identity(data_config)
     token = prepared.tokenizer_hash(tokenizer.to_json())[:16]
-    return os.path.join(prepared_root(data_config), name, token)
+    return os.path.join(sources.prepared_root(data_config), name, token)
 
 
 def _file_states(paths: list[str]) -> list[list]:
@@ -172,10 +159,10 @@ def prepare(data_config: Any, tokenizer: Tokenizer,
     """Makes (or finishes, or remakes) the config's prepared dataset for `tokenizer` from the
     TFDS builders of each split, and returns it."""
     directory = dataset_directory(data_config, tokenizer)
-    name, identity = tasks.dataset_identity(data_config)
-    sources = tasks.user_files(data_config)
-    sources += sorted({b.data_dir for b in split_builders.values()})
-    states = _file_states(sources)
+    name, identity = sources.dataset_identity(data_config)
+    inputs = sources.user_files(data_config)
+    inputs += sorted({b.data_dir for b in split_builders.values()})
+    states = _file_states(inputs)
     fingerprint = hashlib.sha256(json.dumps(states).encode()).hexdigest()[:16]
     _start_fresh_unless_resuming(directory, fingerprint)
     started = time.perf_counter()
@@ -192,7 +179,7 @@ def prepare(data_config: Any, tokenizer: Tokenizer,
     token = prepared.tokenizer_hash(tokenizer.to_json())
     manifest = {
         "format": prepared.FORMAT_VERSION, "name": name, "identity": identity,
-        "tokenizer": token, "tokenizer_settings": tasks.tokenizer_settings(data_config),
+        "tokenizer": token, "tokenizer_settings": sources.tokenizer_settings(data_config),
         "sources": states,
         "key": prepared.dataset_key(name, token, prepared.contents_hash(directory, splits)),
         "splits": splits, "t2t_jax": __version__, "seconds": time.perf_counter() - started,
@@ -236,7 +223,7 @@ def open_or_prepare(data_config: Any, tokenizer: Tokenizer,
         missing = bool(np.any(multihost_utils.process_allgather(np.array([missing]))))
     if not missing:
         return _same_on_every_host(found)
-    if not tasks.tensorflow_available():
+    if not sources.tensorflow_available():
         raise FileNotFoundError(
             f"no prepared ids for this config in {dataset_directory(data_config, tokenizer)}, "
             "and making them needs TensorFlow and TFDS: run `t2t-jax prepare --config CONFIG "

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from t2t_jax.data.tokenizer import EOS_ID
+from t2t_jax.data import sources
+from t2t_jax.data.tokenizer import EOS_ID, Tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -383,3 +384,24 @@ def _write_candidates(candidates: Candidates, side: str, results: Iterable, dtyp
     for kind, path in temporary.items():
         os.chmod(path, 0o644)  # as open() would have made it, not mkstemp's 0600
         os.replace(path, candidates.path(side, kind))
+
+
+def prepared_tokenizer(data_config: Any) -> tuple[str, Tokenizer] | None:
+    """(directory, tokenizer) of the newest complete prepared dataset of the config's data whose
+    tokenizer was made with the config's settings, or None: a new workdir then needs neither
+    TFDS nor a tokenizer training of its own."""
+    from t2t_jax.data.tokenizer import tokenizer_from_json
+
+    name, _ = sources.dataset_identity(data_config)
+    root = os.path.join(sources.prepared_root(data_config), name)
+    settings = sources.tokenizer_settings(data_config)
+    found = []
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+        dataset = open_prepared(os.path.join(root, entry))
+        if dataset and dataset.manifest.get("tokenizer_settings") == settings:
+            found.append((os.path.getmtime(os.path.join(dataset.directory, MANIFEST)),
+                          dataset.directory))
+    if not found:
+        return None
+    directory = max(found)[1]
+    return directory, tokenizer_from_json(open_prepared(directory).tokenizer_json())

@@ -1,11 +1,11 @@
 """The paper's model: attention, embeddings and positions, encoder, decoder, the Transformer."""
 
+from t2t_jax.model.embedding import shift_right
+from t2t_jax.model.models import build_model
 from t2t_jax.model.transformer import (
     DecoderOnlyLM,
     ModelConfig,
     Transformer,
-    build_model,
-    shift_right,
     unrolled_for_decoding,
 )
 

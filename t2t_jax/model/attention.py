@@ -13,6 +13,7 @@ from flax import linen as nn
 from t2t_jax.model.flash import flash_attention
 from t2t_jax.model.masks import AttentionMask, as_dense, segment_spans
 from t2t_jax.model.splash import splash_attention
+from t2t_jax.runtime import chips
 
 Array = jax.Array
 
@@ -98,10 +99,8 @@ def _compute_capability() -> tuple[int, int] | None:
     """The compute capability of the GPU being compiled for: a known GPU of the current mesh's
     kind (which may be only described, for ahead-of-time compilation), else the local GPU's.
     Read while tracing, where only the abstract mesh is at hand."""
-    from t2t_jax import topology
-
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    chip = topology.chip_of(device.device_kind) if device is not None else None
+    chip = chips.chip_of(device.device_kind) if device is not None else None
     if chip is not None and chip.gpu is not None:
         return chip.gpu.compute_capability
     capability = getattr(jax.devices()[0], "compute_capability", None)

@@ -1,5 +1,6 @@
-"""Token embeddings times sqrt(d_model) plus sinusoidal positional encoding (3.4, 3.5), and
-the pre-softmax projection that shares their weights."""
+"""Token embeddings times sqrt(d_model) plus sinusoidal positional encoding (3.4, 3.5), the
+pre-softmax projection that shares their weights, and the decoder's input tokens (the targets
+shifted right)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,14 @@ def _vocab_logits_backward(dtype, residuals, grad):
 
 
 vocab_logits.defvjp(_vocab_logits_forward, _vocab_logits_backward)
+
+
+def shift_right(targets: Array, segmentation: Array | None = None) -> Array:
+    """Decoder inputs: targets moved one step right with 0 (the start symbol) in front.
+
+    In packed rows each example starts again with 0 rather than the previous example's last token.
+    """
+    shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    if segmentation is not None:
+        shifted = shifted * (segmentation == jnp.pad(segmentation, ((0, 0), (1, 0)))[:, :-1])
+    return shifted

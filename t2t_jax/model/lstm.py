@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from t2t_jax.model.embedding import shift_right
+
 Array = jax.Array
 
 
@@ -37,8 +39,6 @@ class LSTMSeq2Seq(nn.Module):
     ) -> Array:
         """inputs [batch, src_len], targets [batch, tgt_len] ids (0 = padding) -> logits
         [batch, tgt_len, vocab] in float32."""
-        from t2t_jax.model.transformer import shift_right
-
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embedding")
         source_lengths = jnp.sum(inputs > 0, axis=1)

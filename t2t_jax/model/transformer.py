@@ -7,7 +7,6 @@ cross-attention.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ from t2t_jax.model.embedding import (
     POSITIONAL_ENCODINGS,
     Embedder,
     embedding_init,
+    shift_right,
     vocab_logits,
 )
 from t2t_jax.model.masks import AttentionMask
@@ -437,17 +437,6 @@ class Decoder(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def shift_right(targets: Array, segmentation: Array | None = None) -> Array:
-    """Decoder inputs: targets moved one step right with 0 (the start symbol) in front.
-
-    In packed rows each example starts again with 0 rather than the previous example's last token.
-    """
-    shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-    if segmentation is not None:
-        shifted = shifted * (segmentation == jnp.pad(segmentation, ((0, 0), (1, 0)))[:, :-1])
-    return shifted
-
-
 def _embedding(config: ModelConfig, name: str) -> nn.Embed:
     return nn.Embed(
         num_embeddings=config.vocab_size,
@@ -579,19 +568,3 @@ class DecoderOnlyLM(nn.Module):
         )
 
 
-def build_model(config: ModelConfig, platform: str | None = None) -> nn.Module:
-    """The module that `config.type` names, with `attention="auto"` resolved (logged) for
-    `platform`: the devices it will run on, by default the current mesh's or JAX's default
-    backend's (`attention.current_platform`)."""
-    if config.attention == "auto":
-        platform = platform or attn.current_platform()
-        chosen, why = attn.select_attention("auto", platform, config.dtype)
-        logging.info("model.attention=auto -> %s (%s)", chosen, why)
-        config = dataclasses.replace(config, attention=chosen)
-    if config.type == "decoder_only":
-        return DecoderOnlyLM(config)
-    if config.type == "lstm_seq2seq":
-        from t2t_jax.model.lstm import LSTMSeq2Seq
-
-        return LSTMSeq2Seq(config)
-    return Transformer(config)

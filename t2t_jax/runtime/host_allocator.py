@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 
-from t2t_jax import accelerator_probe
+from t2t_jax.runtime import accelerator_probe
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 # Set in the restarted process: the loop guard where the loader drops GLIBC_TUNABLES (it does

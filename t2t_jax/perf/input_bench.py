@@ -1,7 +1,7 @@
 """Is the input pipeline fast enough? Its examples/s and tokens/s from prepared ids (padded,
 packed, token-budget, with subword sampling on), with 0, 1 and 2 workers, next to plain-Python
 SentencePiece on the same lines and to the tokens/s the train step of the same config consumes
-(or, with `accelerator`, what one such accelerator consumes: `topology.INPUT_DEMAND`).
+(or, with `accelerator`, what one such accelerator consumes: `chips.INPUT_DEMAND`).
 
 The generated corpus is WMT-like: Zipf-distributed words from a 20,000-word vocabulary,
 sentence lengths around 25 words, and a target side that maps each word to another and swaps
@@ -19,9 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from t2t_jax import topology
 from t2t_jax.data import loader, prepare, tasks
 from t2t_jax.data.batching import Position
+from t2t_jax.runtime import chips
 
 
 def synthetic_corpus(directory: str, pairs: int = 100_000, seed: int = 0) -> dict[str, str]:
@@ -202,10 +202,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, num_batches: int, num_s
 
 def demand_ratios(rows: list[dict[str, Any]], accelerator: str) -> list[str]:
     """Lines saying what share of one accelerator's demand each prepared variant meets."""
-    if accelerator not in topology.INPUT_DEMAND:
+    if accelerator not in chips.INPUT_DEMAND:
         raise ValueError(f"unknown --accelerator {accelerator!r}; choose one of "
-                         f"{', '.join(topology.INPUT_DEMAND)}")
-    demand = topology.INPUT_DEMAND[accelerator]
+                         f"{', '.join(chips.INPUT_DEMAND)}")
+    demand = chips.INPUT_DEMAND[accelerator]
     lines = [f"{accelerator} consumes {demand.tokens_per_s:,.0f} tokens/s ({demand.source})"]
     for row in rows:
         if row["what"].startswith("prepared"):

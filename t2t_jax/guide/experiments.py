@@ -322,9 +322,9 @@ def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) ->
     """An LSTM encoder-decoder with attention of about the Transformer's parameter count:
     train step time against sequence length (the recurrence is sequential in length), and
     reversal accuracy after the same wall-clock budget of training."""
-    from t2t_jax import bench
     from t2t_jax.data.tasks import expected_vocab_size
     from t2t_jax.model import ModelConfig
+    from t2t_jax.perf import bench
 
     plt = _plt()
     configs = {"transformer": task_config("reverse", smoke, 0, data_dir)}

@@ -6,7 +6,7 @@ on random tokens: the mean time of steps dispatched back to back after a warm-up
 training runs them (the host queues the next step while the devices run this one); tokens/s;
 model FLOPs per step from the formula below (cross-checked against XLA's cost analysis); MFU
 against the device's peak; peak memory and compile time. A point that does not fit in memory
-is a row with `error`. `--profile` adds where the devices' time went (`t2t_jax/profiling.py`).
+is a row with `error`. `--profile` adds where the devices' time went (`t2t_jax/perf/profiling.py`).
 
 Model FLOPs (Kaplan et al. 2020 / PaLM appendix B conventions): a matmul of an [m, k] by a
 [k, n] matrix is 2*m*k*n FLOPs; per token, the forward pass costs 2 FLOPs per weight it
@@ -31,18 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from t2t_jax import profiling, sharding, topology
+from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.attention import select_attention
+from t2t_jax.perf import profiling
+from t2t_jax.runtime import chips
 from t2t_jax.train_step import Stepper, eval_step, make_rngs, make_step_fns
-
-# Dense bf16 peak FLOP/s per GPU, from the vendors' data sheets (no sparsity); TPUs' are in
-# `topology.CHIPS`.
-PEAK_FLOPS = {
-    "A100": 312e12,
-    "H100": 989e12,
-    "H200": 989e12,
-}
 
 COLUMNS = (
     "seq_len", "attention", "mode", "tokens_per_s", "step_time_s", "flops_per_step",
@@ -79,12 +73,9 @@ def device_peak_flops(matmul_size: int = 2048) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from): the table for known
     accelerators; on anything else, a float32 matmul measured now."""
     kind = jax.devices()[0].device_kind
-    chip = topology.chip_of(kind)
-    if chip is not None:
-        return chip.peak_flops, f"{kind}: data-sheet bf16 peak"
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak, f"{kind}: data-sheet bf16 peak"
+    peak = chips.peak_flops_of(kind)
+    if peak is not None:
+        return peak, f"{kind}: data-sheet bf16 peak"
     a = jnp.ones((matmul_size, matmul_size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     # The first few runs after compiling are slower (thread pools, clocks ramping up), and a

@@ -1,0 +1,1 @@
+"""The paper guide's experiments (docs/paper_guide.md)."""
