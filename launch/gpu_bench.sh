@@ -112,9 +112,13 @@ timeout_s=${POINT_TIMEOUT:-150}
 failed=()
 for name in "${selected[@]}"; do
   read -r -a args <<<"$(point_args "$name")"
-  args+=("${extra_args[@]}" --output "$out_dir/$name")
+  args+=("${extra_args[@]}")
+  if [[ ${args[0]} == train ]]; then
+    args+=(--workdir "$out_dir/$name/run")
+  else
+    args+=(--output "$out_dir/$name")
+  fi
   [[ $name == base ]] && args+=(--profile "$out_dir/$name/profile")
-  [[ ${args[0]} == train ]] && args+=(--workdir "$out_dir/$name/run")
   xla_flags=${XLA_FLAGS:-}
   point_flags=$(point_xla_flags "$name")
   [[ -n $point_flags ]] && xla_flags="${xla_flags:+$xla_flags }$point_flags"

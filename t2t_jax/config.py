@@ -33,7 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # XLA's deterministic GPU kernels (--xla_gpu_deterministic_ops; scatter-adds such as the
     # embedding gradient get slower): two runs with one seed give bit-identical checkpoints.
-    # CPU and TPU runs are deterministic either way. The CLI sets it before JAX starts.
+    # CPU and TPU runs are deterministic either way. train_and_evaluate (and the command line,
+    # earlier) set it before JAX starts: `train.apply_process_settings`.
     config.deterministic = False
 
     config.model = ml_collections.ConfigDict()

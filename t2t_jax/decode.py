@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from t2t_jax import checkpoint, search, sharding
-from t2t_jax.data.tokenizer import EOS_ID, Tokenizer
+from t2t_jax.data.tokenizer import EOS_ID, Tokenizer, UnknownSymbol
 from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
 
 Array = jax.Array
@@ -355,13 +355,24 @@ def decode_ids(
     return results, stats
 
 
+def encode_numbered(tokenizer: Tokenizer, lines: Sequence[str], what: str) -> list[list[int]]:
+    """Each line's token ids; an unknown symbol is an error that names its line (1-based)."""
+    encoded = []
+    for number, line in enumerate(lines, 1):
+        try:
+            encoded.append(tokenizer.encode(line))
+        except UnknownSymbol as error:
+            raise UnknownSymbol(f"{what} line {number}: {error}") from None
+    return encoded
+
+
 def encode_lines(
     decoder: Decoder, lines: Sequence[str]
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids (EOS appended) of each line, cut to the model's source length, and the 1-based
     numbers of the lines that were cut."""
     cap = decoder.max_source_length
-    encoded = [decoder.tokenizer.encode(line) + [EOS_ID] for line in lines]
+    encoded = [ids + [EOS_ID] for ids in encode_numbered(decoder.tokenizer, lines, "input")]
     cut = [n + 1 for n, ids in enumerate(encoded) if len(ids) > cap]
     return [ids[: cap - 1] + [EOS_ID] if len(ids) > cap else ids for ids in encoded], cut
 
@@ -400,10 +411,21 @@ def translate_stream(
     lines: Iterable[str],
     write: Callable[[list[Hypothesis]], None],
     options: DecodeOptions = DecodeOptions(),
+    on_error: Callable[[str], None] | None = None,
 ) -> None:
     """Line-by-line use: decodes each line as it arrives and hands its hypotheses to `write`
-    before reading the next. Every line has the full source length, so this compiles once."""
+    before reading the next. Every line has the full source length, so this compiles once. A
+    line with a symbol outside the vocabulary goes to `on_error` (its number and the symbol)
+    and the next is read; without `on_error` it raises."""
     options = dataclasses.replace(options, batch_size=1, fixed_length=True)
-    for line in lines:
-        results, _ = translate(decoder, [line.rstrip("\r\n")], options)
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        try:
+            decoder.tokenizer.encode(line)
+        except UnknownSymbol as error:
+            if on_error is None:
+                raise UnknownSymbol(f"input line {number}: {error}") from None
+            on_error(f"line {number}: {error}")
+            continue
+        results, _ = translate(decoder, [line], options)
         write(results[0])

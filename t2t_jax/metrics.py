@@ -172,3 +172,42 @@ def summarize_eval(sums: Mapping[str, Any], prefix: str) -> dict[str, float]:
         f"{prefix}_loss": float(sums["loss"]) / weight,
         f"{prefix}_accuracy": float(sums["correct"]) / weight,
     }
+
+
+class ProgressLines:
+    """A line of text every `train.log_every` steps where no progress bar is seen: when stdout
+    or stderr is not a terminal (`make train | tee log`, a batch job's log file), which tqdm
+    leaves without a bar. On stdout, so that a piped or redirected run's log has them."""
+
+    def __init__(self, num_steps: int, enabled: bool):
+        self.num_steps = num_steps
+        self.enabled = enabled
+
+    @classmethod
+    def where_unseen(cls, num_steps: int, is_main: bool) -> ProgressLines:
+        import sys
+
+        terminal = sys.stdout.isatty() and sys.stderr.isatty()
+        return cls(num_steps, is_main and not terminal)
+
+    def line(self, step: int, row: Mapping[str, float]) -> str:
+        """`step 200/1500: loss 1.2345, accuracy 0.6789, 12,345 tokens/s, input wait 1.2%,
+        ETA 3m 12s` (the ETA at the last interval's step time, evaluations aside)."""
+        step_time = row["step_time_s"]
+        wait = row["input_wait_s"] / step_time if step_time > 0 else 0.0
+        return (f"step {step}/{self.num_steps}: loss {row['loss']:.4f}, accuracy "
+                f"{row['accuracy']:.4f}, {row['tokens_per_s']:,.0f} tokens/s, input wait "
+                f"{wait:.1%}, ETA {_duration((self.num_steps - step) * step_time)}")
+
+    def write(self, step: int, row: Mapping[str, float]) -> None:
+        if self.enabled:
+            print(self.line(step, row), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"

@@ -18,7 +18,13 @@ from flax import linen as nn
 
 from t2t_jax import sharding
 from t2t_jax.data.tokenizer import EOS_ID
-from t2t_jax.decode import Decoder, bucket_length, encode_lines, length_sorted_batches
+from t2t_jax.decode import (
+    Decoder,
+    bucket_length,
+    encode_lines,
+    encode_numbered,
+    length_sorted_batches,
+)
 from t2t_jax.train_step import cross_entropy_sums, model_kwargs
 
 Array = jax.Array
@@ -86,7 +92,8 @@ def score_pairs(
         raise ValueError(f"--source has {len(sources)} lines and --target {len(targets)}; "
                          "score needs one target line per source line")
     encoded_sources, _ = encode_lines(decoder, sources)
-    encoded_targets = [decoder.tokenizer.encode(t) + [EOS_ID] for t in targets]
+    encoded_targets = [ids + [EOS_ID] for ids in encode_numbered(decoder.tokenizer, targets,
+                                                                   "target")]
     lengths = [len(s) + len(t) for s, t in zip(encoded_sources, encoded_targets, strict=True)]
     scores: list[PairScore] = [PairScore(0.0, 0)] * len(sources)
     start = time.perf_counter()

@@ -44,6 +44,32 @@ class Experiment:
     steps_per_epoch: float | None = None  # worked out when training by train.num_epochs
 
 
+DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def apply_process_settings(config: ml_collections.ConfigDict) -> None:
+    """The process-wide settings a config asks for, which must be in place before JAX starts its
+    backends: `deterministic` adds XLA's deterministic GPU ops to XLA_FLAGS. `train_and_evaluate`
+    calls it, and the command line earlier (before the distributed runtime starts). Where JAX
+    already runs on a GPU without the flag, it can no longer apply: a one-line error says so.
+    CPU and TPU runs are deterministic either way."""
+    if not config.deterministic:
+        return
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_GPU_FLAG in xla_flags.split():
+        return
+    from jax._src import xla_bridge  # whether the backends started: no public API says
+
+    if xla_bridge.backends_are_initialized():
+        if jax.default_backend() == "gpu":
+            raise ValueError(
+                "deterministic=True needs XLA_FLAGS=--xla_gpu_deterministic_ops=true before JAX "
+                "starts, and JAX already runs on the GPU: set it in the environment, or call "
+                "train_and_evaluate before any JAX computation")
+        return
+    os.environ["XLA_FLAGS"] = f"{xla_flags} {DETERMINISTIC_GPU_FLAG}".strip()
+
+
 def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
     """JAX's persistent compilation cache, so a restart does not recompile."""
     cache_dir = config.train.compilation_cache_dir
@@ -343,13 +369,14 @@ class Run:
 class LoopParts:
     """What the loop keeps besides the state: its input (the host iterator, whose position a
     checkpoint saves, and the batches in flight to the devices), the kept checkpoints, the
-    progress bar and the preemption watch."""
+    progress bar (or lines) and the preemption watch."""
 
     batches: loader.TrainInput
     device_batches: DevicePrefetcher
     kept: selection.KeptCheckpoints
     progress: tqdm.tqdm
     preemption: PreemptionWatch
+    lines: metrics.ProgressLines  # the bar's figures as text, where no bar is seen
 
 
 def train_and_evaluate(
@@ -358,6 +385,7 @@ def train_and_evaluate(
     """Trains to `train.num_steps`, or for `train.num_epochs` (resuming from WORKDIR/checkpoints)
     on `devices` (default: all) and returns the last metrics, eval and test included, and decoded
     `samples`."""
+    apply_process_settings(config)
     workdir = checkpoint.absolute(workdir)
     enable_compilation_cache(config, workdir)
     selection.check_select_by(config.train)
@@ -439,7 +467,8 @@ def _train_loop(run: Run, state: TrainState, start: int) -> dict[str, Any]:
     kept = selection.KeptCheckpoints(run.workdir, config, exp.tokenizer, is_main)
     parts = None
     try:
-        parts = LoopParts(*_open_device_input(run, start), kept, progress, preemption)
+        lines = metrics.ProgressLines.where_unseen(config.train.num_steps, is_main)
+        parts = LoopParts(*_open_device_input(run, start), kept, progress, preemption, lines)
         last = _loop(run, parts, state, start)
     finally:
         if parts is not None:
@@ -498,6 +527,7 @@ def _loop(run: Run, parts: LoopParts, state: TrainState, start: int) -> dict:
                 last["epoch"] = step / exp.steps_per_epoch
             _write(writer, step, last)
             parts.progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+            parts.lines.write(step, last)
             sums, tick, waited = None, time.perf_counter(), 0.0
         dev_scores = {}
         if step % config.train.eval_every == 0 or step == num_steps:

@@ -37,9 +37,12 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-# Imported before anything starts JAX's backends: its probe (accelerator_probe) names the
-# platforms where no TPU or GPU is present, as the command line's processes get them.
-import t2t_jax  # noqa: E402, F401
+# Before anything starts JAX's backends, as the command line's entry point does: where no TPU
+# or GPU is present, the probes are quietened and the CPU named (the processes tests launch
+# inherit the environment).
+from t2t_jax.runtime.accelerator_probe import quiet_without_accelerators  # noqa: E402
+
+quiet_without_accelerators()
 
 tf.config.set_visible_devices([], "GPU")
 tfds.display_progress_bar(False)

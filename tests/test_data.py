@@ -55,12 +55,15 @@ def test_unknown_task_is_a_clear_error():
         pairs("rev")
 
 
-def test_builder_prepares_three_splits_with_a_longer_test(data_dir):
+def test_builder_prepares_three_splits_with_a_longer_test(tmp_path, capfd):
     builder = algorithmic.algorithmic_builder(
-        data_dir, task="reverse", max_length=5, test_max_length=9, num_train=40,
+        str(tmp_path), task="reverse", max_length=5, test_max_length=9, num_train=40,
         num_validation=10, num_test=10,
     )
     builder.download_and_prepare()
+    said = capfd.readouterr().out
+    assert f"generating dataset algorithmic_tasks/{builder.builder_config.name}" in said
+    assert "ownload" not in said  # nothing is downloaded, and none is said to be
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
         "train": 40, "validation": 10, "test": 10
     }

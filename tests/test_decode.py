@@ -505,3 +505,21 @@ def test_a_workdir_written_before_the_reorganisation_decodes_and_scores_as_it_di
     scores, _ = score_pairs(decoder, expected["sources"], expected["targets"])
     np.testing.assert_allclose([s.log_prob for s in scores], expected["score_log_probs"],
                                atol=2e-5)
+
+
+def test_a_symbol_outside_the_vocabulary_is_an_error_naming_it_and_its_line():
+    from t2t_jax.data.tokenizer import UnknownSymbol
+    from t2t_jax.decode import translate_stream
+
+    decoder = load_decoder(os.path.join(os.path.dirname(__file__), "golden", "reverse_workdir"))
+    greedy = DecodeOptions(search=Search(beam_size=1))
+    with pytest.raises(UnknownSymbol, match=r"input line 2: symbol 'x' is not in the model's "
+                                            r"vocabulary \(0 1 2 3 4 5 6 7 8 9\)"):
+        translate(decoder, ["3 1 4", "1 2 x 3"], greedy)
+    # Typed line by line, the bad line is reported and the next one still answered.
+    outputs, errors = [], []
+    translate_stream(decoder, ["1 2 x 3\n", "3 1 4\n"], lambda h: outputs.append(h[0].text),
+                     greedy, on_error=errors.append)
+    assert errors == ["line 1: symbol 'x' is not in the model's vocabulary "
+                      "(0 1 2 3 4 5 6 7 8 9)"]
+    assert outputs == ["4 1 3"]

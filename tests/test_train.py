@@ -645,3 +645,14 @@ def test_scanned_layers_train_sharded_and_decode_unrolled(tiny_config, tmp_path)
     outputs = best_texts(translate(decoder, sources, options)[0])
     # The training loop's greedy samples (scanned params, unstacked) match the CLI's decoder.
     assert outputs == [output for _, _, output in result["samples"]]
+
+
+def test_progress_lines_give_step_loss_speed_wait_and_eta():
+    from t2t_jax.metrics import ProgressLines
+
+    row = {"loss": 1.23456, "accuracy": 0.5, "tokens_per_s": 12345.6, "step_time_s": 0.5,
+           "input_wait_s": 0.01}
+    assert ProgressLines(1500, True).line(300, row) == (
+        "step 300/1500: loss 1.2346, accuracy 0.5000, 12,346 tokens/s, input wait 2.0%, "
+        "ETA 10m 00s")
+    assert ProgressLines(100_000, True).line(0, row).endswith("ETA 13h 53m")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from t2t_jax.data.algorithmic import text_pair_info
+from t2t_jax.data.algorithmic import SaysWhatItPrepares, text_pair_info
 from t2t_jax.data.sources import files_from_config
 
 
@@ -78,8 +78,10 @@ class ParallelTextConfig(tfds.core.BuilderConfig):
     files: tuple = ()
 
 
-class ParallelText(tfds.core.GeneratorBasedBuilder):
+class ParallelText(SaysWhatItPrepares, tfds.core.GeneratorBasedBuilder):
     """Local parallel text; splits train, validation and test as far as files are given."""
+
+    PREPARES = "reading your files into"
 
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {

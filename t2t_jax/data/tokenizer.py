@@ -41,6 +41,10 @@ class Tokenizer(Protocol):
     def to_json(self) -> dict: ...
 
 
+class UnknownSymbol(ValueError):
+    """An input symbol that a SymbolTokenizer's vocabulary does not hold."""
+
+
 class SymbolTokenizer:
     """One id per whitespace-separated symbol; the pipeline, not this, appends EOS."""
 
@@ -55,7 +59,15 @@ class SymbolTokenizer:
         return len(self.symbols)
 
     def encode(self, text: str) -> list[int]:
-        return [self._ids.get(symbol, UNK_ID) for symbol in text.split()]
+        """The ids of the symbols; a symbol outside the vocabulary is an UnknownSymbol error,
+        never a silent <unk>: the tasks' symbols are all known, so one that is not is a
+        mistake in the input."""
+        try:
+            return [self._ids[symbol] for symbol in text.split()]
+        except KeyError as error:
+            shown = " ".join(self.symbols[len(RESERVED):][:40])
+            raise UnknownSymbol(f"symbol {error.args[0]!r} is not in the model's vocabulary "
+                                f"({shown})") from None
 
     def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
         return [self.encode(text) for text in texts]
