@@ -23,7 +23,6 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import linen as nn
@@ -31,8 +30,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from t2t_jax import checkpoint, search, sharding
+from t2t_jax.data.batching import bucket_length
 from t2t_jax.data.tokenizer import EOS_ID, Tokenizer, UnknownSymbol
 from t2t_jax.model import ModelConfig, build_model, unrolled_for_decoding
+from t2t_jax.model.models import ModelType, model_type
 
 Array = jax.Array
 
@@ -40,78 +41,13 @@ Array = jax.Array
 # --- models as step functions over a cache ------------------------------------------------
 
 
-def init_cache(
-    model: nn.Module, params: Any, encoded: Array, inputs: Array, max_length: int
-) -> Any:
-    """The encoder-decoder's key/value cache for up to `max_length` output tokens, with the
-    encoder output's cross-attention keys and values computed once, here."""
-    dummy = jnp.ones((inputs.shape[0], max_length), jnp.int32)
-    _, variables = model.apply(
-        {"params": params}, encoded, inputs, dummy, cache_mode="init", mutable=["cache"],
-        method=model.decode,
-    )
-    return variables["cache"]
-
-
-def decode_step(
-    model: nn.Module, params: Any, cache: Any, encoded: Array, inputs: Array, last: Array
-) -> tuple[Array, Any]:
-    """One incremental encoder-decoder step: last tokens [batch] (0 at the start) ->
-    next-token logits [batch, vocab] and the updated cache."""
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, encoded, inputs, last[:, None], cache_mode="step",
-        mutable=["cache"], method=model.decode,
-    )
-    return logits[:, 0], variables["cache"]
-
-
-def init_lm_cache(model: nn.Module, params: Any, rows: int, max_length: int) -> Any:
-    """The decoder-only model's key/value cache for sequences of up to `max_length` tokens."""
-    dummy = jnp.ones((rows, max_length), jnp.int32)
-    _, variables = model.apply({"params": params}, dummy, cache_mode="init", mutable=["cache"])
-    return variables["cache"]
-
-
-def lm_step(model: nn.Module, params: Any, cache: Any, last: Array) -> tuple[Array, Any]:
-    """One incremental decoder-only step: last tokens [batch] (0 at the start) -> next-token
-    logits [batch, vocab] and the updated cache."""
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, last[:, None], cache_mode="step", mutable=["cache"]
-    )
-    return logits[:, 0], variables["cache"]
-
-
-def _start_model(
-    model: nn.Module, params: Any, inputs: Array, copies: int, length: int
-) -> tuple[search.StepFn, Any]:
-    """(step function giving log-probs, initial cache) for one model, with each input row
-    repeated `copies` times (beams). The decoder-only model's cache spans prompt and output."""
-    if model.config.type == "decoder_only":
-        cache = init_lm_cache(model, params, inputs.shape[0] * copies, length)
-
-        def step(cache, last):
-            logits, cache = lm_step(model, params, cache, last)
-            return jax.nn.log_softmax(logits), cache
-
-        return step, cache
-    encoded = model.apply({"params": params}, inputs, method=model.encode)
-    inputs, encoded = jnp.repeat(inputs, copies, axis=0), jnp.repeat(encoded, copies, axis=0)
-    cache = init_cache(model, params, encoded, inputs, length)
-
-    def step(cache, last):
-        logits, cache = decode_step(model, params, cache, encoded, inputs, last)
-        return jax.nn.log_softmax(logits), cache
-
-    return step, cache
-
-
 def start_ensemble(
     models: Sequence[nn.Module], params: Sequence[Any], inputs: Array, copies: int, length: int
 ) -> tuple[search.StepFn, Any]:
     """One step function for several models: the mean of their log-probs (one model: its own,
     unchanged); the cache is the tuple of theirs."""
-    started = [_start_model(m, p, inputs, copies, length) for m, p in zip(models, params,
-                                                                             strict=True)]
+    started = [model_type(m.config).start_search(m, p, inputs, copies, length)
+               for m, p in zip(models, params, strict=True)]
 
     def step(caches, last):
         outs = [model_step(cache, last) for (model_step, _), cache in zip(started, caches,
@@ -161,13 +97,7 @@ def search_batch(
     encoder-decoder's sources, or the decoder-only model's prompts. Returns `settings.nbest`
     hypotheses per row over a buffer of `output_length` tokens (decoder-only: src_len +
     output_length, the prompt in front)."""
-    batch, source_length = inputs.shape
-    if models[0].config.type == "decoder_only":
-        prompt = jnp.pad(inputs, ((0, 0), (0, output_length)))
-        start = jnp.sum(inputs > 0, axis=1).astype(jnp.int32)
-    else:
-        prompt = jnp.zeros((batch, output_length), jnp.int32)
-        start = jnp.zeros((batch,), jnp.int32)
+    prompt, start = model_type(models[0].config).search_buffer(inputs, output_length)
     step, cache = start_ensemble(models, params, inputs, settings.beam_size, prompt.shape[1])
     if settings.beam_size > 1:
         return search.beam_search(
@@ -229,8 +159,8 @@ class Decoder:
         return self.models[0]
 
     @property
-    def model_type(self) -> str:
-        return self.models[0].config.type
+    def model_type(self) -> ModelType:
+        return model_type(self.models[0].config)
 
     def place_batch(self, rows: np.ndarray) -> Array:
         """Rows split over the local devices (the data axis) when they divide evenly."""
@@ -290,11 +220,6 @@ def load_decoder(
                    config.data.test_max_source_length)
 
 
-def bucket_length(length: int, cap: int) -> int:
-    """Lengths rounded up to a multiple of 16 (few compilations), at most `cap`."""
-    return min(cap, max(16, -(-length // 16) * 16))
-
-
 def _strip(ids: np.ndarray) -> list[int]:
     ids = list(ids)
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
@@ -340,7 +265,7 @@ def decode_ids(
             )
             tokens, log_prob, score = (np.asarray(x) for x in found)
             for row, i in enumerate(rows):
-                begin = len(encoded[i]) if decoder.model_type == "decoder_only" else 0
+                begin = decoder.model_type.output_begin(len(encoded[i]))
                 results[i] = [
                     Hypothesis(_strip(tokens[row, n, begin:]), float(log_prob[row, n]),
                                float(score[row, n]))

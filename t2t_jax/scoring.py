@@ -20,7 +20,6 @@ from t2t_jax import sharding
 from t2t_jax.data.tokenizer import EOS_ID
 from t2t_jax.decode import (
     Decoder,
-    bucket_length,
     encode_lines,
     encode_numbered,
     length_sorted_batches,
@@ -56,31 +55,6 @@ def score_batch(model: nn.Module, params: Any, batch: dict[str, Array]) -> tuple
     return -sums["loss"], sums["weight"]
 
 
-def _pair_rows(
-    model_type: str, sources: list[list[int]], targets: list[list[int]], rows: list[int],
-    batch_size: int, source_cap: int,
-) -> dict[str, np.ndarray]:
-    """One padded batch: the encoder-decoder's inputs and targets, or the decoder-only model's
-    one sequence (source then target) with the loss on the target part."""
-    if model_type == "decoder_only":
-        length = bucket_length(max(len(sources[i]) + len(targets[i]) for i in rows), 1 << 30)
-        batch = {"targets": np.zeros((batch_size, length), np.int32),
-                 "loss_mask": np.zeros((batch_size, length), np.int32)}
-        for row, i in enumerate(rows):
-            source, target = sources[i], targets[i]
-            batch["targets"][row, : len(source) + len(target)] = source + target
-            batch["loss_mask"][row, len(source) : len(source) + len(target)] = 1
-        return batch
-    source_length = bucket_length(max(len(sources[i]) for i in rows), source_cap)
-    target_length = bucket_length(max(len(targets[i]) for i in rows), 1 << 30)
-    batch = {"inputs": np.zeros((batch_size, source_length), np.int32),
-             "targets": np.zeros((batch_size, target_length), np.int32)}
-    for row, i in enumerate(rows):
-        batch["inputs"][row, : len(sources[i])] = sources[i]
-        batch["targets"][row, : len(targets[i])] = targets[i]
-    return batch
-
-
 def score_pairs(
     decoder: Decoder, sources: Sequence[str], targets: Sequence[str], batch_size: int = 64
 ) -> tuple[list[PairScore], dict[str, float]]:
@@ -99,8 +73,8 @@ def score_pairs(
     start = time.perf_counter()
     with sharding.activate(decoder.mesh):
         for rows in length_sorted_batches(lengths, batch_size):
-            batch = _pair_rows(decoder.model_type, encoded_sources, encoded_targets, rows,
-                               batch_size, decoder.max_source_length)
+            batch = decoder.model_type.scoring_batch(encoded_sources, encoded_targets, rows,
+                                                     batch_size, decoder.max_source_length)
             batch = {k: decoder.place_batch(v) for k, v in batch.items()}
             log_prob, tokens = (np.asarray(x) for x in score_batch(
                 decoder.model, decoder.params[0], batch))

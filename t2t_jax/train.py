@@ -23,11 +23,12 @@ from flax import linen as nn
 
 from t2t_jax import bleu, checkpoint, decode, files, metrics, selection, sharding
 from t2t_jax.config import check_retired
-from t2t_jax.data import batching, loader, prepare, prepared, tasks
+from t2t_jax.data import loader, prepare, prepared, tasks
 from t2t_jax.data import planner as planner_lib
 from t2t_jax.data.batching import Position
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.model.models import model_type
 from t2t_jax.train_step import Stepper, TrainState, accumulate, make_rngs, make_step_fns
 
 
@@ -81,8 +82,9 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
 
 
 def train_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
-    lengths = batching.Lengths(config.data.max_source_length, config.data.max_target_length)
-    return lengths.feature_lengths(config.model.type)
+    """The features of a train batch and their lengths, as the config's model type lays them."""
+    return model_type(config.model).feature_lengths(config.data.max_source_length,
+                                                    config.data.max_target_length)
 
 
 def build_experiment(

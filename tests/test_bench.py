@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from t2t_jax.model import ModelConfig
+from t2t_jax.model import ModelConfig, models
 from t2t_jax.perf import bench, hlo, profiling
 from tests.conftest import FAST_COMPILE_XLA_FLAGS
 
@@ -20,8 +20,8 @@ def test_flops_formula_counts_the_base_model():
     per_source = 2 * 6 * (attention + 2 * d * f)
     per_target = 2 * (6 * (2 * attention + 2 * d * f) + d * 37_000)
     forward = 8 * s * (per_source + per_target)
-    assert bench.model_flops_per_step(config, 8, s, "forward") == forward
-    assert bench.model_flops_per_step(config, 8, s, "train") == 3 * forward
+    assert models.model_type(config).flops_per_step(8, s, "forward") == forward
+    assert models.model_type(config).flops_per_step(8, s, "train") == 3 * forward
 
 
 def test_bench_on_a_tiny_config_is_consistent(tiny_config, tmp_path):
@@ -73,9 +73,8 @@ def test_bench_decode_mode_times_greedy_generation(tiny_config, model_type):
     assert p.step_time_s > 0
     rows = max(jax.device_count(), 64 // 8 // jax.device_count() * jax.device_count())
     assert p.tokens_per_s == pytest.approx(rows * 8 / p.step_time_s)
-    assert p.flops_per_step == bench.model_flops_per_step(
-        ModelConfig.from_config(dict(tiny_config.model), 13), rows, 8, "forward"
-    )
+    assert p.flops_per_step == models.model_type(
+        ModelConfig.from_config(dict(tiny_config.model), 13)).flops_per_step(rows, 8, "forward")
 
 
 def test_bench_profile_breaks_device_time_down(tiny_config, tmp_path):
@@ -170,8 +169,8 @@ def test_bench_decode_mode_times_beam_search(tiny_config):
     with pytest.raises(ValueError, match="--steps must be at least 1"):
         bench.run_bench(tiny_config, 13, [8], ["xla"], "decode", batch_tokens=64, steps=0)
     rows = max(jax.device_count(), 64 // 8 // jax.device_count() * jax.device_count())
-    assert p.flops_per_step == bench.model_flops_per_step(
-        ModelConfig.from_config(tiny_config.model, 13), rows * 4, 8, "forward")
+    assert p.flops_per_step == models.model_type(
+        ModelConfig.from_config(tiny_config.model, 13)).flops_per_step(rows * 4, 8, "forward")
     assert "beam4" in bench.format_table(points)[1]
 
 

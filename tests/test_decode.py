@@ -72,7 +72,7 @@ def test_greedy_lm_keeps_the_prompt_and_matches_an_uncached_reference():
 
 
 def test_cached_lm_logits_equal_uncached_logits_at_every_step():
-    from t2t_jax.decode import init_lm_cache, lm_step
+    from t2t_jax.model.models import init_lm_cache, lm_step
 
     model, params = init("decoder_only")
     tokens = jnp.array([[5, 6, EOS_ID, 7, 8, EOS_ID, 3], [7, EOS_ID, 4, 4, 9, 9, 9]])
@@ -195,7 +195,7 @@ def test_decode_command_reads_stdin_and_writes_stdout_in_order(mesh_trained_work
 
 
 def test_cached_decoding_gives_the_uncached_logits_at_every_step():
-    from t2t_jax.decode import decode_step, init_cache
+    from t2t_jax.model.models import decode_step, init_cache
 
     model, params = init("encoder_decoder")
     inputs = jnp.array([[5, 6, 7, EOS_ID, 0], [8, 9, EOS_ID, 0, 0]])

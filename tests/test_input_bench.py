@@ -53,11 +53,11 @@ def test_bench_input_rows_are_consistent_and_written_as_json(tmp_path, data_dir)
 
 def test_demand_figures_follow_from_the_data_sheets_and_the_flops_formula():
     from t2t_jax.model import ModelConfig
-    from t2t_jax.perf.bench import model_flops_per_step
+    from t2t_jax.model.models import model_type
     from t2t_jax.runtime.chips import CHIPS, GPUS, INPUT_DEMAND
 
     base = ModelConfig(vocab_size=37_000)
-    per_target_token = model_flops_per_step(base, 1, 512, "train") / 512
+    per_target_token = model_type(base).flops_per_step(1, 512, "train") / 512
     assert per_target_token == pytest.approx(434.5e6, rel=1e-3)
     for name, chip in (("h100", GPUS["h100"]), ("v5e", CHIPS["v5e"])):
         assert INPUT_DEMAND[name].tokens_per_s == pytest.approx(

@@ -331,3 +331,27 @@ def test_cudnn_falls_back_to_the_einsum_path_where_it_cannot_run(caplog):
         q[..., :6].astype(jnp.bfloat16), k, "gpu"
     )
     assert attention.cudnn_unsupported(q.astype(jnp.bfloat16), k, "gpu") is None
+
+
+def test_each_model_type_is_one_class_and_the_lstm_names_what_it_cannot_do():
+    from t2t_jax.model.models import MODEL_CLASSES, NotSupported, model_type
+    from t2t_jax.model.transformer import MODEL_TYPES
+
+    assert tuple(MODEL_CLASSES) == MODEL_TYPES
+    lm = model_type(ModelConfig(**TINY, type="decoder_only"))
+    seq2seq = model_type("encoder_decoder")
+    assert lm.feature_lengths(3, 5) == {"targets": 8, "loss_mask": 8}
+    assert seq2seq.feature_lengths(3, 5) == {"inputs": 3, "targets": 5}
+    assert lm.split_length(9) == (4, 5) and seq2seq.split_length(9) == (9, 9)
+    assert lm.output_begin(4) == 4 and seq2seq.output_begin(4) == 0
+    config = ModelConfig(**TINY, type="lstm_seq2seq")
+    lstm = model_type(config)
+    assert lstm.feature_lengths(3, 5) == {"inputs": 3, "targets": 5}  # it trains and scores
+    module = build_model(config)
+    params = module.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32),
+                         jnp.ones((1, 3), jnp.int32))["params"]
+    for unsupported in (lambda: lstm.start_search(module, params, jnp.ones((1, 3)), 1, 4),
+                        lambda: lstm.flops_per_step(1, 8, "train")):
+        with pytest.raises(NotSupported, match="is not supported for lstm_seq2seq") as error:
+            unsupported()
+        assert "\n" not in str(error.value)

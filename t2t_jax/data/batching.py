@@ -38,8 +38,10 @@ class Lengths:
     source: int
     target: int
 
-    def feature_lengths(self, model_type: str) -> dict[str, int]:
-        if model_type == "decoder_only":
+    def feature_lengths(self, joined: bool = False) -> dict[str, int]:
+        """The token features of a batch and their lengths: inputs and targets, or `joined`,
+        the one sequence of source then target with its loss mask (`ModelType`'s layout)."""
+        if joined:
             return {"targets": self.source + self.target, "loss_mask": self.source + self.target}
         return {"inputs": self.source, "targets": self.target}
 
@@ -72,7 +74,7 @@ class Layout:
 
     @property
     def feature_lengths(self) -> dict[str, int]:
-        return self.lengths.feature_lengths("decoder_only" if self.decoder_only else "")
+        return self.lengths.feature_lengths(self.decoder_only)
 
     def pieces(self, source: np.ndarray, target: np.ndarray) -> np.ndarray:
         """int32 [n, 2]: how many source and target tokens of each example a row takes (cut
@@ -389,3 +391,8 @@ def gather(sources: dict[str, tuple[np.ndarray, np.ndarray]], sizes: np.ndarray,
                 within = within + np.repeat(sizes[:, 0], sizes[:, i])
             batch[f"{name}_position"].reshape(-1)[where] = within
     return batch
+
+
+def bucket_length(length: int, cap: int) -> int:
+    """Lengths rounded up to a multiple of 16 (few compilations), at most `cap`."""
+    return min(cap, max(16, -(-length // 16) * 16))

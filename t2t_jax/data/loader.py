@@ -219,9 +219,11 @@ def eval_batches(split: prepared.Split, layout: Layout, batch_size: int,
 
 def train_layout(config: Any) -> Layout:
     """The layout of the config's train batches."""
+    from t2t_jax.model.models import model_type  # the model decides its rows' layout
+
     data = config.data
     return Layout(batching.Lengths(data.max_source_length, data.max_target_length),
-                  config.model.type == "decoder_only", bool(data.packing),
+                  model_type(config.model).joins_source_and_target, bool(data.packing),
                   config.model.max_segments_per_row, data.overlong)
 
 
@@ -231,7 +233,9 @@ def eval_layout(config: Any, split: str) -> Layout:
     prefix = "test_" if split == "test" else ""
     lengths = batching.Lengths(data[f"{prefix}max_source_length"],
                                data[f"{prefix}max_target_length"])
-    return Layout(lengths, config.model.type == "decoder_only")
+    from t2t_jax.model.models import model_type
+
+    return Layout(lengths, model_type(config.model).joins_source_and_target)
 
 
 def sampling_tokenizer(config: Any, tokenizer: Any) -> Any:

@@ -1,7 +1,7 @@
 """The paper's model: attention, embeddings and positions, encoder, decoder, the Transformer."""
 
 from t2t_jax.model.embedding import shift_right
-from t2t_jax.model.models import build_model
+from t2t_jax.model.models import build_model, model_type
 from t2t_jax.model.transformer import (
     DecoderOnlyLM,
     ModelConfig,
@@ -14,6 +14,7 @@ __all__ = [
     "ModelConfig",
     "Transformer",
     "build_model",
+    "model_type",
     "shift_right",
     "unrolled_for_decoding",
 ]

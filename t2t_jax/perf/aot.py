@@ -39,10 +39,10 @@ from jax.sharding import PartitionSpec as P
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.attention import cudnn_version, select_attention
+from t2t_jax.model.models import model_type
 from t2t_jax.perf import hlo, topology
 from t2t_jax.perf.aot_args import abstract, global_rows, train_step_args
 from t2t_jax.perf.aot_collectives import collectives
-from t2t_jax.perf.bench import model_flops_per_step
 from t2t_jax.runtime import chips
 from t2t_jax.runtime.xla_flags import gpu_compiler_options
 from t2t_jax.train import build_stepper, train_lengths
@@ -96,8 +96,7 @@ class Row:
 def describe_model(model_config: ModelConfig, params: Any) -> str:
     """E.g. "encoder_decoder d_model 512, 6+6 layers, 63.05M params, bfloat16"."""
     count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-    layers = (f"{model_config.num_decoder_layers}" if model_config.type == "decoder_only" else
-              f"{model_config.num_encoder_layers}+{model_config.num_decoder_layers}")
+    layers = model_type(model_config).layers_text()
     return (f"{model_config.type} d_model {model_config.d_model}, {layers} layers, "
             f"{count / 1e6:,.2f}M params, {model_config.dtype}")
 
@@ -128,8 +127,8 @@ def compile_train(
         compiled = _compile(row, lambda: stepper.jitted_train_step.lower(*args), topo.chip)
     if compiled is not None:
         source = lengths.get("inputs")
-        row.model_flops_per_step = model_flops_per_step(
-            model_config, rows, lengths["targets"], "train", source)
+        row.model_flops_per_step = model_type(model_config).flops_per_step(
+            rows, lengths["targets"], "train", source)
         _analyse(row, compiled, mesh, topo.chip)
     return row
 
@@ -192,8 +191,8 @@ def compile_decode(
         once = None if compiled is None or encoder is None else encoder().compile(
             gpu_compiler_options() if topo.chip.gpu is not None else None)
     if compiled is not None:
-        row.model_flops_per_step = model_flops_per_step(
-            model_config, rows * beam_size, max_length, "forward", source_len)
+        row.model_flops_per_step = model_type(model_config).flops_per_step(
+            rows * beam_size, max_length, "forward", source_len)
         _analyse(row, compiled, mesh, topo.chip, loop_steps=max_length, once=once)
     return row
 
@@ -208,17 +207,14 @@ def _decode_programs(model, params, mesh, rows, source_len, max_length, beam_siz
     settings = decode.Search(beam_size=beam_size, alpha=alpha)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     inputs = jax.ShapeDtypeStruct((rows, source_len), jnp.int32, sharding=split)
-    # The decoder-only model's buffer holds its prompt too: max_length tokens in all.
-    output_length = max_length - source_len if model.config.type == "decoder_only" else max_length
+    kind = model_type(model.config)
+    output_length = kind.search_length(max_length, source_len)
 
     def program():
         return decode.search_batch.lower((model,), (params,), inputs, rng, settings,
                                          output_length)
 
-    if model.config.type == "decoder_only":
-        return program, None
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
-    return program, lambda: encode.lower(params, inputs)
+    return program, kind.encoder_program(model, params, inputs)
 
 
 def _new_row(topo, mesh, mode, model_config, model, params, rows, lengths, tokens) -> Row:

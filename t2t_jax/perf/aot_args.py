@@ -11,6 +11,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 
 from t2t_jax import sharding
+from t2t_jax.model.models import model_type
 from t2t_jax.train_step import Stepper
 
 
@@ -69,8 +70,6 @@ def set_seq_len(config: ml_collections.ConfigDict, seq_len: int) -> None:
     """Makes `seq_len` the tokens a row holds: source and target each for the encoder-decoder,
     the two together for the decoder-only model."""
     data = config.data
-    if config.model.type == "decoder_only":
-        data.max_source_length, data.max_target_length = seq_len // 2, seq_len - seq_len // 2
-    else:
-        data.max_source_length = data.max_target_length = seq_len
+    data.max_source_length, data.max_target_length = model_type(config.model).split_length(
+        seq_len)
     config.model.max_positions = max(config.model.max_positions, seq_len)

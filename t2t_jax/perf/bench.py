@@ -8,12 +8,9 @@ model FLOPs per step from the formula below (cross-checked against XLA's cost an
 against the device's peak; peak memory and compile time. A point that does not fit in memory
 is a row with `error`. `--profile` adds where the devices' time went (`t2t_jax/perf/profiling.py`).
 
-Model FLOPs (Kaplan et al. 2020 / PaLM appendix B conventions): a matmul of an [m, k] by a
-[k, n] matrix is 2*m*k*n FLOPs; per token, the forward pass costs 2 FLOPs per weight it
-multiplies (projections, feed-forward and, on the target side, the pre-softmax matrix; not the
-embedding lookups) plus attention's scores and weighted sum, 4 * d_model * (attended length)
-per layer and attention block (the full length, masks are not subtracted). A train step is
-3 times the forward pass (the backward pass costs two).
+Model FLOPs are each model type's formula (`ModelType.flops_per_step`, Kaplan et al. 2020 and
+PaLM appendix B conventions: 2 FLOPs per weight a token multiplies, plus attention's scores
+and weighted sum over the full length; a train step is 3 forward passes' worth).
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ import numpy as np
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.attention import select_attention
+from t2t_jax.model.models import NotSupported, model_type
 from t2t_jax.perf import profiling
 from t2t_jax.runtime import chips
 from t2t_jax.train_step import Stepper, eval_step, make_rngs, make_step_fns
@@ -42,31 +40,6 @@ COLUMNS = (
     "seq_len", "attention", "mode", "tokens_per_s", "step_time_s", "flops_per_step",
     "xla_flops_per_step", "mfu", "peak_memory_bytes", "compile_time_s", "error", "beam_size",
 )
-
-
-def model_flops_per_step(
-    config: ModelConfig, batch: int, seq_len: int, mode: str, source_len: int | None = None
-) -> float:
-    """FLOPs of one step on `batch` rows of `seq_len` target tokens and `source_len` source
-    tokens (default: seq_len) for the encoder-decoder, by the formula in the module docstring."""
-    d, f, v = config.d_model, config.d_ff, config.vocab_size
-    source_len = seq_len if source_len is None else source_len
-
-    def attention_block(attended: int) -> int:
-        # Multiply-adds per token (doubled to FLOPs below): Q, K, V and output projections,
-        # then the scores Q K^T and the weighted sum over the attended positions.
-        return 4 * d * d + 2 * d * attended
-
-    ffn = 2 * d * f
-    decoder_layer = attention_block(seq_len) + ffn
-    if config.type != "decoder_only":
-        decoder_layer += attention_block(source_len)
-    per_target_token = 2 * (config.num_decoder_layers * decoder_layer + d * v)
-    per_source_token = 2 * config.num_encoder_layers * (attention_block(source_len) + ffn)
-    forward = batch * seq_len * per_target_token
-    if config.type != "decoder_only":
-        forward += batch * source_len * per_source_token
-    return float(forward * (3 if mode == "train" else 1))
 
 
 def device_peak_flops(matmul_size: int = 2048) -> tuple[float, str]:
@@ -100,7 +73,7 @@ def _fake_batch(
     makes them."""
     rng = np.random.default_rng(seed)
     tokens = lambda: rng.integers(3, config.vocab_size, size=(rows, seq_len), dtype=np.int32)  # noqa: E731
-    sides = ("targets",) if config.type == "decoder_only" else ("inputs", "targets")
+    sides = model_type(config).token_features()
     batch = {side: tokens() for side in sides}
     if packed_examples:
         width = seq_len // packed_examples
@@ -165,8 +138,7 @@ def measure_point(
         label = f"auto:{chosen}"
     point = Point(seq_len, label, mode, beam_size=beam_size if mode == "decode" else 1,
                   packed_examples=packed_examples)
-    lengths = {"targets": seq_len} | ({} if model_config.type == "decoder_only"
-                                      else {"inputs": seq_len})
+    lengths = {side: seq_len for side in model_type(model_config).token_features()}
     model = build_model(model_config)
     fns = dataclasses.replace(
         make_step_fns(config, model, model_config.d_model), grad_accum_steps=1
@@ -227,9 +199,11 @@ def measure_point(
     point.step_time_s = step_time
     point.tokens_per_s = rows * seq_len / point.step_time_s
     # Decoding does a forward pass's useful work, token by token, on every beam.
-    point.flops_per_step = model_flops_per_step(
-        model_config, rows * point.beam_size, seq_len, "forward" if mode == "decode" else mode
-    )
+    try:
+        point.flops_per_step = model_type(model_config).flops_per_step(
+            rows * point.beam_size, seq_len, "forward" if mode == "decode" else mode)
+    except NotSupported:  # the LSTM baseline: speed without MFU
+        return point
     point.mfu = point.flops_per_step / point.step_time_s / (peak_flops * jax.device_count())
     return point
 
@@ -243,11 +217,7 @@ def _decoder(model, model_config: ModelConfig, batch: dict, seq_len: int, beam_s
     from t2t_jax import decode
 
     settings = decode.Search(beam_size=beam_size, alpha=0.6)
-    if model_config.type == "decoder_only":
-        inputs = batch["targets"][:, :1]
-        length = seq_len - 1
-    else:
-        inputs, length = batch["inputs"], seq_len
+    inputs, length = model_type(model_config).search_inputs(batch, seq_len)
     rng = jax.random.key(0)
     return jax.jit(
         lambda p, x: decode.search_batch((model,), (p,), x, rng, settings, length)
@@ -353,8 +323,8 @@ def format_table(points: list[Point]) -> list[str]:
             continue
         lines.append(
             f"{p.seq_len:>8} {p.attention:>22} {mode:>7} {p.tokens_per_s:>11,.0f} "
-            f"{p.step_time_s:>9.4f} {p.flops_per_step / 1e9:>11.2f} "
-            f"{(p.xla_flops_per_step or 0) / 1e9:>10.2f} {p.mfu:>7.2%} "
+            f"{p.step_time_s:>9.4f} {(p.flops_per_step or 0) / 1e9:>11.2f} "
+            f"{(p.xla_flops_per_step or 0) / 1e9:>10.2f} {p.mfu or 0:>7.2%} "
             f"{p.peak_memory_bytes / 2**20:>9.1f} {p.compile_time_s:>9.2f}"
         )
     return lines

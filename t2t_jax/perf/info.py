@@ -20,8 +20,9 @@ import ml_collections
 from flax import linen as nn
 
 from t2t_jax import sharding
-from t2t_jax.data import batching, tasks
+from t2t_jax.data import tasks
 from t2t_jax.model import ModelConfig, build_model
+from t2t_jax.model.models import NotSupported, model_type
 from t2t_jax.optimizer import make_optimizer
 from t2t_jax.train_step import init_boxed_params
 
@@ -40,23 +41,17 @@ def parameter_counts(boxed_params: Any) -> dict[str, int]:
     return counts
 
 
-def activation_bytes(config: ModelConfig, batch_per_device: int, lengths: dict[str, int]) -> int:
-    """Estimated activation bytes kept for the backward pass on one device (see module doc)."""
+def activation_bytes(config: ModelConfig, batch_per_device: int,
+                     lengths: dict[str, int]) -> int | None:
+    """Estimated activation bytes kept for the backward pass on one device (see module doc);
+    None for a model type without an estimate."""
+    try:
+        layers = model_type(config).activation_bytes(lengths, batch_per_device)
+    except NotSupported:
+        return None
     per_value = 2 if config.dtype == "bfloat16" else 4
-    b, h, a = batch_per_device, config.d_model, config.num_heads
-
-    def layer(s: int, memory: int | None) -> float:
-        """One layer over s positions; with cross-attention to `memory` positions if given."""
-        base = s * b * h * (34 + 5 * a * s / h)
-        return base + (s * b * (11 * h + 5 * a * memory) if memory else 0)
-
-    target = lengths["targets"]
-    memory = lengths["inputs"] if config.type == "encoder_decoder" else None
-    total = config.num_decoder_layers * layer(target, memory)
-    if config.type == "encoder_decoder":
-        total += config.num_encoder_layers * layer(lengths["inputs"], None)
-    total = total * per_value / 2  # the formula counts bytes at 16 bits
-    total += 2 * target * b * config.vocab_size * 4  # float32 logits and softmax
+    total = layers * per_value / 2  # the formula counts bytes at 16 bits
+    total += 2 * lengths["targets"] * batch_per_device * config.vocab_size * 4  # f32 logits
     return int(total)
 
 
@@ -64,9 +59,8 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
     """Lines of the `t2t-jax info` report; the last is `total parameters: N`."""
     model_config = ModelConfig.from_config(config.model, tasks.expected_vocab_size(config))
     model = build_model(model_config)
-    lengths = batching.Lengths(
-        config.data.max_source_length, config.data.max_target_length
-    ).feature_lengths(model_config.type)
+    lengths = model_type(model_config).feature_lengths(config.data.max_source_length,
+                                                       config.data.max_target_length)
     boxed = jax.eval_shape(lambda: init_boxed_params(model, jax.random.key(0), lengths))
     mesh = sharding.make_mesh(config.mesh)
     shardings = sharding.logical_to_sharding(boxed, mesh)
@@ -93,8 +87,9 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
         f"  params            {_gib(param_bytes)}",
         f"  gradients         {_gib(param_bytes)}",
         f"  optimizer state   {_gib(param_bytes * moments)}",
-        f"  activations       {_gib(activations)}",
-        f"  total             {_gib(param_bytes * (2 + moments) + activations)}",
+        "  activations       " + (_gib(activations) if activations is not None
+                                  else f"(no estimate for {model_config.type})"),
+        f"  total             {_gib(param_bytes * (2 + moments) + (activations or 0))}",
         f"total parameters: {total}",
     ]
     return lines
