@@ -24,7 +24,8 @@ from t2t_jax.decode import (
     encode_numbered,
     length_sorted_batches,
 )
-from t2t_jax.train_step import cross_entropy_sums, model_kwargs
+from t2t_jax.loss import cross_entropy_sums
+from t2t_jax.train_step import model_kwargs
 
 Array = jax.Array
 

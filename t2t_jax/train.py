@@ -29,7 +29,14 @@ from t2t_jax.data.batching import Position
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.models import model_type
-from t2t_jax.train_step import Stepper, TrainState, accumulate, make_rngs, make_step_fns
+from t2t_jax.train_step import (
+    Stepper,
+    TrainState,
+    accumulate,
+    make_rngs,
+    make_step_fns,
+    make_stepper,
+)
 
 
 @dataclasses.dataclass
@@ -107,7 +114,7 @@ def build_stepper(
     `mesh`: what training runs, and what `t2t-jax compile` compiles for a TPU topology."""
     model = build_model(model_config, sharding.platform(mesh))
     fns = make_step_fns(config, model, model_config.d_model)
-    return model, Stepper(fns, mesh, config.train.mode, train_lengths(config))
+    return model, make_stepper(fns, mesh, config.train.mode, train_lengths(config))
 
 
 def in_epochs(exp: Experiment) -> Experiment:
@@ -249,21 +256,11 @@ def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dic
     return metrics.summarize_eval(exp.stepper.fetch_metrics(totals), prefix)
 
 
-def host_params(exp: Experiment, state: TrainState) -> Any:
-    """The params as numpy on every host, gathered from the devices of all processes."""
-    params = exp.stepper.params(state)
-    if jax.process_count() == 1 or exp.stepper.mode == "pmap":  # all on this host's devices
-        return jax.device_get(params)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(params, tiled=True)
-
-
 def _decode(
     exp: Experiment, params: Any, sources: list[str], split: str, beam_size: int = 1,
     alpha: float = 0.6,
 ) -> list[str]:
-    """Outputs for `sources` of `split` from host `params` (`host_params`, or restored),
+    """Outputs for `sources` of `split` from host `params` (`Stepper.host_params`, or restored),
     through the one decoding path; every host decodes alone, on its own devices."""
     data = exp.config.data
     prefix = "test_" if split == "test" else ""
@@ -291,7 +288,7 @@ def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, s
     if count <= 0:
         return []
     sources, targets = _text_examples(exp, "validation", count)
-    outputs = _decode(exp, host_params(exp, state), sources, "validation")
+    outputs = _decode(exp, exp.stepper.host_params(state), sources, "validation")
     return list(zip(sources, targets, outputs, strict=True))
 
 
@@ -299,7 +296,7 @@ def bleu_scores(exp: Experiment, state: TrainState) -> tuple[dict[str, float], d
     """Greedy BLEU (sacrebleu, 13a) on the first `train.bleu_examples` of the test split
     (`bleu`) and, where the data has one, of the validation split (`dev_bleu`, which selects
     checkpoints); and sacrebleu's signatures of how they were computed."""
-    params = host_params(exp, state)
+    params = exp.stepper.host_params(state)
     scores, signatures = {}, {}
     for split, name in (("test", "bleu"), ("validation", "dev_bleu")):
         if split == "validation" and "validation" not in exp.dataset.splits:

@@ -1,7 +1,9 @@
-"""Train state, loss, and the train and eval steps: pure functions of (state, batch, rng).
+"""Train state, and the train and eval steps: pure functions of (state, batch, rng) over the
+loss of `loss.py`.
 
-`Stepper` compiles them either with `jax.jit` over a sharded mesh (the default) or with `pmap`
-(data parallel); both run the same `_grads_and_sums` and so give the same updates.
+A `Stepper` compiles them and keeps the state in its layout: `JitStepper` with `jax.jit` over a
+sharded mesh (the default), `PmapStepper` with `pmap` (data parallel). Both run the same
+`_grads_and_sums`, and so give the same updates; `make_stepper` picks one by `train.mode`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from t2t_jax import sharding
+from t2t_jax.loss import cross_entropy_sums
 from t2t_jax.optimizer import global_norm, make_optimizer, schedule_from_config
 
 Array = jax.Array
@@ -50,164 +53,6 @@ def model_kwargs(batch: Batch) -> dict[str, Array]:
     }
     return {arg: batch[key] for key, arg in names.items() if key in batch}
 
-
-def loss_weights(batch: Batch) -> Array:
-    """1.0 on the target tokens that count in the loss: not padding, inside `loss_mask` if any."""
-    weights = (batch["targets"] > 0).astype(jnp.float32)
-    if "loss_mask" in batch:
-        weights = weights * batch["loss_mask"].astype(jnp.float32)
-    return weights
-
-
-def _merge_statistics(a: tuple, b: tuple) -> tuple:
-    """Merges two partial `vocab_statistics` (over disjoint parts of the vocabulary): running
-    max and sum of exp(logit - max) (the online log-sum-exp), and plain sums of the target's
-    logit and of all logits."""
-    a_max, a_exp, a_target, a_sum = a
-    b_max, b_exp, b_target, b_sum = b
-    top = jnp.maximum(a_max, b_max)
-    # The larger side's factor is exactly 1 (and -inf - -inf is no NaN).
-    exp_sum = (jnp.where(a_max == top, a_exp, a_exp * jnp.exp(a_max - top))
-               + jnp.where(b_max == top, b_exp, b_exp * jnp.exp(b_max - top)))
-    return top, exp_sum, a_target + b_target, a_sum + b_sum
-
-
-def _is_target(shape: tuple[int, ...], targets: Array) -> Array:
-    index = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
-    return index == targets[..., None].astype(jnp.int32)
-
-
-def _one_pass_statistics(logits: Array, targets: Array) -> tuple[tuple, tuple]:
-    """`vocab_statistics` for accelerators, where the loss is bound by memory: one variadic
-    reduction reads the logits once. Saves the logits; the backward pass recomputes the
-    softmax from them."""
-    # A select against the vocabulary index rather than a gather: it fuses into the reduction.
-    zero = jnp.zeros((), logits.dtype)
-    top, exp_sum, target_logit, total = jax.lax.reduce(
-        (logits, jnp.ones_like(logits), jnp.where(_is_target(logits.shape, targets), logits, zero),
-         logits),
-        (jnp.array(-jnp.inf, logits.dtype), zero, zero, zero),
-        _merge_statistics,
-        (logits.ndim - 1,),
-    )
-    log_z = top + jnp.log(exp_sum)
-    return (log_z, target_logit, total, top), (logits, log_z)
-
-
-def _exp_saving_statistics(logits: Array, targets: Array) -> tuple[tuple, tuple]:
-    """`vocab_statistics` for the CPU, where the loss is bound by its exponentials: XLA's CPU
-    code computes an exp inside a reduction along the last axis about ten times slower than
-    elementwise. So the exps are an elementwise pass of their own, summed apart, and saved
-    for the backward pass, which then computes none."""
-    top = jnp.max(logits, axis=-1)
-    unnormalized = jnp.exp(logits - top[..., None])
-    exp_sum = jnp.sum(unnormalized, axis=-1)
-    # As the one pass's select: a target outside the vocabulary has logit 0 (and gradient 0),
-    # where the gather alone would give NaN or wrap around.
-    targets = targets.astype(jnp.int32)
-    in_vocab = (targets >= 0) & (targets < logits.shape[-1])
-    gathered = jnp.take_along_axis(logits, jnp.where(in_vocab, targets, 0)[..., None], -1)
-    target_logit = jnp.where(in_vocab, gathered[..., 0], 0.0)
-    log_z = top + jnp.log(exp_sum)
-    return (log_z, target_logit, jnp.sum(logits, axis=-1), top), (unnormalized, 1.0 / exp_sum)
-
-
-_STATISTICS_PATHS = {"one_pass": _one_pass_statistics, "exp_saving": _exp_saving_statistics}
-
-
-def _vocab_statistics(logits, targets, path):
-    # The forward and backward passes choose their path apart (what the saved [.., vocab]
-    # array means depends on it), which is sound because both resolve in the same lowering.
-    if path == "auto":
-        outputs, (saved, per_row) = jax.lax.platform_dependent(
-            logits, targets, cpu=_exp_saving_statistics, default=_one_pass_statistics)
-    else:
-        outputs, (saved, per_row) = _STATISTICS_PATHS[path](logits, targets)
-    return outputs, (saved, per_row, targets)
-
-
-def _softmax_from_saved(saved: Array, per_row: Array, path: str) -> Array:
-    """The softmax from the forward pass's residuals: exp(logits - log Z) on the one pass,
-    the saved exps times 1 / their sum on the exp-saving one."""
-    def from_logits(logits, log_z):
-        return jnp.exp(logits - log_z)
-
-    def from_exps(unnormalized, inverse_sum):
-        return unnormalized * inverse_sum
-
-    per_row = per_row[..., None]
-    if path == "auto":
-        return jax.lax.platform_dependent(saved, per_row, cpu=from_exps, default=from_logits)
-    return (from_exps if path == "exp_saving" else from_logits)(saved, per_row)
-
-
-def _vocab_statistics_backward(path, residuals, cotangents):
-    saved, per_row, targets = residuals
-    d_log_z, d_target, d_total, _ = cotangents  # the max has no gradient here
-    grad = (d_log_z[..., None] * _softmax_from_saved(saved, per_row, path)
-            + jnp.where(_is_target(saved.shape, targets), d_target[..., None], 0.0)
-            + d_total[..., None])
-    return grad, None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def vocab_statistics(
-    logits: Array, targets: Array, path: str = "auto"
-) -> tuple[Array, Array, Array, Array]:
-    """(log Z, the target's logit, the sum of the logits, the largest logit) over the last axis
-    of `logits` [.., vocab] float32, for integer `targets` [..]: everything the loss and the
-    accuracy need of the vocabulary. Its gradient (d log Z = softmax, d target logit = one-hot
-    at the target, d sum = 1) is one elementwise pass. Reverse mode only (a custom VJP).
-
-    `path` "auto" picks by the platform the step is compiled for. On GPUs and TPUs the loss is
-    bound by memory (the base model's logits are 2.4 GB a step), and separate reductions
-    (logsumexp, a select-sum, a sum) would read them several times (on a GPU twice, five times
-    with Triton GEMMs): "one_pass" (`_one_pass_statistics`) reads them once. On the CPU the
-    exponentials are the cost: "exp_saving" (`_exp_saving_statistics`) computes them once,
-    where the one pass computes them twice forward and again backward.
-    """
-    return _vocab_statistics(logits, targets, path)[0]
-
-
-vocab_statistics.defvjp(_vocab_statistics, _vocab_statistics_backward)
-
-
-def cross_entropy_sums(
-    logits: Array, batch: Batch, label_smoothing: float, z_loss: float
-) -> dict[str, Array]:
-    """Summed label-smoothed cross-entropy and accuracy over the weighted target tokens.
-
-    logits: [batch, length, vocab] float32. The smoothed target puts 1 - eps_ls on the target
-    and low = eps_ls / (vocab - 1) on every other token, so its cross-entropy is
-    -(1 - eps_ls - low) * log p[target] - low * sum_v log p[v]: reductions over the vocabulary
-    (`vocab_statistics`), with no one-hot or soft-target [.., vocab] array (the
-    gradient is one fused elementwise pass). The entropy of the smoothed distribution is
-    subtracted, so a perfect model scores 0 whatever eps_ls is.
-    Returns sums: `loss` (with the z-loss term), `z_loss`, `correct`, `weight`.
-    """
-    with jax.named_scope("loss"):
-        targets = batch["targets"]
-        weights = loss_weights(batch)
-        vocab = logits.shape[-1]
-        confidence = 1.0 - label_smoothing
-        low = label_smoothing / (vocab - 1)
-        entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
-        log_z, target_logit, sum_logits, top = vocab_statistics(logits, targets)
-        sum_log_probs = sum_logits - vocab * log_z
-        token_loss = (
-            -(confidence - low) * (target_logit - log_z) - low * sum_log_probs - entropy
-        )
-        token_z_loss = z_loss * jnp.square(log_z)
-        # The target has the largest logit: the argmax's test without a second reduction over
-        # the vocabulary. A tie with another token counts as correct; float32 logits tie only
-        # where two embedding rows give the same dot product, or the decoder's output is zero.
-        correct = (target_logit == top).astype(jnp.float32)
-        return {
-            "loss": jnp.sum((token_loss + token_z_loss) * weights),
-            "z_loss": jnp.sum(token_z_loss * weights),
-            "correct": jnp.sum(correct * weights),
-            "weight": jnp.sum(weights),
-        }
 
 
 DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
@@ -355,55 +200,32 @@ def init_boxed_params(model: nn.Module, rng: Array, lengths: dict[str, int]) -> 
 
 
 class Stepper:
-    """Creates the train state on the devices and runs the compiled steps on it.
+    """Creates the train state on the devices and runs the compiled steps on it. Two
+    implementations, one interface: `JitStepper` (the state sharded over the mesh as the logical
+    axis rules ask, batches global arrays split over (data, fsdp)) and `PmapStepper` (the state
+    replicated on the local devices, batches split over them). `make_stepper` picks one."""
 
-    mode "jit": the state is sharded over `mesh` as the logical axis rules ask, batches are
-    global arrays split over (data, fsdp). mode "pmap": the state is replicated on the local
-    devices and batches are split over them.
-    """
+    mode: str
 
-    def __init__(self, fns: StepFns, mesh: Mesh, mode: str, lengths: dict[str, int]):
-        if mode not in ("jit", "pmap"):
-            raise ValueError(f"train.mode must be 'jit' or 'pmap', got {mode!r}")
-        self.fns, self.mesh, self.mode, self.lengths = fns, mesh, mode, lengths
+    def __init__(self, fns: StepFns, mesh: Mesh, lengths: dict[str, int]):
+        self.fns, self.mesh, self.lengths = fns, mesh, lengths
         self.abstract_state, self.state_shardings = self._abstract_state()
-        if mode == "jit":
-            batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-            self._train = jax.jit(
-                lambda s, b, r: train_step(fns, s, b, r),
-                in_shardings=(self.state_shardings, batch_sh, repl),
-                out_shardings=(self.state_shardings, repl),
-                donate_argnums=(0,),
-            )
-            self._eval = jax.jit(
-                lambda p, b: eval_step(fns, p, b),
-                in_shardings=(self.state_shardings.params, batch_sh),
-                out_shardings=repl,
-            )
-        else:
-            self._train = jax.pmap(
-                lambda s, b, r: pmap_train_step(fns, s, b, r),
-                axis_name=PMAP_AXIS,
-                in_axes=(0, 0, None),
-                donate_argnums=(0,),
-            )
-            self._eval = jax.pmap(
-                lambda p, b: jax.lax.psum(eval_step(fns, p, b), PMAP_AXIS), axis_name=PMAP_AXIS
-            )
+        self._train, self._eval = self._compile()
+
+    def _compile(self) -> tuple[Callable, Callable]:
+        """(train step, eval step), compiled on first call."""
+        raise NotImplementedError
 
     @functools.cached_property
     def batch_shard(self) -> tuple[int, int]:
         """Which block of each global batch this process feeds: (index, count). Asked only when
         feeding, so that a mesh of devices this process does not own (a TPU topology compiled
         for ahead of time) still builds the steps."""
-        if self.mode == "jit":
-            return sharding.batch_shard(self.mesh)
         return jax.process_index(), jax.process_count()
 
     def activate(self) -> contextlib.AbstractContextManager:
-        """The context the steps run in: the mesh and axis rules under jit; none under pmap,
-        which makes its own device axis."""
-        return sharding.activate(self.mesh) if self.mode == "jit" else contextlib.nullcontext()
+        """The context the steps run in."""
+        return contextlib.nullcontext()
 
     def _abstract_state(self) -> tuple[TrainState, TrainState]:
         """Shapes of the state, and the shardings its params' logical axes ask for."""
@@ -431,7 +253,7 @@ class Stepper:
         )
 
     def init_state(self, rng: Array) -> TrainState:
-        """Fresh state, created directly in its sharded (jit) or replicated (pmap) layout."""
+        """Fresh state, created directly in this stepper's layout."""
         def init(r):
             return self._state_from_params(
                 nn.meta.unbox(init_boxed_params(self.fns.model, r, self.lengths))
@@ -442,46 +264,20 @@ class Stepper:
 
     def to_devices(self, state: TrainState) -> TrainState:
         """A state in the checkpoint layout (global, sharded) -> this stepper's layout."""
-        if self.mode == "jit":
-            return state
-        count = jax.local_device_count()
-        return jax.tree.map(
-            lambda x: jax.device_put(np.broadcast_to(x, (count, *np.shape(x))), self._pmap_split),
-            jax.device_get(state),
-        )
+        raise NotImplementedError
 
     def to_checkpoint(self, state: TrainState) -> TrainState:
         """This stepper's layout -> the checkpoint layout (one global value per leaf)."""
-        if self.mode == "jit":
-            return state
-        return jax.device_put(
-            jax.tree.map(lambda x: x[0], state), self.state_shardings
-        )
+        raise NotImplementedError
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
         """Host rows -> device arrays laid out for the step (started asynchronously)."""
-        if self.mode == "jit":
-            return sharding.global_batch(local_batch, self.mesh, self.batch_shard[1])
-        n = jax.local_device_count()
-        return {
-            k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self._pmap_split)
-            for k, v in local_batch.items()
-        }
+        raise NotImplementedError
 
     def put_replicated(self, value: Any) -> Any:
         """A value every step takes whole (the dropout key), committed to all the devices once
-        so that steps do not copy it (jit across processes too, which device_put cannot do)."""
-        if self.mode == "jit":
-            return jax.jit(lambda v: v, out_shardings=sharding.replicated(self.mesh))(value)
-        everywhere = jax.sharding.NamedSharding(self._pmap_split.mesh, jax.sharding.PartitionSpec())
-        return jax.device_put(value, everywhere)
-
-    @functools.cached_property
-    def _pmap_split(self) -> jax.sharding.NamedSharding:
-        """Leading axis over the local devices: the layout of pmap's outputs (its axis name
-        included), so that inputs put there take the step's compiled path every time."""
-        mesh = Mesh(np.array(jax.local_devices()), (PMAP_AXIS,))
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(PMAP_AXIS))
+        so that steps do not copy it."""
+        raise NotImplementedError
 
     @property
     def jitted_train_step(self) -> Callable:
@@ -489,14 +285,13 @@ class Stepper:
         return self._train
 
     def train(self, state: TrainState, batch: Batch, rng: Array) -> tuple[TrainState, dict]:
-        """One step; metrics stay on the devices (under pmap one identical copy per device):
-        add them with `accumulate`, read them with `fetch_metrics`."""
+        """One step; metrics stay on the devices: add them with `accumulate`, read them with
+        `fetch_metrics`."""
         return self._train(state, batch, rng)
 
     def fetch_metrics(self, metrics: dict[str, Array]) -> dict[str, np.ndarray]:
         """Metrics (or their running sums) on the host, as one value each."""
-        host = jax.device_get(metrics)
-        return jax.tree.map(lambda x: x[0], host) if self.mode == "pmap" else host
+        return jax.device_get(metrics)
 
     def evaluate(self, state: TrainState, batch: Batch) -> dict[str, Array]:
         """Loss sums of an eval batch, on the devices like `train`'s metrics."""
@@ -504,4 +299,111 @@ class Stepper:
 
     def params(self, state: TrainState) -> Any:
         """Params usable by a plain `jax.jit` function (e.g. decoding)."""
-        return state.params if self.mode == "jit" else jax.tree.map(lambda x: x[0], state.params)
+        return state.params
+
+    def host_params(self, state: TrainState) -> Any:
+        """The params as numpy on every host (here: all on this host's devices)."""
+        return jax.device_get(self.params(state))
+
+
+class JitStepper(Stepper):
+    """The steps under `jax.jit` over the mesh: state sharded by the logical axis rules,
+    batches global arrays split over (data, fsdp); the checkpoint layout is its own."""
+
+    mode = "jit"
+
+    def _compile(self) -> tuple[Callable, Callable]:
+        fns, batch_sh, repl = self.fns, sharding.batch_sharding(self.mesh), sharding.replicated(
+            self.mesh)
+        train = jax.jit(lambda s, b, r: train_step(fns, s, b, r),
+                        in_shardings=(self.state_shardings, batch_sh, repl),
+                        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+        evaluate = jax.jit(lambda p, b: eval_step(fns, p, b),
+                           in_shardings=(self.state_shardings.params, batch_sh),
+                           out_shardings=repl)
+        return train, evaluate
+
+    @functools.cached_property
+    def batch_shard(self) -> tuple[int, int]:
+        return sharding.batch_shard(self.mesh)
+
+    def activate(self) -> contextlib.AbstractContextManager:
+        return sharding.activate(self.mesh)  # the mesh and its axis rules
+
+    def to_devices(self, state: TrainState) -> TrainState:
+        return state
+
+    def to_checkpoint(self, state: TrainState) -> TrainState:
+        return state
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        return sharding.global_batch(local_batch, self.mesh, self.batch_shard[1])
+
+    def put_replicated(self, value: Any) -> Any:
+        # A jitted identity, which (unlike device_put) commits across processes too.
+        return jax.jit(lambda v: v, out_shardings=sharding.replicated(self.mesh))(value)
+
+    def host_params(self, state: TrainState) -> Any:
+        """The params as numpy on every host, gathered from the devices of all processes."""
+        if jax.process_count() == 1:
+            return jax.device_get(state.params)
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(state.params, tiled=True)
+
+
+class PmapStepper(Stepper):
+    """The steps under `jax.pmap` (data parallel): the state replicated on the local devices,
+    each batch split over them; gradients and metrics summed over PMAP_AXIS."""
+
+    mode = "pmap"
+
+    def _compile(self) -> tuple[Callable, Callable]:
+        fns = self.fns
+        train = jax.pmap(lambda s, b, r: pmap_train_step(fns, s, b, r), axis_name=PMAP_AXIS,
+                         in_axes=(0, 0, None), donate_argnums=(0,))
+        evaluate = jax.pmap(lambda p, b: jax.lax.psum(eval_step(fns, p, b), PMAP_AXIS),
+                            axis_name=PMAP_AXIS)
+        return train, evaluate
+
+    def to_devices(self, state: TrainState) -> TrainState:
+        count = jax.local_device_count()
+        return jax.tree.map(
+            lambda x: jax.device_put(np.broadcast_to(x, (count, *np.shape(x))), self._split),
+            jax.device_get(state),
+        )
+
+    def to_checkpoint(self, state: TrainState) -> TrainState:
+        return jax.device_put(jax.tree.map(lambda x: x[0], state), self.state_shardings)
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        n = jax.local_device_count()
+        return {k: jax.device_put(v.reshape(n, -1, *v.shape[1:]), self._split)
+                for k, v in local_batch.items()}
+
+    def put_replicated(self, value: Any) -> Any:
+        everywhere = jax.sharding.NamedSharding(self._split.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(value, everywhere)
+
+    @functools.cached_property
+    def _split(self) -> jax.sharding.NamedSharding:
+        """Leading axis over the local devices: the layout of pmap's outputs (its axis name
+        included), so that inputs put there take the step's compiled path every time."""
+        mesh = Mesh(np.array(jax.local_devices()), (PMAP_AXIS,))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(PMAP_AXIS))
+
+    def fetch_metrics(self, metrics: dict[str, Array]) -> dict[str, np.ndarray]:
+        return jax.tree.map(lambda x: x[0], jax.device_get(metrics))  # one copy per device
+
+    def params(self, state: TrainState) -> Any:
+        return jax.tree.map(lambda x: x[0], state.params)
+
+
+STEPPERS: dict[str, type[Stepper]] = {"jit": JitStepper, "pmap": PmapStepper}
+
+
+def make_stepper(fns: StepFns, mesh: Mesh, mode: str, lengths: dict[str, int]) -> Stepper:
+    """The Stepper of `train.mode`: "jit" (sharded over the mesh) or "pmap" (data parallel)."""
+    if mode not in STEPPERS:
+        raise ValueError(f"train.mode must be 'jit' or 'pmap', got {mode!r}")
+    return STEPPERS[mode](fns, mesh, lengths)

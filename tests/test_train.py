@@ -14,9 +14,9 @@ import optax
 import pytest
 
 from t2t_jax import checkpoint
+from t2t_jax.loss import cross_entropy_sums
 from t2t_jax.optimizer import make_optimizer, paper_schedule
 from t2t_jax.train import build_experiment, restore_or_init, train_and_evaluate
-from t2t_jax.train_step import cross_entropy_sums
 
 
 def test_schedule_is_the_papers_formula():
@@ -130,7 +130,7 @@ def test_the_finite_guard_skips_a_step_whose_update_would_not_be_finite(
 
 @pytest.mark.parametrize("path", ["auto", "one_pass", "exp_saving"])
 def test_vocab_statistics_agree_with_separate_reductions_and_their_gradients(path):
-    from t2t_jax.train_step import vocab_statistics
+    from t2t_jax.loss import vocab_statistics
 
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(6, 4099)).astype(np.float32)  # a length XLA splits unevenly
@@ -177,7 +177,7 @@ def test_vocab_statistics_agree_with_separate_reductions_and_their_gradients(pat
 def test_vocab_statistics_saves_the_exps_on_the_cpu_only():
     """On the CPU the backward pass computes no exp of its own (the exp-saving path); lowered
     for a TPU or a GPU it does (the one-pass path; `test_gpu_aot` counts its kernels)."""
-    from t2t_jax.train_step import vocab_statistics
+    from t2t_jax.loss import vocab_statistics
 
     logits = jnp.zeros((4, 997), jnp.float32)
     targets = jnp.zeros((4,), jnp.int32)
@@ -197,7 +197,7 @@ def test_vocab_statistics_saves_the_exps_on_the_cpu_only():
 
 @pytest.mark.parametrize("path", ["one_pass", "exp_saving"])
 def test_targets_outside_the_vocabulary_have_logit_and_gradient_zero(path):
-    from t2t_jax.train_step import vocab_statistics
+    from t2t_jax.loss import vocab_statistics
 
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 11)), jnp.float32)
     targets = jnp.asarray([11, -1, 3])
@@ -297,12 +297,12 @@ def vocab_sized_broadcasts(hlo_text: str, vocab: int) -> list[str]:
 def compiled_train_step_text(config, vocab, rows=4, length=16):
     from t2t_jax import sharding
     from t2t_jax.model import ModelConfig, build_model
-    from t2t_jax.train_step import Stepper, make_step_fns
+    from t2t_jax.train_step import JitStepper, make_step_fns
 
     model_config = ModelConfig.from_config(config.model, vocab)
     fns = make_step_fns(config, build_model(model_config), model_config.d_model)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    stepper = Stepper(fns, mesh, "jit", {"inputs": length, "targets": length})
+    stepper = JitStepper(fns, mesh, {"inputs": length, "targets": length})
     batch = {k: jnp.ones((rows, length), jnp.int32) for k in ("inputs", "targets")}
     with stepper.activate():
         lowered = stepper.jitted_train_step.lower(stepper.abstract_state, batch,
@@ -410,9 +410,9 @@ def test_steps_compile_once_across_logging_eval_and_checkpoints(
 
 
 def test_a_host_round_trip_in_the_step_is_an_error(tiny_config, tmp_path, monkeypatch):
-    from t2t_jax.train_step import Stepper
+    from t2t_jax.train_step import JitStepper
 
-    monkeypatch.setattr(Stepper, "put_batch", lambda self, batch: batch)  # numpy, not placed
+    monkeypatch.setattr(JitStepper, "put_batch", lambda self, batch: batch)  # numpy, unplaced
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
         train_and_evaluate(tiny_config, str(tmp_path), jax.devices()[:1])
 

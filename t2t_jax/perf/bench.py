@@ -34,7 +34,7 @@ from t2t_jax.model.attention import select_attention
 from t2t_jax.model.models import NotSupported, model_type
 from t2t_jax.perf import profiling
 from t2t_jax.runtime import chips
-from t2t_jax.train_step import Stepper, eval_step, make_rngs, make_step_fns
+from t2t_jax.train_step import JitStepper, eval_step, make_rngs, make_step_fns
 
 COLUMNS = (
     "seq_len", "attention", "mode", "tokens_per_s", "step_time_s", "flops_per_step",
@@ -144,7 +144,7 @@ def measure_point(
         make_step_fns(config, model, model_config.d_model), grad_accum_steps=1
     )
     try:
-        stepper = Stepper(fns, sharding.make_mesh(config.mesh), "jit", lengths)
+        stepper = JitStepper(fns, sharding.make_mesh(config.mesh), lengths)
         with stepper.activate():
             state = stepper.init_state(jax.random.key(0))
             batch = stepper.put_batch(
