@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ import ml_collections
 import tqdm
 from flax import linen as nn
 
-from t2t_jax import bleu, checkpoint, decode, files, metrics, selection, sharding
+from t2t_jax import checkpoint, evaluate, metrics, selection, sharding
 from t2t_jax.config import check_retired
 from t2t_jax.data import loader, prepare, prepared, tasks
 from t2t_jax.data import planner as planner_lib
@@ -29,6 +28,7 @@ from t2t_jax.data.batching import Position
 from t2t_jax.data.tokenizer import has_tokenizer
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.models import model_type
+from t2t_jax.runtime.distributed import PreemptionWatch
 from t2t_jax.train_step import (
     Stepper,
     TrainState,
@@ -144,40 +144,6 @@ class TrainingDiverged(RuntimeError):
     """The loss, gradients or update became NaN or Inf and `train.on_nonfinite` is "stop"."""
 
 
-class PreemptionWatch:
-    """Says when to stop for a preemption notice (SIGTERM), at a step every process agrees on.
-
-    One process: a SIGTERM handler sets a flag. Several: JAX's coordination service, which
-    catches the signal on any host and picks a sync step all reach
-    (`multihost_utils.reached_preemption_sync_point`), so that every process saves that step.
-    """
-
-    def __init__(self):
-        self._multiprocess = jax.process_count() > 1
-        self._notified = False
-        self._previous = None
-        if not self._multiprocess:
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._notify)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                logging.warning("not on the main thread: a SIGTERM will not save a checkpoint")
-
-    def _notify(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
-        self._notified = True
-
-    def reached(self, step: int) -> bool:
-        if self._multiprocess:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._notified
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 class DevicePrefetcher:
     """Keeps `size` batches in flight to the devices ahead of the step that consumes them, and
     what a checkpoint needs of them: the input position of the oldest not yet trained on."""
@@ -242,104 +208,6 @@ def open_input(exp: Experiment, workdir: str, start: int) -> loader.TrainInput:
         raise
 
 
-def evaluate(exp: Experiment, state: TrainState, split: str, prefix: str) -> dict[str, float]:
-    """Loss and token accuracy over a split (or its first data.eval_steps batches)."""
-    totals = None
-    for local in loader.eval_batches(
-        exp.dataset.split(split), loader.eval_layout(exp.config, split),
-        exp.config.data.eval_batch_size, exp.stepper.batch_shard, exp.config.data.eval_steps,
-    ):
-        sums = exp.stepper.evaluate(state, exp.stepper.put_batch(local))
-        totals = accumulate(totals, sums)
-    if totals is None:
-        raise ValueError(f"the {split} split has no example within the configured max lengths")
-    return metrics.summarize_eval(exp.stepper.fetch_metrics(totals), prefix)
-
-
-def _decode(
-    exp: Experiment, params: Any, sources: list[str], split: str, beam_size: int = 1,
-    alpha: float = 0.6,
-) -> list[str]:
-    """Outputs for `sources` of `split` from host `params` (`Stepper.host_params`, or restored),
-    through the one decoding path; every host decodes alone, on its own devices."""
-    data = exp.config.data
-    prefix = "test_" if split == "test" else ""
-    decoder = decode.decoder_for_params(
-        exp.model_config, params, exp.tokenizer, exp.config, data[f"{prefix}max_source_length"]
-    )
-    options = decode.DecodeOptions(
-        decode.Search(beam_size, alpha), batch_size=data.eval_batch_size,
-        max_output_length=data[f"{prefix}max_target_length"],
-    )
-    return decode.best_texts(decode.translate(decoder, sources, options)[0])
-
-
-def _text_examples(exp: Experiment, split: str, count: int) -> tuple[list[str], list[str]]:
-    """(sources, targets) of the first `count` (-1: all) examples of a split, in its files'
-    line order."""
-    data = exp.dataset.split(split)
-    indices = range(data.num_examples if count < 0 else min(count, data.num_examples))
-    return data.texts("inputs", indices), data.texts("targets", indices)
-
-
-def decode_samples(exp: Experiment, state: TrainState) -> list[tuple[str, str, str]]:
-    """(source, target, greedy output) for the first `train.num_decode_examples` of validation."""
-    count = exp.config.train.num_decode_examples
-    if count <= 0:
-        return []
-    sources, targets = _text_examples(exp, "validation", count)
-    outputs = _decode(exp, exp.stepper.host_params(state), sources, "validation")
-    return list(zip(sources, targets, outputs, strict=True))
-
-
-def bleu_scores(exp: Experiment, state: TrainState) -> tuple[dict[str, float], dict[str, str]]:
-    """Greedy BLEU (sacrebleu, 13a) on the first `train.bleu_examples` of the test split
-    (`bleu`) and, where the data has one, of the validation split (`dev_bleu`, which selects
-    checkpoints); and sacrebleu's signatures of how they were computed."""
-    params = exp.stepper.host_params(state)
-    scores, signatures = {}, {}
-    for split, name in (("test", "bleu"), ("validation", "dev_bleu")):
-        if split == "validation" and "validation" not in exp.dataset.splits:
-            continue
-        sources, references = _text_examples(exp, split, exp.config.train.bleu_examples)
-        score, signature = bleu.corpus_bleu(_decode(exp, params, sources, split), references)
-        logging.info("%s %.2f on %d %s sentences (%s)", name, score, len(sources), split,
-                     signature)
-        scores[name], signatures[f"{name}_signature"] = score, signature
-    return scores, signatures
-
-
-def final_report(exp: Experiment, workdir: str) -> tuple[dict[str, float], dict[str, str]]:
-    """The numbers papers report, from checkpoints on disk: the test split by beam search
-    (`train.final_beam_size`, `final_alpha`) with the average of the pool's checkpoints
-    (`train.average_last`; else the last checkpoint): `test_bleu`, `test_chrf`; and the best
-    dev checkpoint's greedy `best_test_bleu`. Writes WORKDIR/hypotheses_test_final.txt in the
-    test file's order. ({scores}, {signatures and what was decoded})."""
-    train = exp.config.train
-    sources, references = _text_examples(exp, "test", train.bleu_examples)
-    averaged = selection.average_pool(workdir, train.average_last) if train.average_last else None
-    source = averaged[0] if averaged else workdir
-    params = checkpoint.restore_host_state(source)[0]["params"]
-    outputs = _decode(exp, params, sources, "test", train.final_beam_size, train.final_alpha)
-    with files.open_file(os.path.join(workdir, "hypotheses_test_final.txt"), "w") as f:
-        f.write("".join(line + "\n" for line in outputs))
-    scores, texts = {}, {}
-    scores["test_bleu"], texts["test_bleu_signature"] = bleu.corpus_bleu(outputs, references)
-    scores["test_chrf"], texts["test_chrf_signature"] = bleu.corpus_chrf(outputs, references)
-    texts["test_params"] = (
-        f"average of steps {averaged[1]}" if averaged else "the last checkpoint"
-    ) + f", beam {train.final_beam_size}, alpha {train.final_alpha}"
-    best = os.path.join(workdir, selection.BEST)
-    if checkpoint.checkpoint_steps(best):
-        best_params = checkpoint.restore_host_state(best)[0]["params"]
-        scores["best_test_bleu"] = bleu.corpus_bleu(
-            _decode(exp, best_params, sources, "test"), references
-        )[0]
-    logging.info("final test BLEU %.2f, chrF %.2f (%s)", scores["test_bleu"], scores["test_chrf"],
-                 texts["test_params"])
-    return scores, texts
-
-
 def restore_or_init(exp: Experiment, manager, rng: jax.Array) -> TrainState:
     """The latest checkpoint's state if there is one, else a fresh one."""
     step = manager.latest_step()
@@ -347,10 +215,6 @@ def restore_or_init(exp: Experiment, manager, rng: jax.Array) -> TrainState:
         return exp.stepper.init_state(rng)
     target = checkpoint.restore_target(exp.stepper.abstract_state, exp.stepper.state_shardings)
     return exp.stepper.to_devices(checkpoint.restore(manager, step, target))
-
-
-def _run_evals(exp: Experiment, state: TrainState) -> dict[str, float]:
-    return evaluate(exp, state, "validation", "eval") | evaluate(exp, state, "test", "test")
 
 
 @dataclasses.dataclass
@@ -481,7 +345,7 @@ def _train_loop(run: Run, state: TrainState, start: int) -> dict[str, Any]:
     run.manager.wait_until_finished()
     if config.train.bleu_every and config.train.final_beam_size > 0 and is_main:
         step = last.get("step", config.train.num_steps)
-        scores, texts = final_report(exp, run.workdir)
+        scores, texts = evaluate.final_report(exp, run.workdir)
         run.writer.write_texts(step, texts)
         _write(run.writer, step, scores)
         last = last | scores | texts
@@ -528,19 +392,9 @@ def _loop(run: Run, parts: LoopParts, state: TrainState, start: int) -> dict:
             parts.progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
             parts.lines.write(step, last)
             sums, tick, waited = None, time.perf_counter(), 0.0
-        dev_scores = {}
-        if step % config.train.eval_every == 0 or step == num_steps:
-            evals = _run_evals(exp, state)
-            _write(writer, step, evals)
-            last, dev_scores = last | evals, dev_scores | evals
-            tick, waited = time.perf_counter(), 0.0
-        bleu_every = config.train.bleu_every
-        if bleu_every and (step % bleu_every == 0 or step == num_steps):
-            scores, signatures = bleu_scores(exp, state)
-            writer.write_texts(step, signatures)
-            _write(writer, step, scores)
-            last, dev_scores = last | scores | signatures, dev_scores | scores
-            tick, waited = time.perf_counter(), 0.0
+        evaluated, dev_scores = _evaluations_due(run, step, state)
+        if evaluated:  # their time is not the steps'
+            last, tick, waited = last | evaluated, time.perf_counter(), 0.0
         stop = bool(dev_scores) and kept.note_dev_scores(
             step, dev_scores, stepper.to_checkpoint(state))
         if kept.pool_due(step):
@@ -557,6 +411,25 @@ def _loop(run: Run, parts: LoopParts, state: TrainState, start: int) -> dict:
             last["stopped_early_at"] = step
             break
     if start >= num_steps:  # nothing left to train: report the restored state
-        last = _run_evals(exp, state) | {"step": restored}
-    last["samples"] = decode_samples(exp, state)
+        last = evaluate.eval_metrics(exp, state) | {"step": restored}
+    last["samples"] = evaluate.decode_samples(exp, state)
     return last
+
+
+def _evaluations_due(run: Run, step: int, state: TrainState) -> tuple[dict, dict]:
+    """The evaluations due at `step`, written to the metrics: (what they add to the last row,
+    the dev scores that select checkpoints); both empty when none is due."""
+    exp, config, writer = run.exp, run.exp.config, run.writer
+    last_step = step == config.train.num_steps
+    row, dev_scores = {}, {}
+    if step % config.train.eval_every == 0 or last_step:
+        evals = evaluate.eval_metrics(exp, state)
+        _write(writer, step, evals)
+        row, dev_scores = row | evals, dev_scores | evals
+    bleu_every = config.train.bleu_every
+    if bleu_every and (step % bleu_every == 0 or last_step):
+        scores, signatures = evaluate.bleu_scores(exp, state)
+        writer.write_texts(step, signatures)
+        _write(writer, step, scores)
+        row, dev_scores = row | scores | signatures, dev_scores | scores
+    return row, dev_scores

@@ -503,17 +503,17 @@ def test_training_learns_and_writes_metrics_config_and_checkpoints(tiny_config, 
 
 
 def test_metrics_rows_are_readable_while_training_runs(tiny_config, tmp_path, monkeypatch):
-    from t2t_jax import train
+    from t2t_jax import evaluate
 
     seen = []
-    run_evals = train._run_evals
+    run_evals = evaluate.eval_metrics
 
     def evals_that_read_the_log(exp, state):  # runs at step 4, mid-training
         with open(tmp_path / "metrics.jsonl") as f:
             seen.extend(json.loads(line)["step"] for line in f)
         return run_evals(exp, state)
 
-    monkeypatch.setattr(train, "_run_evals", evals_that_read_the_log)
+    monkeypatch.setattr(evaluate, "eval_metrics", evals_that_read_the_log)
     tiny_config.train.update(num_steps=6, log_every=2, eval_every=4, checkpoint_every=6)
     train_and_evaluate(tiny_config, str(tmp_path), jax.devices()[:1])
     assert seen[:2] == [2, 4]  # rows of steps 2 and 4 on disk before training ended

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -172,3 +173,37 @@ def process_0_first(make: Callable[[], T], barrier: str) -> T:
             make()
         multihost_utils.sync_global_devices(barrier)
     return make()
+
+
+class PreemptionWatch:
+    """Says when to stop for a preemption notice (SIGTERM), at a step every process agrees on.
+
+    One process: a SIGTERM handler sets a flag. Several: JAX's coordination service, which
+    catches the signal on any host and picks a sync step all reach
+    (`multihost_utils.reached_preemption_sync_point`), so that every process saves that step.
+    """
+
+    def __init__(self):
+        self._multiprocess = jax.process_count() > 1
+        self._notified = False
+        self._previous = None
+        if not self._multiprocess:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._notify)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                logging.warning("not on the main thread: a SIGTERM will not save a checkpoint")
+
+    def _notify(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self._notified = True
+
+    def reached(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._notified
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
