@@ -12,7 +12,7 @@ from t2t_jax.model import ModelConfig, attention, build_model, shift_right, unro
 from t2t_jax.model.attention import xla_attention
 from t2t_jax.model.embedding import sinusoidal_encoding, vocab_logits
 from t2t_jax.model.masks import AttentionMask
-from t2t_jax.model.transformer import unstack_layers
+from t2t_jax.model.scan import unstack_layers
 
 TINY = dict(
     vocab_size=20, num_encoder_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
@@ -334,8 +334,8 @@ def test_cudnn_falls_back_to_the_einsum_path_where_it_cannot_run(caplog):
 
 
 def test_each_model_type_is_one_class_and_the_lstm_names_what_it_cannot_do():
+    from t2t_jax.model.model_config import MODEL_TYPES
     from t2t_jax.model.models import MODEL_CLASSES, NotSupported, model_type
-    from t2t_jax.model.transformer import MODEL_TYPES
 
     assert tuple(MODEL_CLASSES) == MODEL_TYPES
     lm = model_type(ModelConfig(**TINY, type="decoder_only"))

@@ -26,7 +26,8 @@ from flax import linen as nn
 from t2t_jax.data.batching import Lengths, bucket_length
 from t2t_jax.model import attention as attn
 from t2t_jax.model.lstm import LSTMSeq2Seq
-from t2t_jax.model.transformer import DecoderOnlyLM, ModelConfig, Transformer
+from t2t_jax.model.model_config import ModelConfig
+from t2t_jax.model.transformer import DecoderOnlyLM, Transformer
 
 Array = jax.Array
 # (cache, last tokens [rows]) -> (log-probs [rows, vocab], cache): what the searches step.
