@@ -39,56 +39,72 @@ def test_softmax_saturates_without_scaling_as_d_k_grows():
     assert unscaled[1]["jacobian_norm"] < 0.5 * scaled[1]["jacobian_norm"]
 
 
-@pytest.mark.parametrize("name", ["positional", "scaling", "heads", "attention_maps",
-                                  "rnn_vs_transformer", "residual_norm", "hparams"])
-def test_each_experiment_writes_sane_json_and_plots(name, tmp_path, data_dir):
+def run_smoke(name, tmp_path, data_dir, plots):
+    """The experiment in smoke mode: its results, checked to equal its JSON, and its plots."""
     output = str(tmp_path)
     results = experiments.run(name, output, smoke=True, data_dir=data_dir)
     assert read(output, name) == json.loads(json.dumps(results))
-    expected_plots = {
-        "positional": {"positional_encoding.png", "positional_accuracy.png"},
-        "scaling": {"scaling_softmax.png", "scaling_training.png"},
-        "heads": {"heads_accuracy.png", "heads_training.png"},
-        "attention_maps": {"attention_maps.png"},
-        "rnn_vs_transformer": {"rnn_vs_transformer.png"},
-        "residual_norm": {"residual_norm_training.png", "residual_norm_accuracy.png"},
-        "hparams": {"hparams_accuracy.png"},
-    }[name]
-    assert expected_plots <= pngs(output)
-    if name == "positional":
-        finite_runs(results)
-        assert set(results["runs"]) == {"sinusoidal", "learned", "none"}
-        similarity = results["similarity_at_distance_0_1_4_16"]
-        assert similarity[0] == pytest.approx(64.0)  # d_model/2 sin^2+cos^2 pairs
-        assert similarity == sorted(similarity, reverse=True)
-    elif name == "scaling":
-        finite_runs(results)
-        entropy = [s["entropy"] for s in results["softmax"]["False"]]
-        assert entropy == sorted(entropy, reverse=True)  # unscaled: sharper as d_k grows
-    elif name == "heads":
-        finite_runs(results)
-        assert set(results["runs"]) == {"1 heads", "4 heads"}
-    elif name == "rnn_vs_transformer":
-        finite_runs(results)
-        lstm, transformer = results["runs"]["lstm"], results["runs"]["transformer"]
-        assert 0.8 < lstm["parameters"] / transformer["parameters"] < 1.25  # a fair match
-        for run in (lstm, transformer):  # both trained for the same budget (capped in smoke)
-            budget_steps = max(4, int(results["budget_s"] / run["step_time_s"]))
-            assert run["steps"] == min(budget_steps, 8)
-        assert all(t > 0 for times in results["step_time_s"].values() for t in times)
-    elif name == "residual_norm":
-        assert set(results["runs"]) == {"post-LN", "no residual"}  # smoke: 2 of the 6
-        assert all(run["curve"] for run in results["runs"].values())
-    elif name == "hparams":
-        finite_runs(results)
-        assert len(results["runs"]) == 2
-    else:
-        assert results["source"][-1] == "</s>" and len(results["source"]) == 9
-        assert_attention_maps_are_distributions(os.path.join(output, "runs", "attention_reverse"))
-        assert {"encoder/layer_0/self_attention", "decoder/layer_0/self_attention",
-                "decoder/layer_0/cross_attention"} == set(results["mean_max_weight"])
-        for weights in results["mean_max_weight"].values():
-            assert len(weights) == 4 and all(0 < w <= 1 for w in weights)
+    assert plots <= pngs(output)
+    return results
+
+
+def test_positional_encodings_are_compared_and_sinusoids_decay_with_distance(tmp_path, data_dir):
+    results = run_smoke("positional", tmp_path, data_dir,
+                        {"positional_encoding.png", "positional_accuracy.png"})
+    finite_runs(results)
+    assert set(results["runs"]) == {"sinusoidal", "learned", "none"}
+    similarity = results["similarity_at_distance_0_1_4_16"]
+    assert similarity[0] == pytest.approx(64.0)  # d_model/2 sin^2+cos^2 pairs
+    assert similarity == sorted(similarity, reverse=True)
+
+
+def test_unscaled_attention_sharpens_as_d_k_grows(tmp_path, data_dir):
+    results = run_smoke("scaling", tmp_path, data_dir,
+                        {"scaling_softmax.png", "scaling_training.png"})
+    finite_runs(results)
+    entropy = [s["entropy"] for s in results["softmax"]["False"]]
+    assert entropy == sorted(entropy, reverse=True)
+
+
+def test_head_counts_train_side_by_side(tmp_path, data_dir):
+    results = run_smoke("heads", tmp_path, data_dir, {"heads_accuracy.png", "heads_training.png"})
+    finite_runs(results)
+    assert set(results["runs"]) == {"1 heads", "4 heads"}
+
+
+def test_attention_maps_are_distributions_over_each_layers_keys(tmp_path, data_dir):
+    results = run_smoke("attention_maps", tmp_path, data_dir, {"attention_maps.png"})
+    assert results["source"][-1] == "</s>" and len(results["source"]) == 9
+    assert_attention_maps_are_distributions(os.path.join(str(tmp_path), "runs",
+                                                         "attention_reverse"))
+    assert {"encoder/layer_0/self_attention", "decoder/layer_0/self_attention",
+            "decoder/layer_0/cross_attention"} == set(results["mean_max_weight"])
+    for weights in results["mean_max_weight"].values():
+        assert len(weights) == 4 and all(0 < w <= 1 for w in weights)
+
+
+def test_the_lstm_and_the_transformer_of_one_size_train_for_one_time_budget(tmp_path, data_dir):
+    results = run_smoke("rnn_vs_transformer", tmp_path, data_dir, {"rnn_vs_transformer.png"})
+    finite_runs(results)
+    lstm, transformer = results["runs"]["lstm"], results["runs"]["transformer"]
+    assert 0.8 < lstm["parameters"] / transformer["parameters"] < 1.25  # a fair match
+    for run in (lstm, transformer):  # both trained for the same budget (capped in smoke)
+        budget_steps = max(4, int(results["budget_s"] / run["step_time_s"]))
+        assert run["steps"] == min(budget_steps, 8)
+    assert all(t > 0 for times in results["step_time_s"].values() for t in times)
+
+
+def test_residual_and_norm_variants_each_give_a_training_curve(tmp_path, data_dir):
+    results = run_smoke("residual_norm", tmp_path, data_dir,
+                        {"residual_norm_training.png", "residual_norm_accuracy.png"})
+    assert set(results["runs"]) == {"post-LN", "no residual"}  # smoke: 2 of the 6
+    assert all(run["curve"] for run in results["runs"].values())
+
+
+def test_hyperparameter_settings_train_side_by_side(tmp_path, data_dir):
+    results = run_smoke("hparams", tmp_path, data_dir, {"hparams_accuracy.png"})
+    finite_runs(results)
+    assert len(results["runs"]) == 2
 
 
 def test_unknown_experiment_is_a_clear_error(tmp_path):
@@ -98,7 +114,7 @@ def test_unknown_experiment_is_a_clear_error(tmp_path):
 
 def assert_attention_maps_are_distributions(workdir):
     from t2t_jax.decode import load_decoder
-    from t2t_jax.guide.experiments import capture_attention
+    from t2t_jax.guide.attention_maps import capture_attention
 
     captured = capture_attention(load_decoder(workdir), "3 1 4")
     assert len(captured["maps"]) == 3

@@ -615,7 +615,7 @@ def test_a_workdir_from_before_attention_bias_decodes_and_asks_for_it_on_resume(
     tiny_config.model.attention_bias = True  # as the error says
     assert train_and_evaluate(tiny_config, workdir)["step"] == 4
     # `t2t-jax experiment` reruns resume such a workdir with its run's layout by themselves.
-    from t2t_jax.guide.experiments import train_variant
+    from t2t_jax.guide.runs import train_variant
 
     tiny_config.model.attention_bias = False
     tiny_config.train.num_steps = 6

@@ -245,9 +245,10 @@ def average_command(args: argparse.Namespace) -> None:
 
 
 def attention_command(args: argparse.Namespace) -> None:
-    from t2t_jax.guide import experiments
+    from t2t_jax.guide import attention_maps
 
     output = args.output or os.path.join(args.workdir, "attention_maps")
-    results = experiments.attention_maps(output, False, workdir=args.workdir, text=args.text)
+    results = attention_maps.attention_maps(output, False, workdir=args.workdir,
+                                            text=args.text)
     print(f"{' '.join(results['source'])} -> {' '.join(results['output'])}")
     print(f"wrote {os.path.join(os.path.abspath(output), 'attention_maps.png')}")

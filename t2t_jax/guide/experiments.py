@@ -7,7 +7,6 @@ version in seconds, for tests. The functions return the JSON they write.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,76 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from t2t_jax.config import small_task_config
+from t2t_jax.guide.attention_maps import attention_maps
+from t2t_jax.guide.runs import plt_module, task_config, train_variant, write_results
 from t2t_jax.model.attention import attention_weights
 from t2t_jax.model.embedding import sinusoidal_encoding
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def task_config(
-    task: str, smoke: bool, steps: int, data_dir: str | None, **algorithmic: Any
-) -> ml_collections.ConfigDict:
-    """A small model (d_model 64) on a built-in task, trained for `steps` (a few in smoke
-    mode) and evaluated once at the end; data in `data_dir` (None: TFDS's default)."""
-    config = small_task_config(task)
-    config.data.data_dir = data_dir
-    config.model.d_model, config.model.d_ff, config.model.num_heads = 64, 256, 4
-    config.data.algorithmic.update(algorithmic)
-    longest = config.data.algorithmic.max_length + (1 if task != "addition" else 2)
-    test_longest = config.data.algorithmic.test_max_length + 2
-    config.data.max_source_length = config.data.max_target_length = longest
-    config.data.test_max_source_length = config.data.test_max_target_length = test_longest
-    config.data.algorithmic.num_train = 20_000
-    config.data.batch_size = 64
-    config.data.eval_batch_size = 100
-    config.train.num_steps = 6 if smoke else steps
-    config.train.warmup_steps = 2 if smoke else max(steps // 5, 1)
-    config.train.log_every = max(config.train.num_steps // 20, 1)
-    config.train.eval_every = config.train.checkpoint_every = config.train.num_steps
-    config.train.num_decode_examples = 0
-    config.train.async_checkpoints = False
-    if smoke:
-        config.data.algorithmic.update(num_train=256, num_validation=32, num_test=32)
-        config.model.num_encoder_layers = config.model.num_decoder_layers = 1
-        config.train.compilation_cache_dir = ""
-    return config
-
-
-def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir` (resuming if done before) and returns its final metrics and
-    its training loss curve [(step, loss), ...]."""
-    from t2t_jax import checkpoint
-    from t2t_jax.train import train_and_evaluate
-
-    saved = checkpoint.saved_config(workdir)
-    if saved is not None:  # a run of an earlier t2t_jax resumes with the defaults it was built in
-        for key in checkpoint.PREDATING_MODEL_DEFAULTS:
-            config.model[key] = saved.model[key]
-    result = train_and_evaluate(config, workdir, jax.devices()[:1])
-    curve = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "loss" in row:
-                curve.append((row["step"], row["loss"]))
-    keys = ("loss", "accuracy", "eval_loss", "eval_accuracy", "test_loss", "test_accuracy")
-    return {k: result[k] for k in keys if k in result} | {"curve": curve}
-
-
-def _write(output: str, name: str, results: dict[str, Any]) -> dict[str, Any]:
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    return results
-
 
 # --- positional: question 4 ------------------------------------------------------------------
 
@@ -95,7 +28,7 @@ def _write(output: str, name: str, results: dict[str, Any]) -> dict[str, Any]:
 def positional(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
     """The sinusoidal encoding, and reversal trained on lengths 1-12 with sinusoidal, learned or
     no positions, tested on 1-12 (validation) and 13-24 (test)."""
-    plt = _plt()
+    plt = plt_module()
     positions = jnp.arange(64)
     table = np.asarray(sinusoidal_encoding(positions, 128))
     similarity = table @ table.T
@@ -120,7 +53,7 @@ def positional(output: str, smoke: bool, data_dir: str | None = None) -> dict[st
               os.path.join(output, "positional_accuracy.png"))
     # Similarity falls off with distance and is the same for every pair at one distance.
     offsets = [float(np.mean(np.diag(similarity, k))) for k in (0, 1, 4, 16)]
-    return _write(output, "positional", {"similarity_at_distance_0_1_4_16": offsets,
+    return write_results(output, "positional", {"similarity_at_distance_0_1_4_16": offsets,
                                           "runs": runs})
 
 
@@ -167,7 +100,7 @@ def softmax_statistics(d_k: int, scaled: bool, keys: int = 64, samples: int = 25
 def scaling(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
     """Softmax entropy and gradient size with and without 1/sqrt(d_k) as d_k grows, and
     training curves of a d_k = 128 model (2 heads of d_model 256) with and without it."""
-    plt = _plt()
+    plt = plt_module()
     depths = [4, 16, 64, 256] if smoke else [4, 8, 16, 32, 64, 128, 256, 512, 1024]
     probe = {str(s): [softmax_statistics(d, s) for d in depths] for s in (True, False)}
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -195,7 +128,7 @@ def scaling(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, 
         runs[name] = train_variant(config, os.path.join(output, "runs", f"scaling_{name}"))
     _curve_plot(plt, runs, "reverse, d_k = 128: training loss",
                 os.path.join(output, "scaling_training.png"))
-    return _write(output, "scaling", {"d_k": depths, "softmax": probe, "runs": runs})
+    return write_results(output, "scaling", {"d_k": depths, "softmax": probe, "runs": runs})
 
 
 def _curve_plot(plt, runs, title, path):
@@ -216,7 +149,7 @@ def _curve_plot(plt, runs, title, path):
 def heads(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
     """1, 2, 4, 8 and 16 heads at d_model 64 (d_k = 64/h), as Table 3's rows (A), on sorting,
     where each output position must find one input among many."""
-    plt = _plt()
+    plt = plt_module()
     runs = {}
     for count in (1, 4) if smoke else (1, 2, 4, 8, 16):
         config = task_config("sort", smoke, 1000, data_dir)
@@ -228,82 +161,10 @@ def heads(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, An
               os.path.join(output, "heads_accuracy.png"))
     _curve_plot(plt, runs, "sort, d_model 64: training loss",
                 os.path.join(output, "heads_training.png"))
-    return _write(output, "heads", {"runs": runs})
+    return write_results(output, "heads", {"runs": runs})
 
 
 # --- attention maps: questions 2, 3 and 6 ----------------------------------------------------
-
-
-def capture_attention(decoder, text: str) -> dict[str, Any]:
-    """The greedy output for `text` (through the decoding path) and every attention layer's
-    weights [heads, q, k] on it: {"source": tokens, "output": tokens, "maps": {layer: weights}}."""
-    from t2t_jax.decode import EOS_ID, DecodeOptions, Search, translate
-
-    model, params, tokenizer = decoder.model, decoder.params[0], decoder.tokenizer
-    max_length = decoder.config.data.max_source_length
-    options = DecodeOptions(Search(beam_size=1), batch_size=1, max_output_length=max_length)
-    [[best]] = translate(decoder, [text], options)[0]
-    source = tokenizer.encode(text)[: max_length - 1] + [EOS_ID]
-    target = best.ids[: max_length - 1] + [EOS_ID]
-    inputs, targets = jnp.asarray([source]), jnp.asarray([target])
-    _, state = model.apply({"params": params}, inputs=inputs, targets=targets,
-                           mutable=["intermediates"])
-    maps = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
-        names = [str(getattr(p, "key", "")) for p in path]  # the tuple index has no key
-        layer = "/".join(n for n in names
-                         if n and n != "attention_weights" and not n.endswith("_block"))
-        maps[layer] = np.asarray(value[0])  # sow keeps a tuple; [heads, q, k] of row 0
-    symbols = lambda ids: [tokenizer.decode([i]) or ("</s>" if i == EOS_ID else "?")  # noqa: E731
-                           for i in ids]
-    return {"source": symbols(source), "output": symbols(target), "maps": maps}
-
-
-def plot_attention(captured: dict[str, Any], path: str) -> str:
-    """One row per attention layer, one column per head; axes labelled with the tokens."""
-    plt = _plt()
-    maps = captured["maps"]
-    rows, cols = len(maps), max(m.shape[0] for m in maps.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
-    order = sorted(maps, key=lambda n: ("decoder" in n, n))  # encoder first, then decoder
-    for r, (name, weights) in enumerate((n, maps[n]) for n in order):
-        q_labels = captured["source"] if "encoder" in name else captured["output"]
-        k_labels = captured["source"] if ("encoder" in name or "cross" in name) \
-            else captured["output"]
-        for h in range(cols):
-            ax = axes[r][h]
-            ax.imshow(weights[h], cmap="Blues", vmin=0, vmax=1)
-            ax.set_xticks(range(len(k_labels)), k_labels, fontsize=6, rotation=90)
-            ax.set_yticks(range(len(q_labels)), q_labels, fontsize=6)
-            if h == 0:
-                ax.set_ylabel(name.replace("/", "\n"), fontsize=6)
-            if r == 0:
-                ax.set_title(f"head {h}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def attention_maps(output: str, smoke: bool, data_dir: str | None = None,
-                   workdir: str | None = None, text: str = "3 1 4 1 5 9 2 6") -> dict[str, Any]:
-    """Heat maps of encoder self-, decoder self- and cross-attention per head for `text`, from
-    the checkpoint in `workdir` or from a reversal model trained here."""
-    from t2t_jax.decode import load_decoder
-
-    os.makedirs(output, exist_ok=True)
-    if workdir is None:
-        workdir = os.path.join(output, "runs", "attention_reverse")
-        train_variant(task_config("reverse", smoke, 1500, data_dir), workdir)
-    captured = capture_attention(load_decoder(workdir), text)
-    plot_attention(captured, os.path.join(output, "attention_maps.png"))
-    # How sharply each layer attends: the mean of each query's largest weight, per head.
-    sharpness = {k: [float(np.mean(np.max(m[h], axis=-1))) for h in range(m.shape[0])]
-                 for k, m in captured["maps"].items()}
-    return _write(output, "attention_maps", {
-        "input": text, "source": captured["source"], "output": captured["output"],
-        "mean_max_weight": sharpness,
-    })
 
 
 # --- rnn_vs_transformer: questions 1, 5 and 10 ----------------------------------------------
@@ -326,7 +187,7 @@ def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) ->
     from t2t_jax.model import ModelConfig
     from t2t_jax.perf import bench
 
-    plt = _plt()
+    plt = plt_module()
     configs = {"transformer": task_config("reverse", smoke, 0, data_dir)}
     configs["lstm"] = task_config("reverse", smoke, 0, data_dir)
     configs["lstm"].model.type, configs["lstm"].model.d_model = "lstm_seq2seq", 80
@@ -372,7 +233,7 @@ def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) ->
     fig.tight_layout()
     fig.savefig(os.path.join(output, "rnn_vs_transformer.png"), dpi=100)
     plt.close(fig)
-    return _write(output, "rnn_vs_transformer", {
+    return write_results(output, "rnn_vs_transformer", {
         "lengths": lengths, "step_time_s": timing, "budget_s": budget_s, "runs": runs,
     })
 
@@ -383,7 +244,7 @@ def rnn_vs_transformer(output: str, smoke: bool, data_dir: str | None = None) ->
 def residual_norm(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
     """3+3 layers on sorting: post-LN (the paper), pre-LN and no residual connections, each
     with the paper's warmup (a fifth of the run) and without (full rate from step 1)."""
-    plt = _plt()
+    plt = plt_module()
     runs = {}
     variants = (("post", True), ("post", False)) if smoke else (
         ("post", True), ("pre", True), ("post", False))
@@ -406,7 +267,7 @@ def residual_norm(output: str, smoke: bool, data_dir: str | None = None) -> dict
     _bar_plot(plt, runs, ["eval_accuracy"], ["lengths 1-20"],
               "sort, 3+3 layers: validation token accuracy",
               os.path.join(output, "residual_norm_accuracy.png"))
-    return _write(output, "residual_norm", {"runs": runs})
+    return write_results(output, "residual_norm", {"runs": runs})
 
 
 # --- hparams: question 9 ---------------------------------------------------------------------
@@ -427,7 +288,7 @@ HPARAM_VARIANTS = {
 def hparams(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, Any]:
     """One change at a time from a small base model on sorting, as the paper's Table 3 varies
     one hyperparameter per row."""
-    plt = _plt()
+    plt = plt_module()
     runs = {}
     variants = dict(list(HPARAM_VARIANTS.items())[:2]) if smoke else HPARAM_VARIANTS
     for i, (name, changes) in enumerate(variants.items()):
@@ -440,7 +301,7 @@ def hparams(output: str, smoke: bool, data_dir: str | None = None) -> dict[str, 
         runs[name] = train_variant(config, os.path.join(output, "runs", f"hparams_{i}"))
     _bar_plot(plt, runs, ["eval_accuracy", "test_accuracy"], ["lengths 1-20", "lengths 21-40"],
               "sort: one change at a time", os.path.join(output, "hparams_accuracy.png"))
-    return _write(output, "hparams", {"runs": runs})
+    return write_results(output, "hparams", {"runs": runs})
 
 
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
