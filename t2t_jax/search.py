@@ -226,8 +226,14 @@ def beam_search(
         return _beam_step(step, prompt, start, alpha, state)
 
     state = jax.lax.while_loop(searching, body, state)
-    # Finished hypotheses first (sorted by score), then live ones (sorted by log-prob, all of
-    # one length, hence by score too).
+    return _nbest(state, nbest, alpha, most_generated)
+
+
+def _nbest(state: dict, nbest: int, alpha: float, most_generated: Array) -> Hypotheses:
+    """The `nbest` best hypotheses of each input when the search ends: finished ones first
+    (sorted by score), then live ones (sorted by log-prob, all of one length, hence by score
+    too)."""
+    batch, beam_size = state["alive_logp"].shape
     n_finished = state["finished_flags"].sum(axis=1, keepdims=True)
     rank = jnp.arange(nbest)[None, :]
     from_finished = rank < n_finished

@@ -41,6 +41,12 @@ def _add_search(parser: argparse.ArgumentParser, sweeps: bool) -> None:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_decode(commands)
+    _add_evaluate_and_score(commands)
+    _add_average_and_attention(commands)
+
+
+def _add_decode(commands: argparse._SubParsersAction) -> None:
     decode = commands.add_parser(
         "decode", help="translate lines with a checkpoint (or an ensemble)",
         description="Translate each input line with the workdir's checkpoint. With no --input "
@@ -58,6 +64,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_search(decode, sweeps=False)
     decode.set_defaults(run=decode_command)
 
+
+def _add_evaluate_and_score(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="decode a split; BLEU, chrF and speed per search setting",
         description="Decode the config's --split with each beam size and alpha asked for, and "
@@ -82,6 +90,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--batch_size", type=int, default=64, help="pairs per batch")
     score.set_defaults(run=score_command)
 
+
+def _add_average_and_attention(commands: argparse._SubParsersAction) -> None:
     average = commands.add_parser(
         "average", help="average the newest checkpoints' params into a new workdir",
         description="Average the params of --workdir's newest --last checkpoints and save them "

@@ -132,10 +132,7 @@ def measure_point(
     With `profile_dir`, up to 3 more steps run under the profiler: their trace goes to a
     folder of it named after the point, their device time by category to `point.profile`.
     `packed_examples`: rows of that many packed examples (`_fake_batch`)."""
-    label = model_config.attention
-    if label == "auto":  # name what auto chose on this device
-        chosen = select_attention("auto", jax.devices()[0].platform, model_config.dtype)[0]
-        label = f"auto:{chosen}"
+    label = _attention_label(model_config)
     point = Point(seq_len, label, mode, beam_size=beam_size if mode == "decode" else 1,
                   packed_examples=packed_examples)
     lengths = {side: seq_len for side in model_type(model_config).token_features()}
@@ -151,38 +148,14 @@ def measure_point(
                 _fake_batch(model_config, rows, seq_len, 0, packed_examples)
             )
             rng = make_rngs(config.seed, config.train.dropout_rng)[1]
-            if mode == "train":
-                function, args = stepper.jitted_train_step, (state, batch, rng)
-            elif mode == "decode":
-                function, args = _decoder(model, model_config, batch, seq_len, point.beam_size)
-                args = (state.params, *args)
-            else:
-                function = jax.jit(lambda p, b: eval_step(fns, p, b))
-                args = (state.params, batch)
+            function, args = _program(mode, stepper, model, state, batch, rng, seq_len,
+                                      point.beam_size)
             start = time.perf_counter()
             compiled = function.lower(*args).compile()
             point.compile_time_s = time.perf_counter() - start
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            # XLA analyses the per-device SPMD program: scale to the whole step.
-            device_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-            point.xla_flops_per_step = device_flops * stepper.mesh.devices.size or None
-
-            def run_step(wait: bool = True):
-                nonlocal args
-                out = compiled(*args)
-                if mode == "train":  # the state was donated: go on from the new one
-                    args = (out[0], batch, rng)
-                return jax.block_until_ready(out) if wait else out
-
-            run_step()  # warm-up
-            # Dispatched back to back, as the training loop does: the host prepares the next
-            # step while the devices run this one, so its dispatch cost is not step time.
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = run_step(wait=False)
-            jax.block_until_ready(out)
-            step_time = (time.perf_counter() - start) / steps
+            point.xla_flops_per_step = _xla_flops(compiled, stepper.mesh.devices.size)
+            run_step = _Runner(compiled, args, donates_state=mode == "train")
+            step_time = _mean_step_time(run_step, steps)
             point.peak_memory_bytes = _memory_bytes(compiled)
             if profile_dir:
                 log_dir = os.path.join(profile_dir, f"{mode}_{label}_{seq_len}".replace(":", "_"))
@@ -196,16 +169,76 @@ def measure_point(
             raise
         point.error = f"out of memory: {message[:200]}"
         return point
+    _set_speed(point, model_config, rows, step_time, peak_flops)
+    return point
+
+
+def _attention_label(model_config: ModelConfig) -> str:
+    """The kernel's name; for "auto", what it chose on this device ("auto:cudnn")."""
+    if model_config.attention != "auto":
+        return model_config.attention
+    chosen = select_attention("auto", jax.devices()[0].platform, model_config.dtype)[0]
+    return f"auto:{chosen}"
+
+
+def _set_speed(point: Point, model_config: ModelConfig, rows: int, step_time: float,
+               peak_flops: float) -> None:
+    """The point's step time, tokens/s, model FLOPs and MFU (none for a model type without a
+    FLOPs formula). Decoding does a forward pass's useful work, token by token, on every beam."""
     point.step_time_s = step_time
-    point.tokens_per_s = rows * seq_len / point.step_time_s
-    # Decoding does a forward pass's useful work, token by token, on every beam.
+    point.tokens_per_s = rows * point.seq_len / step_time
+    mode = "forward" if point.mode == "decode" else point.mode
     try:
         point.flops_per_step = model_type(model_config).flops_per_step(
-            rows * point.beam_size, seq_len, "forward" if mode == "decode" else mode)
+            rows * point.beam_size, point.seq_len, mode)
     except NotSupported:  # the LSTM baseline: speed without MFU
-        return point
-    point.mfu = point.flops_per_step / point.step_time_s / (peak_flops * jax.device_count())
-    return point
+        return
+    point.mfu = point.flops_per_step / step_time / (peak_flops * jax.device_count())
+
+
+def _program(mode: str, stepper: JitStepper, model, state, batch: dict, rng, seq_len: int,
+             beam_size: int) -> tuple[Callable, tuple]:
+    """(the jitted function one step of `mode` runs, its arguments)."""
+    if mode == "train":
+        return stepper.jitted_train_step, (state, batch, rng)
+    if mode == "decode":
+        function, args = _decoder(model, model.config, batch, seq_len, beam_size)
+        return function, (state.params, *args)
+    return jax.jit(lambda p, b: eval_step(stepper.fns, p, b)), (state.params, batch)
+
+
+def _xla_flops(compiled, num_devices: int) -> float | None:
+    """XLA's FLOPs of the whole step (it analyses the per-device SPMD program)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    device_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return device_flops * num_devices or None
+
+
+class _Runner:
+    """Runs a compiled step again and again; a train step goes on from the state it returns
+    (it donated the one it was given)."""
+
+    def __init__(self, compiled, args: tuple, donates_state: bool):
+        self.compiled, self.args, self.donates_state = compiled, args, donates_state
+
+    def __call__(self, wait: bool = True):
+        out = self.compiled(*self.args)
+        if self.donates_state:
+            self.args = (out[0], *self.args[1:])
+        return jax.block_until_ready(out) if wait else out
+
+
+def _mean_step_time(run_step: _Runner, steps: int) -> float:
+    """Seconds a step, after a warm-up step. Dispatched back to back, as the training loop does:
+    the host prepares the next step while the devices run this one, so its dispatch cost is not
+    step time."""
+    run_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = run_step(wait=False)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
 
 
 def _decoder(model, model_config: ModelConfig, batch: dict, seq_len: int, beam_size: int):
