@@ -12,7 +12,7 @@ Which preset (`:small`, `:base`, `:big`; none is `:base`):
   tokens a step, warmup 800, 17 epochs with the learning rate falling linearly to 0 over the
   last 30% of them; dev BLEU and a checkpoint every 500 steps; at the end, the test set by beam
   search with the average of 5 checkpoints (params) from the last 10% of the run. Sized to
-  finish within an hour on 2 CPU cores for a corpus of 30k short pairs.
+  train a corpus of 30k short pairs on CPUs alone.
 - `base`, for 200k-2M pairs: the paper's base model (6+6, 512, 2048, 8 heads, dropout 0.1),
   8k pieces, 64 packed rows of 128 tokens, 100k steps.
 - `big`, for more than 2M pairs, on GPUs or TPUs: the paper's big model (6+6, 1024, 4096, 16
@@ -21,21 +21,9 @@ Which preset (`:small`, `:base`, `:big`; none is `:base`):
 
 Small corpora overfit a big model long before they train it: the small preset trades width and
 depth for dropout, and counts its length in epochs (`train.num_epochs`), so that it scales with
-the corpus. What they cost on 2 CPU cores (JAX 0.10, float32): the small preset's train step
-takes 1.0 s (`t2t-jax bench`, 32 full rows of 128 tokens), about 0.9 steps a second in training
-with its input pipeline. An epoch of a 30k-pair corpus of short sentences (Multi30k: about 13
-words a sentence, 119 steps an epoch) takes about 2.3 minutes; the whole run, evaluations and
-the final beam search included, 43 minutes (docs/benchmarks.md has the BLEU it reaches). A
-corpus of N pairs of such sentences (about 17 pieces a side) costs about N/13k minutes an epoch:
-for 100k pairs or more, lower `train.num_epochs` or use a GPU. The base preset's step (64 rows
-of 128) takes 11.3 s there, 727 tokens/s: about N/2.5k minutes an epoch, 80 minutes for 200k
-pairs. The big preset runs at 179 tokens/s (16 rows of 256; its own 96 rows need more than 24
-GiB), about N/600 minutes an epoch: neither is a CPU preset. On one GPU, pass
-`--config.model.dtype=bfloat16`. The presets themselves have not been timed on a GPU yet
-(`launch/gpu_bench.sh OUT_DIR small` times the small one); for scale, on an H200 the paper's
-base and big models train at 658k and 294k tokens/s (length 512, 16k tokens a step), which would
-put an epoch of 1M such pairs at about 26 s and 58 s. The presets' shorter rows and smaller
-steps will run below those rates.
+the corpus. What each preset costs, per epoch and per run, on CPUs (and the paper's models on a
+GPU, for scale) is measured in docs/benchmarks.md ("What the parallel_text presets cost"); on a
+GPU, pass `--config.model.dtype=bfloat16`.
 
 Files may be gzipped; `--config.data.train_tsv=train.tsv` (source<TAB>target) replaces a pair.
 A SentencePiece model of `data.spm_vocab_size` pieces is trained on the training files and kept

@@ -1,8 +1,8 @@
 """The embedded default: reverse a sequence of 1-20 symbols (`3 1 4` -> `4 1 3`).
 
 A small post-LN Transformer (2+2 layers, d_model 128) that decodes every one of the 1,000
-validation sequences exactly (greedy and beam 4) after about 3 minutes on two CPU cores
-(docs/benchmarks.md). The recipe, tuned for that on the same budget of steps:
+validation sequences exactly (greedy and beam 4) in minutes on CPUs (docs/benchmarks.md has the
+times). The recipe, tuned for that on the same budget of steps:
 - packed rows of 64 tokens, 32 a step (about 5 examples a row): no step is spent on padding,
   where padded rows of 21 tokens were about half padding;
 - learning rate 2x the paper's formula, 300 warmup steps, 1,500 steps;
