@@ -55,7 +55,9 @@ kill_all_later() {  # processes waiting on a dead peer may not heed TERM
   (sleep "${KILL_GRACE:-20}"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done) &
 }
 # A signal to this script (e.g. a preemption notice) reaches every process: they checkpoint.
-trap 'stop_all' TERM INT
+# One that comes while the processes are still being started reaches those started after it too.
+stopping=0
+trap 'stopping=1; stop_all' TERM INT
 
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
@@ -66,6 +68,7 @@ for ((i = 0; i < num_processes; i++)); do
     > "$workdir/logs/process_$i.out" 2>&1 &
   pids+=("$!")
 done
+((stopping)) && stop_all
 printf '%s\n' "${pids[@]}" > "$workdir/logs/pids"  # process i's pid on line i+1
 echo "started $num_processes processes (${pids[*]}), $devices devices each, coordinator localhost:$port; logs in $workdir/logs" >&2
 

@@ -108,11 +108,17 @@ def test_a_signal_to_the_launcher_reaches_every_process_which_save_and_exit_0(
          str(tmp_path / "run")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("started_*"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     popen.send_signal(getattr(signal, f"SIG{signal_name}"))  # the script, not a process
-    _, err = popen.communicate(timeout=60)
+    try:
+        _, err = popen.communicate(timeout=120)  # each process takes 1 s to "save"
+    finally:
+        popen.kill()
+        pids = tmp_path / "run" / "logs" / "pids"
+        for pid in pids.read_text().split() if pids.exists() else []:
+            subprocess.run(["kill", "-KILL", pid], capture_output=True)  # none left behind
     assert "unbound variable" not in err
     assert popen.returncode == 0, err
     # Every process got the signal and finished saving before the script returned.
