@@ -47,20 +47,23 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser and each command's, all with `_HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subparser a command, each with its own flags."""
-    parser = argparse.ArgumentParser(
-        prog=PROGRAM, formatter_class=_HelpFormatter, epilog=EXAMPLES,
+    parser = _Parser(
+        prog=PROGRAM, epilog=EXAMPLES,
         description="The Transformer of 'Attention Is All You Need' in JAX: train, decode, "
                     "evaluate, benchmark and compile ahead of time.")
-    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND",
+                                     parser_class=_Parser)
     commands.required = True
-    original = commands.add_parser
-
-    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
-        return original(name, formatter_class=_HelpFormatter, **kwargs)
-
-    commands.add_parser = add_parser
     train.add_commands(commands)
     decode.add_commands(commands)
     perf.add_commands(commands)
