@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from t2t_jax import sharding
-from t2t_jax.model import ModelConfig, attention, build_model
+from t2t_jax.model import ModelConfig, build_model, kernels
 from t2t_jax.model.masks import AttentionMask, segment_spans
 from t2t_jax.model.splash import splash_attention
 
@@ -68,8 +68,8 @@ def test_dense_mask_is_padding_and_segments_and_causality():
 
 
 KERNELS = {
-    "dot_product_attention": attention.fused_attention,
-    "blockwise": lambda q, k, v, m: attention.flash_attention(q, k, v, m, block=16),
+    "dot_product_attention": kernels.fused_attention,
+    "blockwise": lambda q, k, v, m: kernels.flash_attention(q, k, v, m, block=16),
     "splash_interpreted": interpreted_splash,
 }
 SHAPES = {"self": (40, 40, False), "causal": (40, 40, True), "cross": (30, 50, False)}
@@ -88,11 +88,11 @@ def test_kernels_match_the_einsum_reference_forward_and_backward(kernel, shape, 
     def loss(fn, *qkv_):
         return jnp.sum(fn(*qkv_, mask) * cotangent)
 
-    expected = attention.xla_attention(query, key, value, mask)
+    expected = kernels.xla_attention(query, key, value, mask)
     out = jax.jit(lambda *a: KERNELS[kernel](*a, mask))(query, key, value)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=2e-5)
     grads = jax.jit(jax.grad(lambda *a: loss(KERNELS[kernel], *a), (0, 1, 2)))(query, key, value)
-    expected_grads = jax.grad(lambda *a: loss(attention.xla_attention, *a), (0, 1, 2))(
+    expected_grads = jax.grad(lambda *a: loss(kernels.xla_attention, *a), (0, 1, 2))(
         query, key, value
     )
     for name, got, want in zip("qkv", grads, expected_grads, strict=True):
@@ -112,8 +112,8 @@ def _temp_bytes(kernel, length):
 
 
 def test_blockwise_training_memory_grows_linearly_with_length():
-    blockwise = [_temp_bytes(attention.blockwise_attention, n) for n in (1024, 4096)]
-    einsum = [_temp_bytes(attention.xla_attention, n) for n in (1024, 4096)]
+    blockwise = [_temp_bytes(kernels.blockwise_attention, n) for n in (1024, 4096)]
+    einsum = [_temp_bytes(kernels.xla_attention, n) for n in (1024, 4096)]
     # 4x the length: ~4x the memory for the flash kernel, ~16x for materialised weights.
     assert blockwise[1] / blockwise[0] < 5, blockwise
     assert einsum[1] / einsum[0] > 9, einsum
@@ -124,16 +124,16 @@ def test_cudnn_gets_lengths_and_a_causal_flag_not_a_dense_mask(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw))
     query, key, value = qkv(6, 6)
-    attention._jax_dot_product_attention(query, key, value, masks(6, 6, True, False), "cudnn")
+    kernels._jax_dot_product_attention(query, key, value, masks(6, 6, True, False), "cudnn")
     assert "mask" not in calls[0]
     assert calls[0]["is_causal"] and calls[0]["implementation"] == "cudnn"
     np.testing.assert_array_equal(calls[0]["query_seq_lengths"], [6, 5])
-    attention._jax_dot_product_attention(query, key, value, masks(6, 6, True, True), "cudnn")
+    kernels._jax_dot_product_attention(query, key, value, masks(6, 6, True, True), "cudnn")
     assert calls[1]["mask"].shape == (2, 1, 6, 6)  # packed rows: the segment mask, densely
     # Spans asked for where cuDNN cannot take them (no cuDNN here): the dense mask again.
-    assert "cuDNN" in attention.cudnn_spans_unsupported()
+    assert "cuDNN" in kernels.cudnn_spans_unsupported()
     spans_mask = masks(6, 6, True, True).replace(max_segments=2)
-    attention._jax_dot_product_attention(query, key, value, spans_mask, "cudnn")
+    kernels._jax_dot_product_attention(query, key, value, spans_mask, "cudnn")
     assert calls[2]["mask"].shape == (2, 1, 6, 6)
 
 
@@ -249,7 +249,7 @@ def test_cudnn_spans_path_computes_the_segment_mask_attention(causal, monkeypatc
         out, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, mask), query, key, value)
         return out, pullback(cotangent * (q_segments > 0)[:, :, None, None])
 
-    got, want = results(attention.cudnn_packed_attention), results(attention.xla_attention)
+    got, want = results(kernels.cudnn_packed_attention), results(kernels.xla_attention)
     real = (q_segments > 0)[:, :, None, None]
     np.testing.assert_allclose(jnp.where(real, got[0], 0), jnp.where(real, want[0], 0), atol=1e-5)
     assert jnp.all(jnp.isfinite(got[0])) and all(jnp.all(jnp.isfinite(g)) for g in got[1])
@@ -270,8 +270,8 @@ def test_cudnn_takes_packed_rows_as_spans_with_no_dense_mask(monkeypatch):
     monkeypatch.setattr(cudnn_fmha, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn_fmha, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn_fmha, "is_cuda_compute_capability_equal", lambda c: False)
-    monkeypatch.setattr(attention, "current_platform", lambda: "gpu")
-    monkeypatch.setattr(attention, "cudnn_spans_unsupported", lambda: None)
+    monkeypatch.setattr(kernels, "current_platform", lambda: "gpu")
+    monkeypatch.setattr(kernels, "cudnn_spans_unsupported", lambda: None)
     length, max_segments = 32, 3
     tokens = jnp.ones((2, length), jnp.int32)
     segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], length // 4, axis=1))
@@ -280,7 +280,7 @@ def test_cudnn_takes_packed_rows_as_spans_with_no_dense_mask(monkeypatch):
     query, key, value = (x.astype(jnp.bfloat16) for x in qkv(length, length, depth=64))
 
     def loss(query, key, value):
-        return jnp.sum(attention.cudnn_attention(query, key, value, mask).astype(jnp.float32))
+        return jnp.sum(kernels.cudnn_attention(query, key, value, mask).astype(jnp.float32))
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(query, key, value).lower(
         lowering_platforms=("cuda",))
@@ -299,12 +299,12 @@ def test_splash_falls_back_to_the_einsum_path_off_tpu(caplog):
     query, key, value = qkv(8, 8)
     mask = masks(8, 8, True, False)
     with caplog.at_level(logging.WARNING):
-        out = attention.splash_tpu_attention(query, key, value, mask)
-    np.testing.assert_array_equal(out, attention.xla_attention(query, key, value, mask))
+        out = kernels.splash_tpu_attention(query, key, value, mask)
+    np.testing.assert_array_equal(out, kernels.xla_attention(query, key, value, mask))
     assert "splash kernel is for TPU, this is cpu" in caplog.text
-    assert attention.splash_unsupported(query, mask, "tpu") is None
-    assert "incremental decoding" in attention.splash_unsupported(query[:, :1], mask, "tpu")
-    assert "dense mask" in attention.splash_unsupported(query, mask.dense(), "tpu")
+    assert kernels.splash_unsupported(query, mask, "tpu") is None
+    assert "incremental decoding" in kernels.splash_unsupported(query[:, :1], mask, "tpu")
+    assert "dense mask" in kernels.splash_unsupported(query, mask.dense(), "tpu")
 
 
 def _logits_and_grads(config, params, batch):
@@ -323,7 +323,7 @@ def _logits_and_grads(config, params, batch):
 def test_model_on_a_mesh_matches_the_einsum_path(implementation, monkeypatch):
     """Packed and padded rows through the whole model on 8 devices (data 2, fsdp 2, tensor 2):
     the splash kernel runs per shard under shard_map (interpreted on CPU)."""
-    monkeypatch.setitem(attention.KERNELS, "splash", interpreted_splash)
+    monkeypatch.setitem(kernels.KERNELS, "splash", interpreted_splash)
     tokens = jax.random.randint(jax.random.key(1), (4, 24), 3, 20).at[1, 20:].set(0)
     segments = jnp.where(jnp.arange(24) < 10, 1, 2)[None].repeat(4, 0) * (tokens > 0)
     positions = jnp.where(jnp.arange(24) < 10, jnp.arange(24), jnp.arange(24) - 10)[None]
@@ -367,12 +367,12 @@ def test_cpu_auto_uses_einsum_for_short_keys_and_blockwise_from_256():
         q, k, v = qkv(4, length, batch=1, heads=1, depth=4)
         ones = jnp.ones((1, 4), jnp.int32), jnp.ones((1, length), jnp.int32)
         mask = AttentionMask.from_tokens(*ones)
-        program = str(jax.make_jaxpr(attention.xla_or_blockwise_attention)(q, k, v, mask))
+        program = str(jax.make_jaxpr(kernels.xla_or_blockwise_attention)(q, k, v, mask))
         assert ("custom_vjp_call" in program and "scan" in program) is blockwise
-        reference = attention.blockwise_attention if blockwise else attention.xla_attention
+        reference = kernels.blockwise_attention if blockwise else kernels.xla_attention
         np.testing.assert_array_equal(
-            attention.xla_or_blockwise_attention(q, k, v, mask), reference(q, k, v, mask)
+            kernels.xla_or_blockwise_attention(q, k, v, mask), reference(q, k, v, mask)
         )
-        reason = attention.fallback_reason("xla_or_blockwise", q, k, mask, "cpu")
+        reason = kernels.fallback_reason("xla_or_blockwise", q, k, mask, "cpu")
         assert (reason is None) is blockwise
-    assert attention.select_attention("auto", "cpu", "float32")[0] == "xla_or_blockwise"
+    assert kernels.select_attention("auto", "cpu", "float32")[0] == "xla_or_blockwise"

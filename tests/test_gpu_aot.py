@@ -249,12 +249,12 @@ def test_the_cuda_plugin_loads_quietly_only_where_no_gpu_is(
 @pytest.mark.parametrize("gpu, taken", [("h100", True), ("a100", False), (None, False)])
 def test_cudnn_takes_packed_spans_only_for_a_hopper_gpu_even_while_tracing(cudnn_9_10, gpu, taken):
     """Read inside jit (where only the abstract mesh is at hand), for the GPU compiled for."""
-    from t2t_jax.model import attention
+    from t2t_jax.model import kernels
 
     reasons = []
 
     def step(x):
-        reasons.append(attention.cudnn_spans_unsupported())
+        reasons.append(kernels.cudnn_spans_unsupported())
         return x
 
     if gpu is None:  # no mesh: the local device, this CPU

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from t2t_jax.model import ModelConfig, attention, build_model, shift_right, unrolled_for_decoding
-from t2t_jax.model.attention import xla_attention
+from t2t_jax.model import (
+    ModelConfig,
+    build_model,
+    kernels,
+    shift_right,
+    unrolled_for_decoding,
+)
 from t2t_jax.model.embedding import sinusoidal_encoding, vocab_logits
+from t2t_jax.model.kernels import xla_attention
 from t2t_jax.model.masks import AttentionMask
 from t2t_jax.model.scan import unstack_layers
 
@@ -307,12 +313,12 @@ def test_scanned_layers_compute_what_the_unrolled_layers_do(model_type):
     ],
 )
 def test_auto_attention_picks_per_platform_and_dtype(requested, platform, dtype, chosen):
-    assert attention.select_attention(requested, platform, dtype)[0] == chosen
+    assert kernels.select_attention(requested, platform, dtype)[0] == chosen
 
 
 def test_unknown_attention_is_a_clear_error():
     with pytest.raises(ValueError, match="one of auto, xla, dot_product_attention, cudnn"):
-        attention.select_attention("flash", "gpu", "bfloat16")
+        kernels.select_attention("flash", "gpu", "bfloat16")
 
 
 def test_cudnn_falls_back_to_the_einsum_path_where_it_cannot_run(caplog):
@@ -321,16 +327,16 @@ def test_cudnn_falls_back_to_the_einsum_path_where_it_cannot_run(caplog):
     tokens = jnp.array([[1, 1, 1, 0, 0], [1] * 5])
     mask = AttentionMask.from_tokens(tokens, tokens)
     with caplog.at_level("WARNING"):
-        out = attention.cudnn_attention(q, k, v, mask)
-    np.testing.assert_allclose(out, attention.xla_attention(q, k, v, mask), atol=1e-6)
-    assert attention.cudnn_unsupported(q, k, "cpu") == (
+        out = kernels.cudnn_attention(q, k, v, mask)
+    np.testing.assert_allclose(out, kernels.xla_attention(q, k, v, mask), atol=1e-6)
+    assert kernels.cudnn_unsupported(q, k, "cpu") == (
         "cuDNN flash attention needs an NVIDIA GPU, this is cpu"
     )
-    assert "needs bfloat16" in attention.cudnn_unsupported(q, k, "gpu")
-    assert "d_k a multiple of 8" in attention.cudnn_unsupported(
+    assert "needs bfloat16" in kernels.cudnn_unsupported(q, k, "gpu")
+    assert "d_k a multiple of 8" in kernels.cudnn_unsupported(
         q[..., :6].astype(jnp.bfloat16), k, "gpu"
     )
-    assert attention.cudnn_unsupported(q.astype(jnp.bfloat16), k, "gpu") is None
+    assert kernels.cudnn_unsupported(q.astype(jnp.bfloat16), k, "gpu") is None
 
 
 def test_each_model_type_is_one_class_and_the_lstm_names_what_it_cannot_do():

@@ -19,8 +19,8 @@ import numpy as np
 
 from t2t_jax.guide.attention_maps import attention_maps
 from t2t_jax.guide.runs import plt_module, task_config, train_variant, write_results
-from t2t_jax.model.attention import attention_weights
 from t2t_jax.model.embedding import sinusoidal_encoding
+from t2t_jax.model.kernels import attention_weights
 
 # --- positional: question 4 ------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t2t_jax.model import attention as attn
+from t2t_jax.model import kernels
 from t2t_jax.model.embedding import POSITIONAL_ENCODINGS
 
 # "lstm_seq2seq": the recurrent baseline of t2t_jax/model/lstm.py (no incremental decoder).
@@ -49,7 +49,7 @@ class ModelConfig:
     attention_bias: bool = False  # True: biases on W^Q, W^K, W^V, W^O (not in the paper)
     norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + f(LN(x))
     layer_norm_epsilon: float = 1e-6
-    attention: str = "xla"  # one of attention.ATTENTION_IMPLEMENTATIONS
+    attention: str = "xla"  # one of kernels.ATTENTION_IMPLEMENTATIONS
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"  # rematerialisation of each layer: one of REMAT_POLICIES
     # One layer's code scanned over stacked params (nn.scan) instead of N unrolled copies:
@@ -76,8 +76,8 @@ class ModelConfig:
                 f"model.positional must be one of {POSITIONAL_ENCODINGS}",
             ),
             (
-                self.attention in attn.ATTENTION_IMPLEMENTATIONS,
-                f"model.attention must be one of {attn.ATTENTION_IMPLEMENTATIONS}",
+                self.attention in kernels.ATTENTION_IMPLEMENTATIONS,
+                f"model.attention must be one of {kernels.ATTENTION_IMPLEMENTATIONS}",
             ),
             (
                 self.max_segments_per_row == 0 or self.max_segments_per_row >= 2,

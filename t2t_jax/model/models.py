@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from t2t_jax.data.batching import Lengths, bucket_length
-from t2t_jax.model import attention as attn
+from t2t_jax.model import kernels
 from t2t_jax.model.lstm import LSTMSeq2Seq
 from t2t_jax.model.model_config import ModelConfig
 from t2t_jax.model.transformer import DecoderOnlyLM, Transformer
@@ -331,10 +331,10 @@ def model_type(config: ModelConfig | Any | str) -> ModelType:
 def build_model(config: ModelConfig, platform: str | None = None) -> nn.Module:
     """The module of `config.type`, with `attention="auto"` resolved (logged) for `platform`:
     the devices it will run on, by default the current mesh's or JAX's default backend's
-    (`attention.current_platform`)."""
+    (`kernels.current_platform`)."""
     if config.attention == "auto":
-        platform = platform or attn.current_platform()
-        chosen, why = attn.select_attention("auto", platform, config.dtype)
+        platform = platform or kernels.current_platform()
+        chosen, why = kernels.select_attention("auto", platform, config.dtype)
         logging.info("model.attention=auto -> %s (%s)", chosen, why)
         config = dataclasses.replace(config, attention=chosen)
     return model_type(config).module(config)

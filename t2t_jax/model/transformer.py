@@ -13,13 +13,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from t2t_jax.model import attention as attn
-from t2t_jax.model.attention import Mask
 from t2t_jax.model.embedding import (
     Embedder,
     embedding_init,
     shift_right,
     vocab_logits,
 )
+from t2t_jax.model.kernels import Mask
 from t2t_jax.model.masks import AttentionMask
 from t2t_jax.model.model_config import REMAT_POLICIES, ModelConfig
 from t2t_jax.model.scan import scanned

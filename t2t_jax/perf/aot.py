@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
-from t2t_jax.model.attention import cudnn_version, select_attention
+from t2t_jax.model.kernels import cudnn_version, select_attention
 from t2t_jax.model.models import model_type
 from t2t_jax.perf import hlo, topology
 from t2t_jax.perf.aot_args import abstract, global_rows, train_step_args

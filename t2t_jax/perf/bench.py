@@ -30,7 +30,7 @@ import numpy as np
 
 from t2t_jax import sharding
 from t2t_jax.model import ModelConfig, build_model
-from t2t_jax.model.attention import select_attention
+from t2t_jax.model.kernels import select_attention
 from t2t_jax.model.models import NotSupported, model_type
 from t2t_jax.perf import profiling
 from t2t_jax.runtime import chips

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2t_jax.model import attention
+from t2t_jax.model import kernels
 from t2t_jax.model.masks import AttentionMask
 
 # (causal, cross) per case: cross attends from half as many queries.
@@ -87,7 +87,7 @@ def check_kernel(
     cotangent = jax.random.normal(keys[3], shapes[0])
     real_queries = (mask.query_segments > 0)[:, :, None, None]
     real_keys = (mask.key_segments > 0)[:, :, None, None]
-    kernel = attention.KERNELS[implementation]
+    kernel = kernels.KERNELS[implementation]
 
     def loss(function, q, k, v):
         out = function(q, k, v, mask).astype(jnp.float32)
@@ -98,7 +98,7 @@ def check_kernel(
         grads = jax.jit(jax.grad(lambda *a: loss(function, *a), argnums=(0, 1, 2)))(*inputs)
         return out, [g.astype(jnp.float32) for g in grads]
 
-    reference = outputs(attention.xla_attention, [x.astype(jnp.float32) for x in qkv])
+    reference = outputs(kernels.xla_attention, [x.astype(jnp.float32) for x in qkv])
     result = outputs(kernel, qkv)
 
     def error(got, want, where):
@@ -119,7 +119,7 @@ def check_kernel(
         error(result[0], reference[0], real_queries),
         gradient_error,
         _custom_calls(lambda q, k, v: kernel(q, k, v, mask), *qkv),
-        attention.fallback_reason(
+        kernels.fallback_reason(
             implementation, qkv[0], qkv[1], mask, jax.devices()[0].platform
         ) or "",
     )
