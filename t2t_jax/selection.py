@@ -29,7 +29,7 @@ from typing import Any
 
 import ml_collections
 
-from t2t_jax import checkpoint, files
+from t2t_jax import checkpoint, files, run_config
 
 BEST = "best"
 POOL = "average_pool"
@@ -120,8 +120,8 @@ def save_kept(
     """Saves `state` as checkpoint `step` of the kept set, with what decoding it needs."""
     checkpoint.save(manager, step, state, config, tokenizer)
     kept = os.path.join(workdir, name)
-    if not files.exists(os.path.join(kept, checkpoint.CONFIG_FILENAME)):
-        checkpoint.save_config_json(config, kept)
+    if not files.exists(os.path.join(kept, run_config.CONFIG_FILENAME)):
+        run_config.save_config_json(config, kept)
         tokenizer.save(kept)
 
 

@@ -20,7 +20,7 @@ import ml_collections
 import tqdm
 from flax import linen as nn
 
-from t2t_jax import checkpoint, evaluate, metrics, selection, sharding
+from t2t_jax import checkpoint, evaluate, metrics, run_config, selection, sharding
 from t2t_jax.config import check_retired
 from t2t_jax.data import loader, prepare, prepared, tasks
 from t2t_jax.data import planner as planner_lib
@@ -257,8 +257,8 @@ def train_and_evaluate(
     checkpoint.check_resumable(config, workdir, exp.stepper.abstract_state.params)
     is_main = jax.process_index() == 0
     if is_main:
-        checkpoint.warn_on_changed_data(config, workdir)
-        checkpoint.save_config_json(config, workdir)
+        run_config.warn_on_changed_data(config, workdir)
+        run_config.save_config_json(config, workdir)
         if not has_tokenizer(workdir):
             exp.tokenizer.save(workdir)
     exp = in_epochs(exp)

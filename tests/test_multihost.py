@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from t2t_jax import checkpoint
+from t2t_jax import checkpoint, run_config
 from t2t_jax.runtime import distributed
 from t2t_jax.train import build_experiment, train_and_evaluate
 from tests.conftest import FAST_COMPILE_XLA_FLAGS, assert_params_close
@@ -287,8 +287,8 @@ def test_workdir_files_take_urls_as_well_as_local_paths(tiny_config):
     workdir = "ram://t2t_jax_test/run"
     assert checkpoint.checkpoint_dir(workdir) == "ram://t2t_jax_test/run/checkpoints"
     assert checkpoint.checkpoint_steps(workdir) == []
-    checkpoint.save_config_json(tiny_config, workdir)
-    assert checkpoint.load_config_json(workdir).model.d_model == tiny_config.model.d_model
+    run_config.save_config_json(tiny_config, workdir)
+    assert run_config.load_config_json(workdir).model.d_model == tiny_config.model.d_model
     for step in (1, 2):  # a second writer continues the file, as a resumed run does
         writer = metrics.JsonlWriter(f"{workdir}/metrics.jsonl")
         writer.write_scalars(step, {"loss": 1.0 / step})

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from t2t_jax import checkpoint
+from t2t_jax import checkpoint, run_config
 from t2t_jax.loss import cross_entropy_sums
 from t2t_jax.optimizer import make_optimizer, paper_schedule
 from t2t_jax.train import build_experiment, restore_or_init, train_and_evaluate
@@ -496,7 +496,7 @@ def test_training_learns_and_writes_metrics_config_and_checkpoints(tiny_config, 
     assert "test_accuracy" in eval_row
     assert result["eval_accuracy"] == pytest.approx(eval_row["eval_accuracy"])
     assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ["40", "60"]
-    saved = checkpoint.load_config_json(workdir)
+    saved = run_config.load_config_json(workdir)
     assert saved.model.d_model == 32 and saved.train.num_steps == 60
     assert os.path.exists(os.path.join(workdir, "vocab.txt"))
     assert len(result["samples"]) == 2
@@ -571,11 +571,11 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss():
 
 def test_resuming_with_changed_data_settings_is_reported(tiny_config, tmp_path):
     workdir = str(tmp_path)
-    checkpoint.save_config_json(tiny_config, workdir)
-    assert checkpoint.warn_on_changed_data(tiny_config, workdir) == []
+    run_config.save_config_json(tiny_config, workdir)
+    assert run_config.warn_on_changed_data(tiny_config, workdir) == []
     tiny_config.data.batch_size = 32
     tiny_config.train.num_steps = 99  # not a data field: resuming longer is the point
-    assert checkpoint.warn_on_changed_data(tiny_config, workdir) == ["data.batch_size"]
+    assert run_config.warn_on_changed_data(tiny_config, workdir) == ["data.batch_size"]
 
 
 def test_a_workdir_from_before_attention_bias_decodes_and_asks_for_it_on_resume(
@@ -591,7 +591,7 @@ def test_a_workdir_from_before_attention_bias_decodes_and_asks_for_it_on_resume(
     train_and_evaluate(tiny_config, workdir)
     params = checkpoint.restore_host_state(workdir)[0]["params"]
     assert params["encoder"]["layer_0"]["self_attention"]["query"]["bias"].shape == (4, 8)
-    saved_configs = [os.path.join(workdir, checkpoint.CONFIG_FILENAME),
+    saved_configs = [os.path.join(workdir, run_config.CONFIG_FILENAME),
                      os.path.join(checkpoint.checkpoint_dir(workdir), "2", "config", "metadata")]
     for path in saved_configs:  # as an older t2t_jax wrote them
         with open(path) as f:

@@ -54,12 +54,12 @@ def task_config(
 def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if done before) and returns its final metrics and
     its training loss curve [(step, loss), ...]."""
-    from t2t_jax import checkpoint
+    from t2t_jax import checkpoint, run_config
     from t2t_jax.train import train_and_evaluate
 
     saved = checkpoint.saved_config(workdir)
     if saved is not None:  # a run of an earlier t2t_jax resumes with the defaults it was built in
-        for key in checkpoint.PREDATING_MODEL_DEFAULTS:
+        for key in run_config.PREDATING_MODEL_DEFAULTS:
             config.model[key] = saved.model[key]
     result = train_and_evaluate(config, workdir, jax.devices()[:1])
     curve = []
