@@ -61,10 +61,15 @@ def start_ensemble(
 # --- the jitted search of one batch ---------------------------------------------------------
 
 
+@partial(jax.tree_util.register_dataclass, data_fields=["alpha"],
+         meta_fields=["beam_size", "nbest", "temperature", "top_k", "top_p"])
 @dataclasses.dataclass(frozen=True)
 class Search:
     """How to choose tokens: beam search (`beam_size` > 1, GNMT length penalty `alpha`),
-    greedy (beam 1), or sampling (`temperature` > 0, with `top_k`/`top_p`); `nbest` results."""
+    greedy (beam 1), or sampling (`temperature` > 0, with `top_k`/`top_p`); `nbest` results.
+
+    A pytree whose one leaf is `alpha`: the search compiles once per beam size, n-best and
+    sampling setting, and any alpha runs in that program (a server takes alpha per request)."""
 
     beam_size: int = 4
     alpha: float = 0.6
@@ -84,7 +89,7 @@ class Search:
                              "--beam_size 1 with it")
 
 
-@partial(jax.jit, static_argnames=("models", "settings", "output_length"))
+@partial(jax.jit, static_argnames=("models", "output_length"))
 def search_batch(
     models: tuple[nn.Module, ...],
     params: tuple[Any, ...],
@@ -92,12 +97,14 @@ def search_batch(
     rng: Array,
     settings: Search,
     output_length: int,
+    prefixes: Array | None = None,
 ) -> search.Hypotheses:
     """Searches one batch. inputs: [batch, src_len] ids (0-padded, each ending with EOS): the
     encoder-decoder's sources, or the decoder-only model's prompts. Returns `settings.nbest`
     hypotheses per row over a buffer of `output_length` tokens (decoder-only: src_len +
-    output_length, the prompt in front)."""
-    prompt, start = model_type(models[0].config).search_buffer(inputs, output_length)
+    output_length, the prompt in front). `prefixes` [batch, output_length] (0-padded): target
+    tokens each row's output is forced to start with; all 0 decodes as if none were given."""
+    prompt, start = model_type(models[0].config).search_buffer(inputs, output_length, prefixes)
     step, cache = start_ensemble(models, params, inputs, settings.beam_size, prompt.shape[1])
     if settings.beam_size > 1:
         return search.beam_search(
@@ -113,8 +120,10 @@ def search_batch(
 
 
 class Hypothesis(NamedTuple):
-    """One output: its token ids (up to EOS, prompt excluded), its total log-probability (EOS
-    included), its length-normalised score, and its text (filled in by `translate`)."""
+    """One output: its token ids (up to EOS, prompt excluded, target prefix included), its total
+    log-probability (EOS included; a target prefix's tokens are given, not chosen, so they are
+    not in it), its length-normalised score (over the chosen tokens), and its text (filled in by
+    `translate`)."""
 
     ids: list[int]
     log_prob: float
@@ -231,18 +240,48 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
 
 
+def batch_lengths(decoder: Decoder, options: DecodeOptions, longest_source: int
+                  ) -> tuple[int, int]:
+    """(source, output) buffer lengths of a batch whose longest source has `longest_source`
+    tokens: its length bucket (the cap, with `fixed_length`), and that + `extra_length`, at most
+    `max_output_length`. These are the shapes decoding compiles for."""
+    cap = decoder.max_source_length
+    source_length = cap if options.fixed_length else bucket_length(longest_source, cap)
+    length = source_length + options.extra_length
+    if options.max_output_length:
+        length = min(length, options.max_output_length)
+    return source_length, length
+
+
+def check_prefixes(decoder: Decoder, options: DecodeOptions, encoded: Sequence[Sequence[int]],
+                   prefixes: Sequence[Sequence[int]]) -> None:
+    """That there is one prefix per input, each with room in its output (a one-line error)."""
+    if len(prefixes) != len(encoded):
+        raise ValueError(f"{len(prefixes)} target prefixes for {len(encoded)} inputs: give one "
+                         f"per input (an empty one for none)")
+    for number, (ids, prefix) in enumerate(zip(encoded, prefixes, strict=True), 1):
+        room = batch_lengths(decoder, options, len(ids))[1] - 1
+        if len(prefix) > room:
+            raise ValueError(f"target prefix {number} has {len(prefix)} tokens, over the {room} "
+                             f"its output may hold; shorten it or raise --extra_length")
+
+
 def decode_ids(
     decoder: Decoder,
     encoded: Sequence[Sequence[int]],
     options: DecodeOptions = DecodeOptions(),
     progress: bool = False,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[list[Hypothesis]], dict[str, float]]:
     """The n-best hypotheses (`options.search.nbest`, best first) for each input of token ids
     (each ending with EOS, at most `decoder.max_source_length`), in input order, and throughput
-    figures (sentences/s, tokens/s of output, seconds)."""
+    figures (sentences/s, tokens/s of output, seconds). `prefixes`: token ids (no EOS) each
+    input's outputs are forced to start with (forced decoding), one per input."""
     cap = decoder.max_source_length
     if any(len(ids) > cap for ids in encoded):
         raise ValueError(f"inputs must be at most {cap} tokens; cut them first (translate does)")
+    prefixes = [[] for _ in encoded] if prefixes is None else prefixes
+    check_prefixes(decoder, options, encoded, prefixes)
     results: list[list[Hypothesis]] = [[] for _ in encoded]
     batch_size = options.batch_size
     start_time = time.perf_counter()
@@ -250,18 +289,18 @@ def decode_ids(
     with sharding.activate(decoder.mesh):
         batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
         for number, rows in enumerate(tqdm.tqdm(batches, disable=not progress, unit="batch")):
-            longest = max(len(encoded[i]) for i in rows)
-            source_length = cap if options.fixed_length else bucket_length(longest, cap)
-            output_length = source_length + options.extra_length
-            if options.max_output_length:
-                output_length = min(output_length, options.max_output_length)
+            source_length, length = batch_lengths(decoder, options,
+                                                  max(len(encoded[i]) for i in rows))
             inputs = np.zeros((batch_size, source_length), np.int32)
             inputs[len(rows):, 0] = EOS_ID  # padding rows: empty sources
+            forced = np.zeros((batch_size, length), np.int32)
             for row, i in enumerate(rows):
                 inputs[row, : len(encoded[i])] = encoded[i]
+                forced[row, : len(prefixes[i])] = prefixes[i]
             found = search_batch(
                 decoder.models, decoder.params, decoder.place_batch(inputs),
-                jax.random.key(options.seed + number), options.search, output_length,
+                jax.random.key(options.seed + number), options.search, length,
+                decoder.place_batch(forced),
             )
             tokens, log_prob, score = (np.asarray(x) for x in found)
             for row, i in enumerate(rows):
@@ -292,14 +331,46 @@ def encode_numbered(tokenizer: Tokenizer, lines: Sequence[str], what: str) -> li
 
 
 def encode_lines(
-    decoder: Decoder, lines: Sequence[str]
+    decoder: Decoder, lines: Sequence[str], what: str = "input"
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids (EOS appended) of each line, cut to the model's source length, and the 1-based
-    numbers of the lines that were cut."""
+    numbers of the lines that were cut. An unknown symbol's error names `what` line it was."""
     cap = decoder.max_source_length
-    encoded = [ids + [EOS_ID] for ids in encode_numbered(decoder.tokenizer, lines, "input")]
+    encoded = [ids + [EOS_ID] for ids in encode_numbered(decoder.tokenizer, lines, what)]
     cut = [n + 1 for n, ids in enumerate(encoded) if len(ids) > cap]
     return [ids[: cap - 1] + [EOS_ID] if len(ids) > cap else ids for ids in encoded], cut
+
+
+def encode_prefixes(decoder: Decoder, prefixes: Sequence[str] | None, count: int
+                    ) -> list[list[int]] | None:
+    """Token ids (no EOS) of each target prefix, one per input (`count` of them); None: none."""
+    if prefixes is None:
+        return None
+    if len(prefixes) != count:
+        raise ValueError(f"{len(prefixes)} target prefixes for {count} inputs: give one per "
+                         f"input (an empty one for none)")
+    return encode_numbered(decoder.tokenizer, prefixes, "target prefix")
+
+
+def translate_encoded(
+    decoder: Decoder,
+    encoded: Sequence[Sequence[int]],
+    options: DecodeOptions = DecodeOptions(),
+    progress: bool = False,
+    prefixes: Sequence[Sequence[int]] | None = None,
+) -> tuple[list[list[Hypothesis]], dict[str, float]]:
+    """`decode_ids` with the texts of the hypotheses. An input of EOS alone (an empty line)
+    without a prefix gives one empty hypothesis (score 0) without decoding."""
+    prefixes = [[] for _ in encoded] if prefixes is None else prefixes
+    check_prefixes(decoder, options, encoded, prefixes)
+    wanted = [n for n, (ids, prefix) in enumerate(zip(encoded, prefixes, strict=True))
+              if len(ids) > 1 or prefix]
+    found, stats = decode_ids(decoder, [encoded[n] for n in wanted], options, progress,
+                              [prefixes[n] for n in wanted])
+    results = [[Hypothesis([], 0.0, 0.0, "")] for _ in encoded]
+    for n, hypotheses in zip(wanted, found, strict=True):
+        results[n] = [h._replace(text=decoder.tokenizer.decode(h.ids)) for h in hypotheses]
+    return results, stats
 
 
 def translate(
@@ -307,10 +378,12 @@ def translate(
     lines: Sequence[str],
     options: DecodeOptions = DecodeOptions(),
     progress: bool = False,
+    prefixes: Sequence[str] | None = None,
 ) -> tuple[list[list[Hypothesis]], dict[str, float]]:
     """`decode_ids` for text: the n-best hypotheses of each line with their texts, in line
     order. An empty line gives one empty hypothesis (score 0) without decoding; a line over the
-    model's source length (`data.test_max_source_length`) is cut, with a warning naming it."""
+    model's source length (`data.test_max_source_length`) is cut, with a warning naming it.
+    `prefixes`: one target prefix per line ("" for none) that its hypotheses start with."""
     encoded, cut = encode_lines(decoder, lines)
     if cut:
         shown = ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else "")
@@ -318,12 +391,8 @@ def translate(
             "%d input lines are over %d tokens and were cut (lines %s); every line still gets "
             "its output", len(cut), decoder.max_source_length, shown,
         )
-    nonempty = [n for n, line in enumerate(lines) if line.strip()]
-    found, stats = decode_ids(decoder, [encoded[n] for n in nonempty], options, progress)
-    results = [[Hypothesis([], 0.0, 0.0, "")] for _ in lines]
-    for n, hypotheses in zip(nonempty, found, strict=True):
-        results[n] = [h._replace(text=decoder.tokenizer.decode(h.ids)) for h in hypotheses]
-    return results, stats
+    return translate_encoded(decoder, encoded, options, progress,
+                             encode_prefixes(decoder, prefixes, len(lines)))
 
 
 def best_texts(results: Sequence[Sequence[Hypothesis]]) -> list[str]:

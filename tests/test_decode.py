@@ -1,6 +1,7 @@
 """Decoding: the one path (sort, bucket, batch, input order), its searches over the key/value
 cache for both kinds of model, n-best, ensembles and teacher-forced scores."""
 
+import functools
 import os
 
 import jax
@@ -90,6 +91,58 @@ def tiny_decoder(model_type="encoder_decoder", max_source_length=8):
     tokenizer = SymbolTokenizer([str(i) for i in range(10)])
     config = ModelConfig(**TINY, type=model_type)
     return decoder_for_params(config, params, tokenizer, None, max_source_length)
+
+
+@functools.cache
+def _jitted_apply(model):
+    return jax.jit(model.apply)
+
+
+def teacher_forced_log_probs(decoder, source, output, length=24):
+    """log-softmax [len(output), vocab] of the model at each output position, fed the source and
+    the output before it (the decoder-only model: source, then output, as one sequence). Rows
+    are padded to `length` (one compilation): later tokens do not change earlier logits."""
+    model, params = decoder.model, decoder.params[0]
+    apply = _jitted_apply(model)
+    if decoder.model_type.joins_source_and_target:
+        row = np.zeros((1, length), np.int32)
+        row[0, : len(source) + len(output)] = source + output
+        logits = apply({"params": params}, row)[0, len(source) : len(source) + len(output)]
+    else:
+        inputs, targets = np.zeros((1, 8), np.int32), np.zeros((1, length), np.int32)
+        inputs[0, : len(source)], targets[0, : len(output)] = source, output
+        logits = apply({"params": params}, inputs, targets)[0, : len(output)]
+    return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("model_type", ["encoder_decoder", "decoder_only"])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_target_prefixes_are_forced_and_left_out_of_the_scores(model_type, beam_size):
+    from t2t_jax.decode import batch_lengths, decode_ids
+
+    decoder = tiny_decoder(model_type)
+    sources = [[5, 6, 7, EOS_ID], [8, EOS_ID], [9, 4, EOS_ID]]
+    prefixes = [[3, 3], [], [7]]
+    options = DecodeOptions(Search(beam_size, alpha=0.0, nbest=beam_size), batch_size=4,
+                            extra_length=4)
+    forced, _ = decode_ids(decoder, sources, options, prefixes=prefixes)
+    plain, _ = decode_ids(decoder, sources, options)
+    assert forced[1] == plain[1]  # no prefix: as if none were given
+    source_length, output_length = batch_lengths(decoder, options, 4)
+    if decoder.model_type.joins_source_and_target:
+        output_length += source_length  # the buffer holds the prompt too
+    for source, prefix, hypotheses in zip(sources, prefixes, forced, strict=True):
+        room = output_length - decoder.model_type.output_begin(len(source))
+        for h in hypotheses:
+            assert h.ids[: len(prefix)] == prefix
+            # EOS is the last chosen token unless the buffer filled up first.
+            chosen = h.ids[len(prefix):] + ([EOS_ID] if len(h.ids) < room else [])
+            log_probs = teacher_forced_log_probs(decoder, source, h.ids + [EOS_ID])
+            expected = sum(float(log_probs[len(prefix) + i, t]) for i, t in enumerate(chosen))
+            np.testing.assert_allclose(h.log_prob, expected, atol=2e-4)
+            assert h.score == pytest.approx(h.log_prob)  # alpha 0: no length penalty
+    with pytest.raises(ValueError, match="target prefix 1 has 30 tokens, over the"):
+        decode_ids(decoder, sources, options, prefixes=[[3] * 30, [], []])
 
 
 def test_translate_returns_one_output_per_line_in_order_whatever_the_batching():
@@ -523,3 +576,28 @@ def test_a_symbol_outside_the_vocabulary_is_an_error_naming_it_and_its_line():
     assert errors == ["line 1: symbol 'x' is not in the model's vocabulary "
                       "(0 1 2 3 4 5 6 7 8 9)"]
     assert outputs == ["4 1 3"]
+
+
+def test_decode_command_forces_each_lines_target_prefix(tmp_path, capsys):
+    from t2t_jax.cli import main, parse
+    from t2t_jax.cli.args import CommandLineError
+
+    golden = os.path.join(os.path.dirname(__file__), "golden", "reverse_workdir")
+    source, prefix = tmp_path / "source.txt", tmp_path / "prefix.txt"
+    source.write_text("3 1 4\n1 2 3 4 5\n9 8 7\n")
+    prefix.write_text("4 1\n\n1 1\n")  # the right start, none, a wrong start
+    assert main(["decode", "--workdir", golden, "--input", str(source), "--target_prefix",
+                 str(prefix), "--beam_size", "1", "--format", "jsonl"]) == 0
+    import json
+
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["text"] == "4 1 3" and rows[1]["text"] == "5 4 3 2 1"
+    assert rows[2]["text"].startswith("1 1 ")
+    # Forced to its own greedy start, a line scores the rest of its output alone.
+    plain = translate(load_decoder(golden), ["3 1 4"], DecodeOptions(Search(beam_size=1)))[0]
+    assert rows[0]["log_prob"] > plain[0][0].log_prob
+    prefix.write_text("4 1\n")
+    args = parse(["decode", "--workdir", golden, "--input", str(source), "--target_prefix",
+                  str(prefix)])
+    with pytest.raises(CommandLineError, match="--target_prefix has 1 lines and --input 3"):
+        args.run(args)

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from t2t_jax.cli import decode, perf, train
+from t2t_jax.cli import decode, perf, serve, train
 from t2t_jax.cli.args import CommandLineError, load_config, split_overrides
 
 PROGRAM = "t2t-jax"
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   echo "3 1 4" | t2t-jax decode --workdir runs/reverse
   t2t-jax bench --config configs/base.py --seq_lens 256,512
   t2t-jax compile --config configs/base.py --topology v5e:4x4
+  t2t-jax serve --workdir runs/reverse --port 8080
 
 A config's fields change with --config.a.b=value (every field: t2t_jax/config.py)."""
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_commands(commands)
     decode.add_commands(commands)
     perf.add_commands(commands)
+    serve.add_commands(commands)
     parser.command_parsers = commands.choices
     return parser
 

@@ -55,6 +55,10 @@ def _add_decode(commands: argparse._SubParsersAction) -> None:
     decode.add_argument("--input", default="-", metavar="FILE",
                         help="source lines, or - for stdin")
     decode.add_argument("--output", metavar="FILE", help="where to write (default: stdout)")
+    decode.add_argument("--target_prefix", metavar="FILE",
+                        help="forced decoding: one target prefix a line, aligned with the input "
+                             "(an empty line: none); each hypothesis starts with its prefix, "
+                             "whose tokens its scores leave out")
     decode.add_argument("--nbest", type=int, default=1, metavar="N",
                         help="the N best hypotheses per input, with scores (needs --beam_size N "
                              "or more)")
@@ -156,9 +160,19 @@ def decode_command(args: argparse.Namespace) -> None:
     options = _decode_options(args, one(args.beam_size, "beam_size"), one(args.alpha, "alpha"),
                               args.nbest)
     form = args.format if args.format != "auto" else ("plain" if args.nbest == 1 else "nbest")
+    lines = None if args.input == "-" and sys.stdin.isatty() else read_lines(args.input, "input")
+    prefixes = None
+    if args.target_prefix:
+        if lines is None:
+            raise CommandLineError("--target_prefix needs --input FILE (or piped input): the "
+                                   "prefixes line up with the input's lines")
+        prefixes = read_lines(args.target_prefix, "target_prefix")
+        if len(prefixes) != len(lines):
+            raise CommandLineError(f"--target_prefix has {len(prefixes)} lines and --input "
+                                   f"{len(lines)}: give one prefix a line (an empty line: none)")
     decoder = load_decoder(_workdirs(args), args.step, args.average)
     what = "sampling" if options.search.temperature > 0 else f"beam {options.search.beam_size}"
-    if args.input == "-" and sys.stdin.isatty() and not args.output:
+    if lines is None and not args.output:
         # A person typing: each line is translated as soon as it is entered.
         print(f"step {decoder.step}, {what}: type a line, Ctrl-D to end", file=sys.stderr)
         index = iter(range(1 << 62))
@@ -172,8 +186,9 @@ def decode_command(args: argparse.Namespace) -> None:
 
         translate_stream(decoder, sys.stdin, write, options, on_error=warn)
         return
-    lines = read_lines(args.input, "input")
-    results, stats = translate(decoder, lines, options, sys.stderr.isatty())
+    if lines is None:
+        lines = read_lines(args.input, "input")
+    results, stats = translate(decoder, lines, options, sys.stderr.isatty(), prefixes)
     _write("".join(format_hypotheses(i, h, form) for i, h in enumerate(results)), args.output)
     ensemble = f", ensemble of {len(decoder.models)}" if len(decoder.models) > 1 else ""
     print(f"decoded {len(lines)} lines with step {decoder.step} ({what}{ensemble}): "

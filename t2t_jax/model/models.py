@@ -155,10 +155,15 @@ class ModelType:
 
         return step, cache
 
-    def search_buffer(self, inputs: Array, output_length: int) -> tuple[Array, Array]:
-        """(the buffer the search fills [rows, length], each row's first position to fill)."""
+    def search_buffer(self, inputs: Array, output_length: int, prefixes: Array | None = None
+                      ) -> tuple[Array, Array]:
+        """(the buffer the search fills [rows, length], each row's first position to fill).
+        `prefixes` [rows, output_length] (0 after each row's prefix): target tokens forced at the
+        front of the output, before the search chooses."""
         rows = inputs.shape[0]
-        return jnp.zeros((rows, output_length), jnp.int32), jnp.zeros((rows,), jnp.int32)
+        if prefixes is None:
+            return jnp.zeros((rows, output_length), jnp.int32), jnp.zeros((rows,), jnp.int32)
+        return prefixes, jnp.sum(prefixes > 0, axis=1).astype(jnp.int32)
 
     def output_begin(self, source_tokens: int) -> int:
         """Where a row's output starts in the searched buffer."""
@@ -259,9 +264,17 @@ class DecoderOnly(ModelType):
 
         return step, cache
 
-    def search_buffer(self, inputs, output_length):
+    def search_buffer(self, inputs, output_length, prefixes=None):
         prompt = jnp.pad(inputs, ((0, 0), (0, output_length)))
-        return prompt, jnp.sum(inputs > 0, axis=1).astype(jnp.int32)
+        source_tokens = jnp.sum(inputs > 0, axis=1).astype(jnp.int32)
+        if prefixes is None:
+            return prompt, source_tokens
+        # Each row's prefix goes right after its own prompt (sources differ in length); the
+        # positions written stay inside the buffer, as no source exceeds inputs' width.
+        positions = source_tokens[:, None] + jnp.arange(output_length)[None, :]
+        rows = jnp.arange(inputs.shape[0])[:, None]
+        prompt = prompt.at[rows, positions].max(prefixes)
+        return prompt, source_tokens + jnp.sum(prefixes > 0, axis=1).astype(jnp.int32)
 
     def output_begin(self, source_tokens: int) -> int:
         return source_tokens
