@@ -14,8 +14,9 @@ WORKDIRS = ("the run's workdir; DIR1,DIR2,... decode as an ensemble (one tokeniz
             "type)")
 
 
-def _add_restore(parser: argparse.ArgumentParser, ensembles: bool = True) -> None:
-    add_workdir(parser, WORKDIRS if ensembles else "the run's workdir")
+def _add_restore(parser: argparse.ArgumentParser, ensembles: bool = True,
+                 required: bool = True) -> None:
+    add_workdir(parser, WORKDIRS if ensembles else "the run's workdir", required)
     parser.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
     parser.add_argument("--average", type=int, default=1, metavar="N",
                         help="the mean params of each workdir's newest N checkpoints (up to "
@@ -51,7 +52,7 @@ def _add_decode(commands: argparse._SubParsersAction) -> None:
         "decode", help="translate lines with a checkpoint (or an ensemble)",
         description="Translate each input line with the workdir's checkpoint. With no --input "
                     "on a terminal, each line typed is answered as it comes.")
-    _add_restore(decode)
+    _add_restore(decode, required=False)
     decode.add_argument("--input", default="-", metavar="FILE",
                         help="source lines, or - for stdin")
     decode.add_argument("--output", metavar="FILE", help="where to write (default: stdout)")
@@ -59,6 +60,11 @@ def _add_decode(commands: argparse._SubParsersAction) -> None:
                         help="forced decoding: one target prefix a line, aligned with the input "
                              "(an empty line: none); each hypothesis starts with its prefix, "
                              "whose tokens its scores leave out")
+    decode.add_argument("--engine", choices=("jax", "ctranslate2"), default="jax",
+                        help="ctranslate2: decode an export (t2t-jax export) with CTranslate2, "
+                             "re-ranked by our length penalty")
+    decode.add_argument("--export_dir", metavar="DIR",
+                        help="the export --engine ctranslate2 reads")
     decode.add_argument("--nbest", type=int, default=1, metavar="N",
                         help="the N best hypotheses per input, with scores (needs --beam_size N "
                              "or more)")
@@ -170,6 +176,11 @@ def decode_command(args: argparse.Namespace) -> None:
         if len(prefixes) != len(lines):
             raise CommandLineError(f"--target_prefix has {len(prefixes)} lines and --input "
                                    f"{len(lines)}: give one prefix a line (an empty line: none)")
+    if args.engine == "ctranslate2":
+        return _decode_with_ctranslate2(args, options, form, lines, prefixes)
+    if not args.workdir:
+        raise CommandLineError("decode needs --workdir DIR (or --engine ctranslate2 "
+                               "--export_dir DIR)")
     decoder = load_decoder(_workdirs(args), args.step, args.average)
     what = "sampling" if options.search.temperature > 0 else f"beam {options.search.beam_size}"
     if lines is None and not args.output:
@@ -194,6 +205,33 @@ def decode_command(args: argparse.Namespace) -> None:
     print(f"decoded {len(lines)} lines with step {decoder.step} ({what}{ensemble}): "
           f"{stats['sentences_per_s']:.1f} sentences/s, {stats['tokens_per_s']:.1f} tokens/s",
           file=sys.stderr)
+
+
+def _decode_with_ctranslate2(args, options, form, lines, prefixes) -> None:
+    import time
+
+    from t2t_jax.export.ctranslate2_engine import CTranslate2Engine
+
+    if not args.export_dir:
+        raise CommandLineError("--engine ctranslate2 needs --export_dir DIR (made by t2t-jax "
+                               "export)")
+    if options.search.temperature > 0:
+        raise CommandLineError("--engine ctranslate2 searches (greedy or beam); sampling is "
+                               "the jax engine's")
+    if lines is None:
+        lines = read_lines(args.input, "input")
+    search = options.search
+    engine = CTranslate2Engine(args.export_dir, [search.beam_size], args.batch_size,
+                               args.extra_length)
+    start = time.perf_counter()
+    results = engine.translate(engine.encode(lines, prefixes), search.beam_size, search.alpha)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    results = [hypotheses[: search.nbest] for hypotheses in results]
+    _write("".join(format_hypotheses(i, h, form) for i, h in enumerate(results)), args.output)
+    tokens = sum(len(h[0].ids) + 1 for h in results)
+    print(f"decoded {len(lines)} lines with CTranslate2 ({engine.translator.compute_type}, "
+          f"beam {search.beam_size}): {len(lines) / seconds:.1f} sentences/s, "
+          f"{tokens / seconds:.1f} tokens/s", file=sys.stderr)
 
 
 def evaluate_command(args: argparse.Namespace) -> None:

@@ -1,9 +1,11 @@
-"""The commands of serving: `serve` (an HTTP translation server with dynamic batching) and
-`loadtest` (bounded load on a local one)."""
+"""The commands that take a trained model to production: `serve` (an HTTP translation server
+with dynamic batching), `loadtest` (bounded load on a local one) and `export` (to
+CTranslate2, with int8 if asked)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from t2t_jax.cli.args import INTS, CommandLineError, read_lines
@@ -40,7 +42,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="the most sentences one request may send")
     serve.add_argument("--extra_length", type=int, default=50,
                        help="outputs may be this many tokens longer than their input")
+    serve.add_argument("--engine", choices=("jax", "ctranslate2"), default="jax",
+                       help="ctranslate2: serve an export (--export_dir) with CTranslate2")
+    serve.add_argument("--export_dir", metavar="DIR", help="the export --engine ctranslate2 "
+                       "serves")
     serve.set_defaults(run=serve_command)
+    _add_export(commands)
 
     load = commands.add_parser(
         "loadtest", help="bounded load on a local server: throughput and latency",
@@ -61,6 +68,52 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     load.set_defaults(run=loadtest_command)
 
 
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="a checkpoint as a CTranslate2 model (float32 or int8)",
+        description="Convert the workdir's checkpoint (or the mean of its newest --average) "
+                    "into a CTranslate2 model directory with its vocabulary and tokenizer, "
+                    "which decode and serve read with --engine ctranslate2 --export_dir.")
+    export.add_argument("--workdir", required=True, metavar="DIR", help="the run's workdir")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    export.add_argument("--average", type=int, default=1, metavar="N",
+                        help="the mean params of the newest N checkpoints")
+    export.add_argument("--format", choices=("ctranslate2",), default="ctranslate2",
+                        help="the runtime to export for")
+    export.add_argument("--output", required=True, metavar="DIR", help="the export directory")
+    export.add_argument("--quantization", default="float32",
+                        help="weights: float32, int8, int8_float32, int16, float16, bfloat16")
+    export.add_argument("--force", action="store_true", help="replace an existing --output")
+    export.set_defaults(run=export_command)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    import jax
+
+    from t2t_jax.decode import load_decoder
+    from t2t_jax.export.ctranslate2_spec import QUANTIZATIONS, check_exportable
+
+    try:
+        import ctranslate2  # noqa: F401
+
+        from t2t_jax.export.ctranslate2_spec import export_ctranslate2
+    except ImportError as error:
+        raise CommandLineError(f"export needs its extra: pip install -e '.[ctranslate2]' "
+                               f"({error})") from None
+    if args.quantization not in QUANTIZATIONS:
+        raise CommandLineError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
+    decoder = load_decoder(args.workdir, args.step, args.average)
+    config = decoder.model.config
+    check_exportable(config)
+    settings = {"max_source_length": decoder.max_source_length, "step": decoder.step,
+                "workdir": os.path.abspath(args.workdir), "average": args.average}
+    output = export_ctranslate2(config, jax.device_get(decoder.params[0]), decoder.tokenizer,
+                                args.output, settings, args.quantization, args.force)
+    size = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+    print(f"exported step {decoder.step} ({args.quantization}) to {os.path.abspath(output)}: "
+          f"{size / 1e6:.1f} MB")
+
+
 def _default_beam(args: argparse.Namespace) -> int:
     if args.beam_size is not None:
         if args.beam_size not in args.beam_sizes:
@@ -75,13 +128,14 @@ def serve_command(args: argparse.Namespace) -> None:
         from t2t_jax.serving import server
     except ImportError as error:
         raise CommandLineError(f"{MISSING_EXTRA} ({error})") from None
-    if not args.workdir:
-        raise CommandLineError("serve needs --workdir DIR (a run's workdir)")
+    if not args.workdir and args.engine == "jax":
+        raise CommandLineError("serve needs --workdir DIR (or --engine ctranslate2 "
+                               "--export_dir DIR)")
     if not args.beam_sizes or min(args.beam_sizes) < 1:
         raise CommandLineError("--beam_sizes needs beam sizes of at least 1, e.g. 1,4")
     settings = server.ServerSettings(_default_beam(args), args.alpha, args.max_wait_ms,
                                      args.max_queue, args.max_request_sentences)
-    engine = _jax_engine(args)
+    engine = _ctranslate2_engine(args) if args.engine == "ctranslate2" else _jax_engine(args)
     server.serve(server.create_app(engine, settings), args.host, args.port)
 
 
@@ -94,6 +148,15 @@ def _jax_engine(args: argparse.Namespace):
     workdirs = [w for w in args.workdir.split(",") if w]
     decoder = load_decoder(workdirs, args.step, args.average)
     return JaxEngine(decoder, args.beam_sizes, args.max_batch, args.extra_length)
+
+
+def _ctranslate2_engine(args: argparse.Namespace):
+    from t2t_jax.export.ctranslate2_engine import CTranslate2Engine
+
+    if not args.export_dir:
+        raise CommandLineError("--engine ctranslate2 needs --export_dir DIR (made by t2t-jax "
+                               "export)")
+    return CTranslate2Engine(args.export_dir, args.beam_sizes, args.max_batch, args.extra_length)
 
 
 def loadtest_command(args: argparse.Namespace) -> None:

@@ -91,6 +91,10 @@ class SymbolTokenizer:
     def to_json(self) -> dict:
         return {"type": "symbols", "symbols": self.symbols[len(RESERVED) :]}
 
+    def pieces(self) -> list[str]:
+        """Each id's token string, in id order (an exported model's vocabulary)."""
+        return list(self.symbols)
+
     @classmethod
     def load(cls, directory: str) -> SymbolTokenizer:
         path = os.path.join(directory, cls.FILENAME)
@@ -223,6 +227,10 @@ class SentencePieceTokenizer:
 
     def to_json(self) -> dict:
         return {"type": "sentencepiece", "model": base64.b64encode(self.model_proto).decode()}
+
+    def pieces(self) -> list[str]:
+        """Each id's piece, in id order (an exported model's vocabulary)."""
+        return [self._processor.id_to_piece(i) for i in range(self.vocab_size)]
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
