@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,13 +88,25 @@ def get(port, path):
         return error.code, error.read().decode()
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["jax", "ctranslate2"])
+def server(request, tmp_path_factory):
     """The golden reverse model served greedy and at beam 2, batches of up to 4, each
-    sentence waiting up to 400 ms for company, at most 6 waiting: (process, port)."""
+    sentence waiting up to 400 ms for company, at most 6 waiting, by our decoding path or by
+    CTranslate2 on its export: (process, port)."""
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
+    model = ["--workdir", GOLDEN]
+    if request.param == "ctranslate2":
+        pytest.importorskip("ctranslate2")
+        from t2t_jax.export.ctranslate2_spec import export_ctranslate2
+
+        decoder = golden_decoder()
+        export = str(tmp_path_factory.mktemp("export") / "ct2")
+        export_ctranslate2(decoder.model.config, jax.device_get(decoder.params[0]),
+                           decoder.tokenizer, export,
+                           {"max_source_length": decoder.max_source_length})
+        model = ["--engine", "ctranslate2", "--export_dir", export]
     process = subprocess.Popen(
-        [sys.executable, "-m", "t2t_jax.cli", "serve", "--workdir", GOLDEN, "--port", "0",
+        [sys.executable, "-m", "t2t_jax.cli", "serve", *model, "--port", "0",
          "--beam_sizes", "1,2", "--max_batch", "4", "--max_wait_ms", "400", "--max_queue", "6",
          "--max_request_sentences", "6"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

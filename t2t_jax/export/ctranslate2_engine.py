@@ -99,12 +99,13 @@ class CTranslate2Engine:
     def _search(self, sentences, beam_size, alpha):
         sources = [self._pieces(s.ids[:-1]) for s in sentences]  # CTranslate2 adds the EOS
         prefixes = [self._pieces(s.prefix) or None for s in sentences]
+        longest = max(self._max_output(len(s.ids)) for s in sentences)
         found = self.translator.translate_batch(
             sources, target_prefix=prefixes if any(prefixes) else None,
             max_batch_size=self.max_batch, beam_size=beam_size,
             num_hypotheses=2 * beam_size if beam_size > 1 else 1,
             patience=2 if beam_size > 1 else 1, length_penalty=0.0,
-            max_decoding_length=max(self._max_output(len(s.ids)) for s in sentences))
+            max_decoding_length=longest)
         flat = [(n, [self.ids[p] for p in hypothesis])
                 for n, result in enumerate(found) for hypothesis in result.hypotheses]
         scored = self.translator.score_batch(
@@ -112,7 +113,9 @@ class CTranslate2Engine:
             max_batch_size=self.max_batch * 2 * beam_size)
         results: list[list[Hypothesis]] = [[] for _ in sentences]
         for (n, ids), score in zip(flat, scored, strict=True):
-            chosen = score.log_probs[len(sentences[n].prefix):]  # EOS's included
+            # EOS's log-prob is counted, unless the output ran to the length limit without it.
+            ended = len(ids) < longest
+            chosen = score.log_probs[len(sentences[n].prefix): None if ended else -1]
             log_prob = float(sum(chosen))
             score = log_prob / gnmt_penalty(len(chosen), alpha) if beam_size > 1 else log_prob
             results[n].append(Hypothesis(ids, log_prob, score, self.tokenizer.decode(ids)))
