@@ -89,3 +89,26 @@ def _xdist_group_kept(request):
             and request.node.nodeid.rfind("@") <= request.node.nodeid.rfind("]")):
         pytest.fail("--dist loadgroup did not group this test: install a pytest that "
                     "pytest-xdist supports (setup.cfg's test extra pins one)")
+
+
+# Session scope, and here: every module's tests of the "reverse_model" xdist group share one
+# trained model on their worker (a fixture imported into a second module would train again).
+@pytest.fixture(scope="session")
+def reverse_workdir(tmp_path_factory):
+    """A small model trained to exact reversal of 1-6 symbols (~25 s): the default recipe's
+    cooldown settles it."""
+    import jax
+
+    from t2t_jax.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("reverse")
+    config = make_tiny_config(str(root / "tfds"))
+    config.data.algorithmic.num_train = 4096
+    config.data.batch_size = 32
+    config.model.update(d_model=64, d_ff=128, num_encoder_layers=2, num_decoder_layers=2)
+    config.train.update(num_steps=1500, warmup_steps=100, log_every=500, eval_every=1500,
+                        checkpoint_every=1500, cooldown_fraction=1 / 3)
+    workdir = str(root / "run")
+    result = train_and_evaluate(config, workdir, jax.devices()[:1])
+    assert result["eval_accuracy"] > 0.99
+    return workdir

@@ -52,9 +52,12 @@ def test_greedy_search_equals_step_by_step_argmax():
     for row in range(2):
         prefix = []
         while len(prefix) < 6 and EOS_ID not in prefix:
-            # Reference: re-run the model on the prefix plus a placeholder for the next token.
-            targets = jnp.array([prefix + [EOS_ID]])
-            logits = model.apply({"params": params}, inputs[row : row + 1], targets)[0, -1]
+            # Reference: re-run the model on the prefix plus a placeholder for the next token
+            # (padded to one length, one compilation: later tokens change no earlier logit).
+            targets = np.zeros((1, 7), np.int32)
+            targets[0, : len(prefix) + 1] = prefix + [EOS_ID]
+            logits = _jitted_apply(model)({"params": params}, inputs[row : row + 1],
+                                          targets)[0, len(prefix)]
             prefix.append(int(jnp.argmax(logits.at[0].set(-jnp.inf))))
         assert out[row].tolist() == prefix + [0] * (6 - len(prefix))  # padding after EOS
 
@@ -67,7 +70,9 @@ def test_greedy_lm_keeps_the_prompt_and_matches_an_uncached_reference():
     np.testing.assert_array_equal(out[1, :2], [7, EOS_ID])
     prefix = [7, EOS_ID]
     while len(prefix) < 7 and EOS_ID not in prefix[2:]:
-        logits = model.apply({"params": params}, jnp.array([prefix + [EOS_ID]]))[0, -1]
+        tokens = np.zeros((1, 8), np.int32)
+        tokens[0, : len(prefix) + 1] = prefix + [EOS_ID]
+        logits = _jitted_apply(model)({"params": params}, tokens)[0, len(prefix)]
         prefix.append(int(jnp.argmax(logits.at[0].set(-jnp.inf))))
     assert out[1, : len(prefix)].tolist() == prefix
 
@@ -314,25 +319,6 @@ def test_ensemble_of_a_model_with_itself_is_that_model():
         np.testing.assert_array_equal(single.tokens, pair.tokens)
         np.testing.assert_allclose(single.log_prob, pair.log_prob, rtol=1e-6)
         np.testing.assert_allclose(single.score, pair.score, rtol=1e-6)
-
-
-@pytest.fixture(scope="session")  # see mesh_trained_workdir
-def reverse_workdir(tmp_path_factory):
-    """A small model trained to exact reversal of 1-6 symbols (~25 s): the default recipe's
-    cooldown settles it."""
-    from t2t_jax.train import train_and_evaluate
-
-    root = tmp_path_factory.mktemp("reverse")
-    config = make_tiny_config(str(root / "tfds"))
-    config.data.algorithmic.num_train = 4096
-    config.data.batch_size = 32
-    config.model.update(d_model=64, d_ff=128, num_encoder_layers=2, num_decoder_layers=2)
-    config.train.update(num_steps=1500, warmup_steps=100, log_every=500, eval_every=1500,
-                        checkpoint_every=1500, cooldown_fraction=1 / 3)
-    workdir = str(root / "run")
-    result = train_and_evaluate(config, workdir, jax.devices()[:1])
-    assert result["eval_accuracy"] > 0.99
-    return workdir
 
 
 @pytest.mark.xdist_group("reverse_model")

@@ -15,7 +15,6 @@ from t2t_jax.decode import DecodeOptions, Search, load_decoder, translate
 from t2t_jax.export.ctranslate2_spec import export_ctranslate2
 from t2t_jax.model import ModelConfig, build_model
 from t2t_jax.model.models import NotSupported
-from tests.test_decode import reverse_workdir  # noqa: F401 (the shared trained model)
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
@@ -79,7 +78,7 @@ def test_what_ctranslate2_cannot_hold_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.xdist_group("reverse_model")
-def test_ctranslate2_decodes_a_trained_model_as_we_do(reverse_workdir, tmp_path):  # noqa: F811
+def test_ctranslate2_decodes_a_trained_model_as_we_do(reverse_workdir, tmp_path):
     from t2t_jax.export.ctranslate2_engine import CTranslate2Engine
     from tests.test_cli import t2t_jax
     from tests.test_decode import validation_pairs

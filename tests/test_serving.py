@@ -3,6 +3,7 @@ concurrent load with bad requests mixed in, a full queue, a client that goes awa
 while requests are in flight. Every good request gets decode's answer."""
 
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -91,8 +92,9 @@ def get(port, path):
 @pytest.fixture(scope="module", params=["jax", "ctranslate2"])
 def server(request, tmp_path_factory):
     """The golden reverse model served greedy and at beam 2, batches of up to 4, each
-    sentence waiting up to 400 ms for company, at most 6 waiting, by our decoding path or by
-    CTranslate2 on its export: (process, port)."""
+    sentence waiting up to 400 ms for company, at most 6 waiting, inputs cut to 16 tokens (one
+    length bucket to compile), by our decoding path or by CTranslate2 on its export:
+    (process, port)."""
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
     model = ["--workdir", GOLDEN]
     if request.param == "ctranslate2":
@@ -108,7 +110,7 @@ def server(request, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "t2t_jax.cli", "serve", *model, "--port", "0",
          "--beam_sizes", "1,2", "--max_batch", "4", "--max_wait_ms", "400", "--max_queue", "6",
-         "--max_request_sentences", "6"],
+         "--max_request_sentences", "6", "--max_source_length", "16"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []  # read all along: a full pipe would stall the server
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
@@ -132,17 +134,20 @@ def server(request, tmp_path_factory):
 
 
 @functools.cache
-def golden_decoder():
+def golden_decoder(max_source_length=None):
     from t2t_jax.decode import load_decoder
 
-    return load_decoder(GOLDEN)
+    decoder = load_decoder(GOLDEN)
+    if max_source_length:
+        decoder = dataclasses.replace(decoder, max_source_length=max_source_length)
+    return decoder
 
 
 def expected_answers(texts, beam_size, nbest=1, prefixes=None):
     """decode's hypotheses for `texts`, in-process, with the server's settings."""
     from t2t_jax.decode import DecodeOptions, Search, translate
 
-    decoder = golden_decoder()
+    decoder = golden_decoder(16)  # as the server cuts inputs
     search = Search(beam_size, 0.6, nbest)
     return translate(decoder, texts, DecodeOptions(search), prefixes=prefixes)[0]
 
@@ -157,6 +162,7 @@ def assert_same(answer, hypotheses):
 SOURCES = ["3 1 4", "1 2 3 4 5", "9 8 7 6 5 4 3 2 1 0 1 2", "5", "2 7 1 8 2 8", ""]
 
 
+@pytest.mark.xdist_group("server")
 def test_served_translations_equal_decodes_under_concurrent_load(server):
     process, port = server
     greedy, beam = expected_answers(SOURCES, 1), expected_answers(SOURCES, 2, nbest=2)
@@ -198,9 +204,10 @@ def test_served_translations_equal_decodes_under_concurrent_load(server):
     assert "t2t_queue_depth" in metrics and "t2t_request_latency_seconds_bucket" in metrics
 
 
+@pytest.mark.xdist_group("server")
 def test_one_request_with_prefixes_long_lines_and_its_own_order(server):
     _, port = server
-    long_line = " ".join(["7"] * 45)  # over the model's 41 source tokens
+    long_line = " ".join(["7"] * 20)  # over the server's 16 source tokens
     texts = ["1 2 3 4 5", long_line, "3 1 4"]
     status, answer, _ = post(port, {"text": texts, "beam_size": 2,
                                     "target_prefix": ["5 4", "", "9"]})
@@ -210,9 +217,10 @@ def test_one_request_with_prefixes_long_lines_and_its_own_order(server):
         assert_same(entry, hypotheses)
     first, cut, forced = answer["translations"]
     assert first["text"] == "5 4 3 2 1" and forced["text"].startswith("9")
-    assert cut["warnings"] == ["the input is over 41 tokens and was cut to them"]
+    assert cut["warnings"] == ["the input is over 16 tokens and was cut to them"]
 
 
+@pytest.mark.xdist_group("server")
 def test_a_full_queue_is_a_503_with_retry_after_and_a_lost_client_harms_no_one(server):
     _, port = server
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -239,6 +247,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_lost_client_harms_no_one(s
     assert get(port, "/health")[0] == 200
 
 
+@pytest.mark.xdist_group("server")
 def test_sigterm_answers_the_requests_in_flight_and_exits_0(server):
     process, port = server
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

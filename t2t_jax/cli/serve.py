@@ -5,6 +5,7 @@ CTranslate2, with int8 if asked)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -42,6 +43,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="the most sentences one request may send")
     serve.add_argument("--extra_length", type=int, default=50,
                        help="outputs may be this many tokens longer than their input")
+    serve.add_argument("--max_source_length", type=int, metavar="N",
+                       help="cut inputs to N tokens, below the model's own length (fewer "
+                            "shapes to compile; default: the model's)")
     serve.add_argument("--engine", choices=("jax", "ctranslate2"), default="jax",
                        help="ctranslate2: serve an export (--export_dir) with CTranslate2")
     serve.add_argument("--export_dir", metavar="DIR", help="the export --engine ctranslate2 "
@@ -147,6 +151,9 @@ def _jax_engine(args: argparse.Namespace):
         raise CommandLineError(f"--max_batch must be at least 1, got {args.max_batch}")
     workdirs = [w for w in args.workdir.split(",") if w]
     decoder = load_decoder(workdirs, args.step, args.average)
+    if args.max_source_length:
+        decoder = dataclasses.replace(decoder, max_source_length=min(
+            args.max_source_length, decoder.max_source_length))
     return JaxEngine(decoder, args.beam_sizes, args.max_batch, args.extra_length)
 
 
@@ -156,7 +163,8 @@ def _ctranslate2_engine(args: argparse.Namespace):
     if not args.export_dir:
         raise CommandLineError("--engine ctranslate2 needs --export_dir DIR (made by t2t-jax "
                                "export)")
-    return CTranslate2Engine(args.export_dir, args.beam_sizes, args.max_batch, args.extra_length)
+    return CTranslate2Engine(args.export_dir, args.beam_sizes, args.max_batch, args.extra_length,
+                             max_source_length=args.max_source_length)
 
 
 def loadtest_command(args: argparse.Namespace) -> None:

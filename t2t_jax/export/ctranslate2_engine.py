@@ -36,7 +36,8 @@ class CTranslate2Engine:
     name = "ctranslate2"
 
     def __init__(self, export_dir: str, beam_sizes: Sequence[int] = (1, 4), max_batch: int = 32,
-                 extra_length: int = 50, compute_type: str = "default", threads: int = 0):
+                 extra_length: int = 50, compute_type: str = "default", threads: int = 0,
+                 max_source_length: int | None = None):
         try:
             import ctranslate2
         except ImportError as error:
@@ -57,7 +58,8 @@ class CTranslate2Engine:
         self.beam_sizes = tuple(sorted(set(beam_sizes)))
         self.max_batch = max_batch
         self.extra_length = extra_length
-        self.max_source_length = int(self.settings["max_source_length"])
+        self.max_source_length = min(int(self.settings["max_source_length"]),
+                                     max_source_length or 1 << 30)
         self.step = int(self.settings.get("step", 0))
 
     def encode(self, texts, prefixes):
