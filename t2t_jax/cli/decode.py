@@ -221,8 +221,11 @@ def _decode_with_ctranslate2(args, options, form, lines, prefixes) -> None:
     if lines is None:
         lines = read_lines(args.input, "input")
     search = options.search
-    engine = CTranslate2Engine(args.export_dir, [search.beam_size], args.batch_size,
-                               args.extra_length)
+    try:
+        engine = CTranslate2Engine(args.export_dir, [search.beam_size], args.batch_size,
+                                   args.extra_length)
+    except ImportError as error:
+        raise CommandLineError(str(error)) from None
     start = time.perf_counter()
     results = engine.translate(engine.encode(lines, prefixes), search.beam_size, search.alpha)
     seconds = max(time.perf_counter() - start, 1e-9)

@@ -163,8 +163,11 @@ def _ctranslate2_engine(args: argparse.Namespace):
     if not args.export_dir:
         raise CommandLineError("--engine ctranslate2 needs --export_dir DIR (made by t2t-jax "
                                "export)")
-    return CTranslate2Engine(args.export_dir, args.beam_sizes, args.max_batch, args.extra_length,
-                             max_source_length=args.max_source_length)
+    try:
+        return CTranslate2Engine(args.export_dir, args.beam_sizes, args.max_batch,
+                                 args.extra_length, max_source_length=args.max_source_length)
+    except ImportError as error:
+        raise CommandLineError(str(error)) from None
 
 
 def loadtest_command(args: argparse.Namespace) -> None:

@@ -112,7 +112,7 @@ class Batcher:
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
         return self._take(first.setting)
 
