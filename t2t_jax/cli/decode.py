@@ -14,8 +14,9 @@ WORKDIRS = ("the run's workdir; DIR1,DIR2,... decode as an ensemble (one tokeniz
             "type)")
 
 
-def _add_restore(parser: argparse.ArgumentParser, ensembles: bool = True,
-                 required: bool = True) -> None:
+def add_restore(parser: argparse.ArgumentParser, ensembles: bool = True,
+                required: bool = True) -> None:
+    """--workdir (several: an ensemble), --step and --average: which params to restore."""
     add_workdir(parser, WORKDIRS if ensembles else "the run's workdir", required)
     parser.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
     parser.add_argument("--average", type=int, default=1, metavar="N",
@@ -52,7 +53,7 @@ def _add_decode(commands: argparse._SubParsersAction) -> None:
         "decode", help="translate lines with a checkpoint (or an ensemble)",
         description="Translate each input line with the workdir's checkpoint. With no --input "
                     "on a terminal, each line typed is answered as it comes.")
-    _add_restore(decode, required=False)
+    add_restore(decode, required=False)
     decode.add_argument("--input", default="-", metavar="FILE",
                         help="source lines, or - for stdin")
     decode.add_argument("--output", metavar="FILE", help="where to write (default: stdout)")
@@ -81,7 +82,7 @@ def _add_evaluate_and_score(commands: argparse._SubParsersAction) -> None:
         description="Decode the config's --split with each beam size and alpha asked for, and "
                     "print BLEU (sacrebleu), chrF, exact matches and speed; the hypotheses are "
                     "written into the first workdir.")
-    _add_restore(evaluate)
+    add_restore(evaluate)
     evaluate.add_argument("--split", default="test", help="the split to decode and score")
     _add_search(evaluate, sweeps=True)
     evaluate.set_defaults(run=evaluate_command)
@@ -90,7 +91,7 @@ def _add_evaluate_and_score(commands: argparse._SubParsersAction) -> None:
         "score", help="each sentence pair's log-probability under the model",
         description="Teacher-forced log-probabilities of target lines given source lines, in "
                     "input order: total, per token, tokens.")
-    _add_restore(score, ensembles=False)
+    add_restore(score, ensembles=False)
     score.add_argument("--source", required=True, metavar="FILE", help="source lines")
     score.add_argument("--target", required=True, metavar="FILE",
                        help="target lines, one per source line")

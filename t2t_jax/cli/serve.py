@@ -10,7 +10,7 @@ import os
 import sys
 
 from t2t_jax.cli.args import INTS, CommandLineError, read_lines
-from t2t_jax.cli.decode import WORKDIRS
+from t2t_jax.cli.decode import add_restore
 
 MISSING_EXTRA = "serving needs the serve extra: pip install -e '.[serve]'"
 
@@ -21,10 +21,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Serve POST /v1/translate, GET /health and GET /metrics. Sentences of "
                     "concurrent requests are batched together; every batch shape is compiled "
                     "before /health says ready. SIGTERM finishes the requests in flight.")
-    serve.add_argument("--workdir", metavar="DIR", help=WORKDIRS)
-    serve.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
-    serve.add_argument("--average", type=int, default=1, metavar="N",
-                       help="the mean params of each workdir's newest N checkpoints")
+    add_restore(serve, required=False)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="the port (0: a free one)")
     serve.add_argument("--beam_sizes", type=INTS, default=[1, 4], metavar="N,...",
@@ -78,10 +75,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         description="Convert the workdir's checkpoint (or the mean of its newest --average) "
                     "into a CTranslate2 model directory with its vocabulary and tokenizer, "
                     "which decode and serve read with --engine ctranslate2 --export_dir.")
-    export.add_argument("--workdir", required=True, metavar="DIR", help="the run's workdir")
-    export.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
-    export.add_argument("--average", type=int, default=1, metavar="N",
-                        help="the mean params of the newest N checkpoints")
+    add_restore(export, ensembles=False)
     export.add_argument("--format", choices=("ctranslate2",), default="ctranslate2",
                         help="the runtime to export for")
     export.add_argument("--output", required=True, metavar="DIR", help="the export directory")
