@@ -138,20 +138,25 @@ def _error(message: str, status: int, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> Starlette:
-    """The ASGI app: the routes above over `engine`; it compiles (warm-up) after start-up on
-    the search thread, and /health says when that is done."""
-    state: dict[str, Any] = {"warm": False}
+class TranslationService:
+    """The routes' handlers over one engine, its batcher and its metrics."""
 
-    async def translate(request: Request) -> Response:
+    def __init__(self, engine: Engine, settings: ServerSettings):
+        self.engine, self.settings = engine, settings
+        self.warm = False
+        self.batcher = Batcher(engine, settings.max_wait_ms / 1000, settings.max_queue)
+        self.metrics = ServerMetrics(engine.max_batch, lambda: self.batcher.queue_depth)
+        self.batcher.on_batch = self.metrics.record_batch
+
+    async def translate(self, request: Request) -> Response:
         start = time.perf_counter()
-        response = await _translate(request)
-        metrics.requests.labels(str(response.status_code)).inc()
-        metrics.latency.observe(time.perf_counter() - start)
+        response = await self._translate(request)
+        self.metrics.requests.labels(str(response.status_code)).inc()
+        self.metrics.latency.observe(time.perf_counter() - start)
         return response
 
-    async def _translate(request: Request) -> Response:
-        if not state["warm"]:
+    async def _translate(self, request: Request) -> Response:
+        if not self.warm:
             return _error("the server is still compiling; retry soon", 503,
                           {"Retry-After": "5"})
         try:
@@ -159,9 +164,9 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> S
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             return _error(f"the body is not JSON ({error})", 400)
         try:
-            parsed = parse_request(body, engine, settings)
-            sentences = engine.encode(parsed.texts, parsed.prefixes)
-            futures = batcher.submit(sentences, parsed.beam_size, parsed.alpha)
+            parsed = parse_request(body, self.engine, self.settings)
+            sentences = self.engine.encode(parsed.texts, parsed.prefixes)
+            futures = self.batcher.submit(sentences, parsed.beam_size, parsed.alpha)
         except BadRequest as error:
             return _error(str(error), error.status)
         except QueueFull as error:
@@ -169,42 +174,45 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> S
         except ValueError as error:  # the engine's: an unknown symbol, a prefix with no room
             return _error(str(error), 400)
         results = await asyncio.gather(*futures)
-        answers = [translation(h, parsed.nbest, s.cut, engine.max_source_length)
+        answers = [translation(h, parsed.nbest, s.cut, self.engine.max_source_length)
                    for h, s in zip(results, sentences, strict=True)]
-        metrics.sentences.inc(len(answers))
-        metrics.tokens.inc(sum(a["tokens"] for a in answers))
+        self.metrics.sentences.inc(len(answers))
+        self.metrics.tokens.inc(sum(a["tokens"] for a in answers))
         return JSONResponse({"translations": answers})
 
-    async def health(request: Request) -> Response:
-        if state["warm"]:
-            return JSONResponse({"status": "ok", "engine": engine.name})
+    async def health(self, request: Request) -> Response:
+        if self.warm:
+            return JSONResponse({"status": "ok", "engine": self.engine.name})
         return _error("compiling", 503)
 
-    async def metrics_text(request: Request) -> Response:
-        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
 
-    async def warm_up() -> None:
+    async def warm_up(self) -> None:
+        """Compiles on the search thread, after start-up, so /health can answer meanwhile."""
         start = time.perf_counter()
-        summary = await batcher.run_in_worker(engine.warm_up)
-        metrics.compile_seconds.set(time.perf_counter() - start)
-        state["warm"] = True
+        summary = await self.batcher.run_in_worker(self.engine.warm_up)
+        self.metrics.compile_seconds.set(time.perf_counter() - start)
+        self.warm = True
         print(f"t2t-jax serve: {summary}; ready", flush=True)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        batcher.start()
-        warming = asyncio.get_running_loop().create_task(warm_up())
+    async def lifespan(self, app: Starlette):
+        self.batcher.start()
+        warming = asyncio.get_running_loop().create_task(self.warm_up())
         yield
         warming.cancel()
-        await batcher.stop()
+        await self.batcher.stop()
 
-    batcher = Batcher(engine, settings.max_wait_ms / 1000, settings.max_queue)
-    metrics = ServerMetrics(engine.max_batch, lambda: batcher.queue_depth)
-    batcher.on_batch = metrics.record_batch
-    routes = [Route("/v1/translate", translate, methods=["POST"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics_text, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+
+def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> Starlette:
+    """The ASGI app: the routes above over `engine`; it compiles (warm-up) after start-up on
+    the search thread, and /health says when that is done."""
+    service = TranslationService(engine, settings)
+    routes = [Route("/v1/translate", service.translate, methods=["POST"]),
+              Route("/health", service.health, methods=["GET"]),
+              Route("/metrics", service.metrics_text, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=service.lifespan)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
