@@ -144,6 +144,10 @@ class DecodeOptions:
     extra_length: int = 50
     max_output_length: int | None = None
     fixed_length: bool = False
+    # Search with the target-prefix program even where no input has a prefix: a server, whose
+    # batches mix both, then compiles one program per shape. Without prefixes the search skips
+    # the forcing (a vocabulary-wide select each step, about 8% of a small model's beam search).
+    always_prefix_program: bool = False
 
 
 @dataclasses.dataclass
@@ -282,6 +286,7 @@ def decode_ids(
         raise ValueError(f"inputs must be at most {cap} tokens; cut them first (translate does)")
     prefixes = [[] for _ in encoded] if prefixes is None else prefixes
     check_prefixes(decoder, options, encoded, prefixes)
+    forcing = options.always_prefix_program or any(prefixes)
     results: list[list[Hypothesis]] = [[] for _ in encoded]
     batch_size = options.batch_size
     start_time = time.perf_counter()
@@ -300,7 +305,7 @@ def decode_ids(
             found = search_batch(
                 decoder.models, decoder.params, decoder.place_batch(inputs),
                 jax.random.key(options.seed + number), options.search, length,
-                decoder.place_batch(forced),
+                decoder.place_batch(forced) if forcing else None,
             )
             tokens, log_prob, score = (np.asarray(x) for x in found)
             for row, i in enumerate(rows):

@@ -82,7 +82,8 @@ class JaxEngine:
         `beam_size` hypotheses."""
         padded = next(size for size in self.rows_buckets if size >= rows)
         search = decode.Search(beam_size, alpha, nbest=beam_size)
-        return decode.DecodeOptions(search, batch_size=padded, extra_length=self.extra_length)
+        return decode.DecodeOptions(search, batch_size=padded, extra_length=self.extra_length,
+                                    always_prefix_program=True)
 
     def encode(self, texts, prefixes):
         encoded, cut = decode.encode_lines(self.decoder, texts, what="text")
