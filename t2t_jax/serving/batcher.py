@@ -77,7 +77,7 @@ class Batcher:
 
     async def stop(self) -> None:
         """Ends the batcher once nothing waits (the server has finished its requests)."""
-        while self._waiting:
+        while self._waiting and self._task and not self._task.done():  # a dead task drains nothing
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
