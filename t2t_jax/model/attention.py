@@ -7,9 +7,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from t2t_jax.model.kernels import Mask, attention_fn, attention_weights
+from t2t_jax.model.kernels import Mask, attention_fn, attention_weights, cached_attention
 
 Array = jax.Array
+
+
+def heads_first(x: Array) -> Array:
+    """[batch, length, heads, d_k] -> [batch, heads, length, d_k]: the decoding cache's layout."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -22,7 +27,9 @@ class MultiHeadAttention(nn.Module):
     creates the 'cache' collection: zeros for self-attention keys/values, and for cross-attention
     the encoder output's keys/values, computed once per sentence. "step" then takes one query
     position: self-attention writes its key/value at the cache index and attends to positions up
-    to it; cross-attention reads its cached keys/values without projecting again.
+    to it; cross-attention reads its cached keys/values without projecting again. The cache is
+    [batch, heads, length, d_k] (`kernels.cached_attention` says why), and a step's attention is
+    the einsum path whatever `attention` names: one query position has nothing to tile.
     """
 
     num_heads: int
@@ -55,26 +62,31 @@ class MultiHeadAttention(nn.Module):
     def _cached_keys_values(
         self, inputs_kv: Array, mask: Mask, cache_mode: str
     ) -> tuple[Array, Array, Mask]:
-        """Keys, values and mask under incremental decoding (see the class docstring)."""
+        """Keys, values and mask under incremental decoding (see the class docstring): in
+        "init", [batch, length, heads, d_k] as without a cache; in "step", the cache's
+        [batch, heads, length, d_k]."""
         if self.kind == "cross" and cache_mode == "step":
             cached = [self.get_variable("cache", f"cached_{n}") for n in ("key", "value")]
             return cached[0], cached[1], mask
         key = self._projection("key")(inputs_kv)
         value = self._projection("value")(inputs_kv)
         if self.kind == "cross":  # init: keep the encoder output's keys and values
-            self.put_variable("cache", "cached_key", key)
-            self.put_variable("cache", "cached_value", value)
+            self.put_variable("cache", "cached_key", heads_first(key))
+            self.put_variable("cache", "cached_value", heads_first(value))
             return key, value, mask
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        shape = heads_first(key).shape  # in "init", the cache's: the query is full-length
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if cache_mode == "init":
             return key, value, mask
         i = index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, i, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, i, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, heads_first(key), (0, 0, i, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, heads_first(value), (0, 0, i, 0))
         index.value = i + 1
-        visible = (jnp.arange(cached_key.value.shape[1]) <= i)[None, None, None, :]
+        visible = (jnp.arange(cached_key.value.shape[2]) <= i)[None, None, None, :]
         return cached_key.value, cached_value.value, visible
 
     @nn.compact
@@ -100,13 +112,21 @@ class MultiHeadAttention(nn.Module):
             key, value, mask = self._cached_keys_values(inputs_kv, mask, cache_mode)
         if not self.scale:  # the kernels divide by sqrt(d_k): undo it
             query = query * jnp.sqrt(query.shape[-1]).astype(query.dtype)
+        stepping = cache_mode == "step"
+        kv_axes = (("act_batch", "act_heads", "act_length", None) if stepping
+                   else ("act_batch", "act_length", "act_heads", None))
         query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
-        key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_heads", None))
-        value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_heads", None))
+        key = nn.with_logical_constraint(key, kv_axes)
+        value = nn.with_logical_constraint(value, kv_axes)
         capture = self.is_mutable_collection("intermediates")
         # The scope names attention's own work (scores, softmax, weighted sum) in profiles.
         with jax.named_scope("attention_core"):
-            if capture or (self.dropout_rate > 0.0 and not deterministic):
+            if stepping:
+                weights = attention_weights(query, key, mask, heads_first=True)
+                if capture:
+                    self.sow("intermediates", "attention_weights", weights)
+                out = cached_attention(weights, value)
+            elif capture or (self.dropout_rate > 0.0 and not deterministic):
                 # Dropout on the attention weights, or capturing them (attention maps), needs
                 # the weights, so it takes the einsum path.
                 weights = attention_weights(query, key, mask)

@@ -38,18 +38,20 @@ BLOCKWISE_FROM_KEYS = 256
 Mask = AttentionMask | Array | None
 
 
-def attention_weights(query: Array, key: Array, mask: Mask) -> Array:
+def attention_weights(query: Array, key: Array, mask: Mask, heads_first: bool = False
+                      ) -> Array:
     """softmax(Q K^T / sqrt(d_k)) in float32: [batch, heads, q_len, k_len].
 
-    query: [batch, q_len, heads, d_k]; key: [batch, k_len, heads, d_k]; mask: an
-    `AttentionMask`, or boolean broadcastable to [batch, heads, q_len, k_len], False where
-    attention is blocked.
+    query: [batch, q_len, heads, d_k]; key: [batch, k_len, heads, d_k] ([batch, heads, k_len,
+    d_k] with `heads_first`, the decoding cache's layout); mask: an `AttentionMask`, or boolean
+    broadcastable to [batch, heads, q_len, k_len], False where attention is blocked.
     """
     mask = as_dense(mask)
     depth = query.shape[-1]
     query = query / jnp.sqrt(depth).astype(query.dtype)
     # The softmax runs in float32 even under bf16 compute: exp of bf16 logits loses too much.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    keys = "bhkd" if heads_first else "bkhd"
+    logits = jnp.einsum(f"bqhd,{keys}->bhqk", query, key).astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
@@ -59,6 +61,16 @@ def xla_attention(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     """Attention(Q, K, V) as einsums for XLA: [batch, q_len, heads, d_k] in query's dtype."""
     weights = attention_weights(query, key, mask).astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def cached_attention(weights: Array, value: Array) -> Array:
+    """The weighted sum of one decoding step: weights [batch, heads, q_len, k_len] over the
+    cache's values [batch, heads, k_len, d_k] -> [batch, q_len, heads, d_k] in value's dtype.
+
+    The cache keeps heads before positions because a dot over [batch, length, heads, d_k]
+    batches over (batch, heads) only after transposing its operand: a copy of the whole cache
+    at every step, which was most of a CPU decoding step at 32 rows."""
+    return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(value.dtype), value)
 
 
 def _jax_dot_product_attention(
