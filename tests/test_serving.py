@@ -224,11 +224,11 @@ def test_one_request_with_prefixes_long_lines_and_its_own_order(server):
 def test_a_full_queue_is_a_503_with_retry_after_and_a_lost_client_harms_no_one(server):
     _, port = server
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        # Three sentences wait 400 ms for a fourth to fill their batch: four more do not fit
-        # into the queue of six.
-        filling = pool.submit(post, port, {"text": SOURCES[:3], "beam_size": 1})
+        # Three sentences wait 400 ms for a fourth to fill their batch (beam 2: greedy ones
+        # take a free slot at once): four more do not fit into the queue of six.
+        filling = pool.submit(post, port, {"text": SOURCES[:3], "beam_size": 2})
         time.sleep(0.15)
-        status, answer, headers = post(port, {"text": SOURCES[:4], "beam_size": 1})
+        status, answer, headers = post(port, {"text": SOURCES[:4], "beam_size": 2})
         assert status == 503 and "retry after" in answer["error"]
         assert int(headers["Retry-After"]) >= 1
         assert filling.result()[0] == 200
@@ -263,3 +263,32 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(server):
     assert process.wait(timeout=60) == 0
     time.sleep(0.2)
     assert "t2t-jax serve: stopped" in "".join(process.output)
+
+
+def test_continuous_greedy_equals_greedy_decoding_as_slots_refill():
+    """Six sentences through two slots, each refilled when its sentence ends: the tokens and
+    log-probs of greedy decoding, target prefixes and the length limit included (a prefix of
+    two makes the longest output run into its limit of 16 tokens, extra_length 0)."""
+    from t2t_jax.decode import DecodeOptions, Search, translate_encoded
+    from t2t_jax.serving.continuous import ContinuousGreedy, SlotScheduler
+    from t2t_jax.serving.engine import JaxEngine
+
+    decoder = golden_decoder(16)
+    texts = ["3 1 4", "9 8 7 6 5 4 3 2 1 0 1 2 3 4 5", "5", "1 2 3 4 5", "2 7 1 8", ""]
+    prefixes = ["", "6 6", "", "5 4", "", "7"]
+    sentences = JaxEngine(decoder, [1], 2, extra_length=0).encode(texts, prefixes)
+    expected, _ = translate_encoded(
+        decoder, [list(s.ids) for s in sentences], DecodeOptions(Search(1, 0.0), extra_length=0),
+        prefixes=[list(s.prefix) for s in sentences])
+    scheduler = SlotScheduler(ContinuousGreedy(decoder, 2, 16, extra_length=0), idle_steps=3)
+    scheduler.start()
+    answers = [concurrent.futures.Future() for _ in sentences]
+    for sentence, answer in zip(sentences, answers, strict=True):
+        scheduler.submit(sentence, answer.set_result)
+    for answer, hypotheses in zip(answers, expected, strict=True):
+        (found,) = answer.result(timeout=120)
+        assert found.ids == hypotheses[0].ids
+        np.testing.assert_allclose(found.log_prob, hypotheses[0].log_prob, atol=1e-4)
+    assert scheduler.pending == 0
+    scheduler.stop()
+    assert len(expected[1][0].ids) == 16 and 1 not in expected[1][0].ids  # ran to its limit

@@ -34,6 +34,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="the most sentences one search holds")
     serve.add_argument("--max_wait_ms", type=float, default=5.0,
                        help="how long a sentence waits for others to fill its batch")
+    serve.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                       help="continuous: greedy requests decode in --max_batch slots, each "
+                            "refilled as soon as its sentence ends (JAX engine, "
+                            "encoder-decoder); static: every search is one batch")
     serve.add_argument("--max_queue", type=int, default=1024,
                        help="sentences waiting beyond this get 503 with Retry-After")
     serve.add_argument("--max_request_sentences", type=int, default=256,
@@ -148,7 +152,8 @@ def _jax_engine(args: argparse.Namespace):
     if args.max_source_length:
         decoder = dataclasses.replace(decoder, max_source_length=min(
             args.max_source_length, decoder.max_source_length))
-    return JaxEngine(decoder, args.beam_sizes, args.max_batch, args.extra_length)
+    return JaxEngine(decoder, args.beam_sizes, args.max_batch, args.extra_length,
+                     continuous=args.batching == "continuous")
 
 
 def _ctranslate2_engine(args: argparse.Namespace):

@@ -27,7 +27,9 @@ class MultiHeadAttention(nn.Module):
     creates the 'cache' collection: zeros for self-attention keys/values, and for cross-attention
     the encoder output's keys/values, computed once per sentence. "step" then takes one query
     position: self-attention writes its key/value at the cache index and attends to positions up
-    to it; cross-attention reads its cached keys/values without projecting again. The cache is
+    to it (`mask` is then each row's position [batch], or None where every row is at the cache
+    index: rows may start at different steps, as a server's continuous batching starts them);
+    cross-attention reads its cached keys/values without projecting again. The cache is
     [batch, heads, length, d_k] (`kernels.cached_attention` says why), and a step's attention is
     the einsum path whatever `attention` names: one query position has nothing to tile.
     """
@@ -81,13 +83,19 @@ class MultiHeadAttention(nn.Module):
         if cache_mode == "init":
             return key, value, mask
         i = index.value
+        length = cached_key.value.shape[2]
+        # A ring: step i writes slot i % length, and a row sees the slots of its own steps (its
+        # position + 1 of them), so rows that started at different steps share one cache.
+        slot = i % length
         cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, heads_first(key), (0, 0, i, 0))
+            cached_key.value, heads_first(key), (0, 0, slot, 0))
         cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, heads_first(value), (0, 0, i, 0))
+            cached_value.value, heads_first(value), (0, 0, slot, 0))
         index.value = i + 1
-        visible = (jnp.arange(cached_key.value.shape[2]) <= i)[None, None, None, :]
-        return cached_key.value, cached_value.value, visible
+        positions = jnp.full(key.shape[:1], i) if mask is None else mask
+        age = (slot - jnp.arange(length)) % length  # steps since each slot was written
+        visible = age[None, :] <= positions[:, None]
+        return cached_key.value, cached_value.value, visible[:, None, None, :]
 
     @nn.compact
     def __call__(

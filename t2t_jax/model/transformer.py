@@ -266,7 +266,9 @@ class Decoder(nn.Module):
         (0 = padding) -> logits [batch, tgt_len, vocab] in float32.
 
         cache_mode "step": decoder_inputs is the one previous token [batch, 1]; its position and
-        the causal mask come from the cache (see MultiHeadAttention).
+        the causal mask come from the cache (see MultiHeadAttention). The cache's `row_start`
+        [batch] is the step at which each row's output began (0 unless a row was started later
+        in a running cache): a row's position is the step count less its start.
         """
         cfg = self.config
         self_mask = AttentionMask.from_tokens(
@@ -275,10 +277,13 @@ class Decoder(nn.Module):
         )
         if cache_mode is not None:
             position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            row_start = self.variable("cache", "row_start",
+                                      lambda: jnp.zeros(decoder_inputs.shape[:1], jnp.int32))
             if cache_mode == "step":
-                positions = jnp.full(decoder_inputs.shape, position.value)
+                own = position.value - row_start.value
+                positions = own[:, None]
                 position.value = position.value + 1
-                self_mask = None
+                self_mask = own  # self-attention's mask in a step: each row's position
         y = _embedder(cfg, self.embedding)(decoder_inputs, positions, deterministic)
         if cfg.scan_layers and cache_mode is not None:
             raise ValueError(

@@ -6,6 +6,11 @@ setting, up to `max_batch` of them or until the oldest has waited `max_wait_s`. 
 runs on one worker thread, so the event loop keeps taking requests, and the next batch
 gathers while this one is searched. A sentence whose request went away (a client that
 disconnected) is dropped from its batch, and the others are answered as usual.
+
+An engine with `continuous` (greedy search in slots that refill as sentences finish, see
+`continuous.py`) takes greedy sentences there instead, each as soon as a slot is free, once
+more than a quarter of `max_batch` sentences are waiting or searched; below that load they
+batch as above.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from t2t_jax.serving.continuous import SlotScheduler
 from t2t_jax.serving.engine import Engine, Sentence
 
 
@@ -63,10 +69,20 @@ class Batcher:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="search")
         self._task: asyncio.Task | None = None
         self._seconds_per_sentence = 0.01  # a running estimate, for Retry-After
+        continuous = getattr(engine, "continuous", None)
+        self._slots = continuous and SlotScheduler(continuous, on_admit=self._on_admit)
+        # The slots' program steps every slot, busy or not: under a light load a batch of the
+        # waiting sentences' own rows bucket costs less a step (at 1 sentence, 1/6 on a CPU).
+        self._continuous_from = max(2, self.max_batch // 4)
+        self._searching = 0  # sentences in the batch being searched
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + (self._slots.waiting if self._slots else 0)
+
+    def _on_admit(self, sentences: int, seconds: float, waited_s: float) -> None:
+        # A continuous batch, for the metrics: the sentences that took slots together.
+        self.on_batch(BatchRecord(sentences, seconds, waited_s))
 
     async def run_in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` on the search thread (warm-up compiles there, before serving)."""
@@ -74,6 +90,8 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._gather_and_search())
+        if self._slots:
+            self._slots.start()
 
     async def stop(self) -> None:
         """Ends the batcher once nothing waits (the server has finished its requests)."""
@@ -81,20 +99,29 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
+        if self._slots:
+            await asyncio.get_running_loop().run_in_executor(None, self._slots.stop)
         self._worker.shutdown(wait=True)
 
     def submit(self, sentences: Sequence[Sentence], beam_size: int, alpha: float
                ) -> list[asyncio.Future]:
         """Queues a request's sentences; each future gets its sentence's hypotheses."""
-        if len(self._waiting) + len(sentences) > self.max_queue:
-            retry = max(1, round(len(self._waiting) * self._seconds_per_sentence))
-            raise QueueFull(len(self._waiting), self.max_queue, retry)
+        waiting = self.queue_depth
+        if waiting + len(sentences) > self.max_queue:
+            retry = max(1, round(waiting * self._seconds_per_sentence))
+            raise QueueFull(waiting, self.max_queue, retry)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
+        load = waiting + self._searching + (self._slots.pending if self._slots else 0)
+        continuous = self._slots and beam_size == 1 and load + len(sentences) > (
+            self._continuous_from)
         for sentence in sentences:
             future = loop.create_future()
-            self._waiting.append(_Waiting(sentence, (beam_size, alpha), future, now))
+            if continuous:
+                self._slots.submit(sentence, _resolver(loop, future))
+            else:
+                self._waiting.append(_Waiting(sentence, (beam_size, alpha), future, now))
             futures.append(future)
         self._arrival.set()
         return futures
@@ -136,6 +163,7 @@ class Batcher:
                 continue
             beam_size, alpha = batch[0].setting
             start = time.perf_counter()
+            self._searching = len(batch)
             try:
                 results = await self.run_in_worker(
                     self.engine.translate, [w.sentence for w in batch], beam_size, alpha)
@@ -145,6 +173,8 @@ class Batcher:
                     if not waiting.future.done():
                         waiting.future.set_exception(error)
                 continue
+            finally:
+                self._searching = 0
             seconds = time.perf_counter() - start
             self._seconds_per_sentence = 0.8 * self._seconds_per_sentence + 0.2 * (
                 seconds / len(batch))
@@ -152,3 +182,18 @@ class Batcher:
                 if not waiting.future.done():
                     waiting.future.set_result(hypotheses)
             self.on_batch(BatchRecord(len(batch), seconds, start - batch[0].arrived))
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future
+              ) -> Callable[[Any], None]:
+    """A callback, for another thread, that gives `future` its result (or exception) on
+    `loop`, unless the request went away."""
+    def settle(value: Any) -> None:
+        if future.done():
+            return
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    return lambda value: loop.call_soon_threadsafe(settle, value)

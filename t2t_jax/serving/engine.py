@@ -65,7 +65,7 @@ class JaxEngine:
     name = "jax"
 
     def __init__(self, decoder: decode.Decoder, beam_sizes: Sequence[int], max_batch: int,
-                 extra_length: int = 50):
+                 extra_length: int = 50, continuous: bool = False):
         if max_batch < 1:
             raise ValueError(f"--max_batch must be at least 1, got {max_batch}")
         self.decoder = decoder
@@ -76,6 +76,14 @@ class JaxEngine:
         self.rows_buckets = powers_of_two_up_to(max_batch)
         self.source_buckets = sorted({bucket_length(n, self.max_source_length)
                                       for n in range(1, self.max_source_length + 1)})
+        # Greedy requests decode in `max_batch` slots that refill as sentences finish (an
+        # encoder-decoder only); other beam sizes batch as below.
+        self.continuous = None
+        if continuous and 1 in self.beam_sizes and decoder.model_type.name == "encoder_decoder":
+            from t2t_jax.serving.continuous import ContinuousGreedy
+
+            self.continuous = ContinuousGreedy(decoder, max_batch, self.max_source_length,
+                                               extra_length)
 
     def options(self, beam_size: int, alpha: float, rows: int) -> decode.DecodeOptions:
         """The decode options of a batch of `rows` sentences: its rows bucket, and all
@@ -103,8 +111,8 @@ class JaxEngine:
 
     def warm_up(self):
         start = time.perf_counter()
-        count = 0
-        for beam_size in self.beam_sizes:
+        count = self.continuous.warm_up() if self.continuous else 0
+        for beam_size in self.beam_sizes:  # greedy too: under a light load it batches
             for rows in self.rows_buckets:
                 for length in self.source_buckets:
                     source = (WARM_UP_TOKEN,) * (length - 1) + (EOS_ID,)
@@ -112,7 +120,8 @@ class JaxEngine:
                     count += 1
         seconds = time.perf_counter() - start
         summary = (f"compiled {count} programs (beam sizes {list(self.beam_sizes)} x rows "
-                   f"{self.rows_buckets} x source lengths {self.source_buckets}) in "
+                   f"{self.rows_buckets} x source lengths {self.source_buckets}"
+                   f"{'; greedy in continuous batches' if self.continuous else ''}) in "
                    f"{seconds:.1f} s")
         logging.info(summary)
         return summary
