@@ -233,9 +233,24 @@ def load_decoder(
                    config.data.test_max_source_length)
 
 
-def _strip(ids: np.ndarray) -> list[int]:
-    ids = list(ids)
+def strip_eos(ids: Sequence[int]) -> list[int]:
+    """A searched row's ids up to its EOS (all of them where it ran to its length limit)."""
+    ids = [int(i) for i in ids]
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def needs_search(ids: Sequence[int], prefix: Sequence[int]) -> bool:
+    """Whether an input is searched: an empty line (EOS alone) without a prefix is not, and
+    gives `EMPTY`."""
+    return len(ids) > 1 or bool(prefix)
+
+
+EMPTY = [Hypothesis([], 0.0, 0.0, "")]
+
+
+def with_texts(decoder: Decoder, hypotheses: Sequence[Hypothesis]) -> list[Hypothesis]:
+    """`hypotheses` with their texts."""
+    return [h._replace(text=decoder.tokenizer.decode(h.ids)) for h in hypotheses]
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -311,7 +326,7 @@ def decode_ids(
             for row, i in enumerate(rows):
                 begin = decoder.model_type.output_begin(len(encoded[i]))
                 results[i] = [
-                    Hypothesis(_strip(tokens[row, n, begin:]), float(log_prob[row, n]),
+                    Hypothesis(strip_eos(tokens[row, n, begin:]), float(log_prob[row, n]),
                                float(score[row, n]))
                     for n in range(tokens.shape[1])
                 ]
@@ -369,12 +384,12 @@ def translate_encoded(
     prefixes = [[] for _ in encoded] if prefixes is None else prefixes
     check_prefixes(decoder, options, encoded, prefixes)
     wanted = [n for n, (ids, prefix) in enumerate(zip(encoded, prefixes, strict=True))
-              if len(ids) > 1 or prefix]
+              if needs_search(ids, prefix)]
     found, stats = decode_ids(decoder, [encoded[n] for n in wanted], options, progress,
                               [prefixes[n] for n in wanted])
-    results = [[Hypothesis([], 0.0, 0.0, "")] for _ in encoded]
+    results = [list(EMPTY) for _ in encoded]
     for n, hypotheses in zip(wanted, found, strict=True):
-        results[n] = [h._replace(text=decoder.tokenizer.decode(h.ids)) for h in hypotheses]
+        results[n] = with_texts(decoder, hypotheses)
     return results, stats
 
 

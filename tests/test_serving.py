@@ -266,16 +266,17 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(server):
 
 
 def test_continuous_greedy_equals_greedy_decoding_as_slots_refill():
-    """Six sentences through two slots, each refilled when its sentence ends: the tokens and
-    log-probs of greedy decoding, target prefixes and the length limit included (a prefix of
-    two makes the longest output run into its limit of 16 tokens, extra_length 0)."""
-    from t2t_jax.decode import DecodeOptions, Search, translate_encoded
+    """Seven sentences through two slots, each refilled when its sentence ends: the texts,
+    tokens and log-probs of greedy decoding, target prefixes, an empty line and the length
+    limit included (a prefix of two makes the longest output run into its limit of 16 tokens,
+    extra_length 0)."""
+    from t2t_jax.decode import DecodeOptions, Hypothesis, Search, translate_encoded
     from t2t_jax.serving.continuous import ContinuousGreedy, SlotScheduler
     from t2t_jax.serving.engine import JaxEngine
 
     decoder = golden_decoder(16)
-    texts = ["3 1 4", "9 8 7 6 5 4 3 2 1 0 1 2 3 4 5", "5", "1 2 3 4 5", "2 7 1 8", ""]
-    prefixes = ["", "6 6", "", "5 4", "", "7"]
+    texts = ["3 1 4", "9 8 7 6 5 4 3 2 1 0 1 2 3 4 5", "5", "1 2 3 4 5", "2 7 1 8", "", ""]
+    prefixes = ["", "6 6", "", "5 4", "", "7", ""]
     sentences = JaxEngine(decoder, [1], 2, extra_length=0).encode(texts, prefixes)
     expected, _ = translate_encoded(
         decoder, [list(s.ids) for s in sentences], DecodeOptions(Search(1, 0.0), extra_length=0),
@@ -287,8 +288,10 @@ def test_continuous_greedy_equals_greedy_decoding_as_slots_refill():
         scheduler.submit(sentence, answer.set_result)
     for answer, hypotheses in zip(answers, expected, strict=True):
         (found,) = answer.result(timeout=120)
-        assert found.ids == hypotheses[0].ids
+        assert (found.text, found.ids) == (hypotheses[0].text, hypotheses[0].ids)
         np.testing.assert_allclose(found.log_prob, hypotheses[0].log_prob, atol=1e-4)
+        np.testing.assert_allclose(found.score, hypotheses[0].score, atol=1e-4)
     assert scheduler.pending == 0
     scheduler.stop()
     assert len(expected[1][0].ids) == 16 and 1 not in expected[1][0].ids  # ran to its limit
+    assert expected[0][0].text == "4 1 3" and expected[6] == [Hypothesis([], 0.0, 0.0, "")]

@@ -34,7 +34,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="the most sentences one search holds")
     serve.add_argument("--max_wait_ms", type=float, default=5.0,
                        help="how long a sentence waits for others to fill its batch")
-    serve.add_argument("--batching", choices=("continuous", "static"), default="static",
+    serve.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                        help="continuous: greedy requests decode in --max_batch slots, each "
                             "refilled as soon as its sentence ends (JAX engine, "
                             "encoder-decoder); static: every search is one batch")

@@ -70,7 +70,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._seconds_per_sentence = 0.01  # a running estimate, for Retry-After
         continuous = getattr(engine, "continuous", None)
-        self._slots = continuous and SlotScheduler(continuous, on_admit=self._on_admit)
+        self._slots = (SlotScheduler(continuous, on_admit=self._on_admit) if continuous
+                       else None)
         # The slots' program steps every slot, busy or not: under a light load a batch of the
         # waiting sentences' own rows bucket costs less a step (at 1 sentence, 1/6 on a CPU).
         self._continuous_from = max(2, self.max_batch // 4)
@@ -113,7 +114,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
-        load = waiting + self._searching + (self._slots.pending if self._slots else 0)
+        load = len(self._waiting) + self._searching + (self._slots.pending if self._slots
+                                                        else 0)
         continuous = self._slots and beam_size == 1 and load + len(sentences) > (
             self._continuous_from)
         for sentence in sentences:

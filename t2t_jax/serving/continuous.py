@@ -255,6 +255,11 @@ class SlotScheduler:
             return len(self._waiting)
 
     def submit(self, sentence: Sentence, done: Done) -> None:
+        """Queues `sentence`; `done` gets its hypotheses (with their texts) or the error, on
+        this scheduler's thread (an empty line without a prefix: at once, as `decode`)."""
+        if not decode.needs_search(sentence.ids, sentence.prefix):
+            done(list(decode.EMPTY))
+            return
         with self._lock:
             self._waiting.append(_Slot(sentence, done, time.perf_counter()))
             self._lock.notify()
@@ -309,7 +314,7 @@ class SlotScheduler:
             finished = [(slot, self._busy.pop(slot)) for slot in list(self._busy)
                         if done[slot]]
         for slot, waiting in finished:
-            ids = tokens[slot, : self.decoder.limit(waiting.sentence)].tolist()
-            ids = ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
-            value = float(log_prob[slot])
-            waiting.done([decode.Hypothesis(ids, value, value)])
+            ids = decode.strip_eos(tokens[slot, : self.decoder.limit(waiting.sentence)])
+            value = float(log_prob[slot])  # greedy: the score is the log-prob
+            waiting.done(decode.with_texts(self.decoder.decoder,
+                                           [decode.Hypothesis(ids, value, value)]))
