@@ -47,11 +47,13 @@ class _Waiting:
 
 @dataclasses.dataclass
 class BatchRecord:
-    """What one search did, for the server's metrics."""
+    """What one search did, for the server's metrics (continuous: sentences that took slots
+    together, and the seconds of their admission and first advance)."""
 
     sentences: int
     seconds: float
     waited_s: float
+    continuous: bool = False
 
 
 class Batcher:
@@ -82,8 +84,7 @@ class Batcher:
         return len(self._waiting) + (self._slots.waiting if self._slots else 0)
 
     def _on_admit(self, sentences: int, seconds: float, waited_s: float) -> None:
-        # A continuous batch, for the metrics: the sentences that took slots together.
-        self.on_batch(BatchRecord(sentences, seconds, waited_s))
+        self.on_batch(BatchRecord(sentences, seconds, waited_s, continuous=True))
 
     async def run_in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` on the search thread (warm-up compiles there, before serving)."""

@@ -33,6 +33,9 @@ class ServerMetrics:
         self.batch_wait = Histogram("t2t_batch_wait_seconds", "how long a batch's oldest "
                                     "sentence waited before its search began",
                                     buckets=LATENCY_BUCKETS, registry=registry)
+        self.continuous = Counter("t2t_continuous_sentences", "greedy sentences that took a "
+                                  "slot of continuous batching (the others are in batches)",
+                                  registry=registry)
         self.queue_depth = Gauge("t2t_queue_depth", "sentences waiting for a batch",
                                  registry=registry)
         self.queue_depth.set_function(queue_depth)
@@ -43,6 +46,8 @@ class ServerMetrics:
         self.batch_size.observe(record.sentences)
         self.batch_seconds.observe(record.seconds)
         self.batch_wait.observe(record.waited_s)
+        if record.continuous:
+            self.continuous.inc(record.sentences)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
